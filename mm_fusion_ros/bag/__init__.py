@@ -1,0 +1,1 @@
+"""bag layer of mm_fusion_ros."""

@@ -1,0 +1,1 @@
+"""cli layer of mm_fusion_ros."""

@@ -1,0 +1,1 @@
+"""kitti layer of mm_fusion_ros."""

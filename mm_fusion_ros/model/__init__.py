@@ -1,0 +1,1 @@
+"""model layer of mm_fusion_ros."""

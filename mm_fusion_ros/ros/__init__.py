@@ -1,0 +1,1 @@
+"""ros layer of mm_fusion_ros."""

@@ -1,0 +1,1 @@
+"""sync layer of mm_fusion_ros."""

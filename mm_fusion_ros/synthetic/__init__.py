@@ -1,0 +1,1 @@
+"""synthetic layer of mm_fusion_ros."""

@@ -1,0 +1,1 @@
+"""training layer of mm_fusion_ros."""
