@@ -1,0 +1,41 @@
+"""ROS parameters generated from dataclass configs (STYLE §3): each default is written once."""
+import dataclasses
+
+from rcl_interfaces.msg import ParameterDescriptor
+
+
+def _ros_default(value):
+    # ROS parameters have no tuple type and no None: tuples become lists, None an empty string.
+    if isinstance(value, tuple):
+        return list(value)
+    return '' if value is None else value
+
+
+def declare_config(node, cls, prefix='', read_only=True, overrides=None):
+    """Declare one parameter per field of the frozen dataclass `cls` and build it from them.
+
+    prefix: parameter namespace ('sync.' -> sync.slop_s); overrides: defaults to use instead of
+    the dataclass's (e.g. the launch file's config). Range checks live in the class's
+    __post_init__, so a bad value fails with the class's message naming the field.
+    """
+    overrides = overrides or {}
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise ValueError(f'{cls.__name__}.{f.name} has no default: cannot be a parameter')
+        default = _ros_default(overrides.get(f.name, default))
+        desc = ParameterDescriptor(description=f.metadata.get('help', ''), read_only=read_only)
+        value = node.declare_parameter(prefix + f.name, default, desc).value
+        if isinstance(f.default, tuple) or isinstance(default, list):
+            value = tuple(value)
+        if value == '' and f.default is None:
+            value = None
+        values[f.name] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'node {node.get_name()}: bad parameters for {cls.__name__}: {e}') from e
