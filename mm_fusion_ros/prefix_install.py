@@ -23,6 +23,9 @@ ENTRY_POINTS = {
     'train_multimodal': 'mm_fusion_ros.training.offline:main',
     'predict_odometry': 'mm_fusion_ros.cli.predict_odometry:main',
     'evaluate_odometry': 'mm_fusion_ros.cli.evaluate_odometry:main',
+    'online_finetune': 'mm_fusion_ros.ros.online:main',
+    'synchronizer': 'mm_fusion_ros.ros.synchronizer_node:main',
+    'mm_fusion_run': 'mm_fusion_ros.ros.runner:main',
 }
 
 # Both a POSIX shell script and Python: the shell line re-executes the file with the prefix's

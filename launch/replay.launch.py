@@ -1,0 +1,35 @@
+"""Replay a KITTI bag: `ros2 bag play` where rosbag2 is installed, else this package's bag_player.
+
+  ros2 launch mm_fusion_ros replay.launch.py bag:=bags/kitti_00 rate:=1.0 loop:=false
+"""
+import importlib.util
+import shutil
+
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+from launch import LaunchDescription
+
+
+def _player(context):
+    bag = LaunchConfiguration('bag').perform(context)
+    rate = LaunchConfiguration('rate').perform(context)
+    loop = LaunchConfiguration('loop').perform(context).lower() == 'true'
+    clock = LaunchConfiguration('clock').perform(context).lower() == 'true'
+    extra = (['--loop'] if loop else []) + (['--clock'] if clock else [])
+    if shutil.which('ros2') and importlib.util.find_spec('ros2bag') is not None:
+        return [ExecuteProcess(cmd=['ros2', 'bag', 'play', bag, '--rate', rate, *extra],
+                               output='screen', name='ros2_bag_play')]
+    return [Node(package='mm_fusion_ros', executable='bag_player', name='bag_player',
+                 arguments=[bag, '--rate', rate, *extra], output='screen')]
+
+
+def generate_launch_description():
+    return LaunchDescription([
+        DeclareLaunchArgument('bag', description='rosbag2 folder to replay'),
+        DeclareLaunchArgument('rate', default_value='1.0', description='replay rate'),
+        DeclareLaunchArgument('loop', default_value='false', description='loop the bag'),
+        DeclareLaunchArgument('clock', default_value='false', description='publish /clock'),
+        OpaqueFunction(function=_player),
+    ])

@@ -1,0 +1,179 @@
+"""Synchronizer node: DESIGN §4 sensor topics -> aligned DESIGN §5 samples -> replay buffer.
+
+A thin shell over mm_fusion_ros.sync: callbacks convert messages at the edge (conversions.py) and
+hand numpy arrays to the Synchronizer; ready samples go to the ReplayBuffer and to `on_sample`
+(the trainer's prediction, when both run in one process). Publishes /diagnostics at 1 Hz.
+
+Run alone (`synchronizer` executable) it fills the buffer and saves it at shutdown
+(`buffer_path`), e.g. to collect data from a robot for later training.
+"""
+import threading
+import time
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from nav_msgs.msg import Odometry
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import CompressedImage, Image, Imu, PointCloud2
+
+from mm_fusion_ros.bag import topics
+from mm_fusion_ros.config import SampleConfig
+from mm_fusion_ros.ros import conversions
+from mm_fusion_ros.ros.params import declare_config
+from mm_fusion_ros.ros.qos import LIVE_SENSOR_QOS, REPLAY_SENSOR_QOS
+from mm_fusion_ros.sync.config import BufferConfig, SyncConfig
+from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
+from mm_fusion_ros.sync.synchronizer import Synchronizer
+
+QOS_PROFILES = {'replay': REPLAY_SENSOR_QOS, 'live': LIVE_SENSOR_QOS}
+
+
+class SynchronizerNode(Node):
+    """Subscribes to camera, LiDAR, IMU and ground truth; emits samples in stamp order."""
+
+    def __init__(self, sample_cfg: SampleConfig = None, buffer: ReplayBuffer = None,
+                 on_sample=None, name='mm_fusion_synchronizer'):
+        super().__init__(name)
+        p = self.declare_parameter
+        self.image_topic = p('image_topic', topics.IMAGE_TOPIC).value
+        self.compressed = p('compressed_image', False).value
+        self.cloud_topic = p('cloud_topic', topics.CLOUD_TOPIC).value
+        self.imu_topic = p('imu_topic', topics.IMU_TOPIC).value
+        self.gt_topic = p('ground_truth_topic', topics.GT_ODOM_TOPIC).value
+        qos_name = p('sensor_qos', 'replay').value
+        self.idle_flush_s = p('idle_flush_s', 1.0).value
+        self.buffer_path = p('buffer_path', '').value if buffer is None else ''
+        if qos_name not in QOS_PROFILES:
+            raise ValueError(f'parameter sensor_qos={qos_name!r}: choose replay or live')
+        self.sync_cfg = declare_config(self, SyncConfig, prefix='sync.')
+        self.sample_cfg = sample_cfg or declare_config(self, SampleConfig, prefix='sample.')
+        if buffer is None:
+            buffer = self._load_or_new_buffer(declare_config(self, BufferConfig,
+                                                             prefix='buffer.'))
+        self.buffer = buffer
+        self.on_sample = on_sample
+        self.sync = Synchronizer(self.sample_cfg, self.sync_cfg)
+        self._dispatch_lock = threading.Lock()   # keeps samples in stamp order across threads
+        self._last_sensor_wall = None
+        self._flushed = True
+        self.emitted = 0
+
+        qos = QOS_PROFILES[qos_name]
+        camera_group = MutuallyExclusiveCallbackGroup()
+        cloud_group = MutuallyExclusiveCallbackGroup()
+        # The 100 Hz IMU gets its own group, so it is never queued behind a 2 MB cloud.
+        imu_group = MutuallyExclusiveCallbackGroup()
+        if self.compressed:
+            self.create_subscription(CompressedImage, self.image_topic, self._on_compressed,
+                                     qos, callback_group=camera_group)
+        else:
+            self.create_subscription(Image, self.image_topic, self._on_image, qos,
+                                     callback_group=camera_group)
+        self.create_subscription(PointCloud2, self.cloud_topic, self._on_cloud, qos,
+                                 callback_group=cloud_group)
+        self.create_subscription(Imu, self.imu_topic, self._on_imu, qos,
+                                 callback_group=imu_group)
+        self.create_subscription(Odometry, self.gt_topic, self._on_gt, qos,
+                                 callback_group=imu_group)
+        self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self._rates = {'image': 0, 'cloud': 0, 'imu': 0}
+        self._rate_t0 = time.monotonic()
+        self.create_timer(1.0, self._on_timer, callback_group=MutuallyExclusiveCallbackGroup())
+        self.get_logger().info(
+            f'synchronizing {self.image_topic}, {self.cloud_topic}, {self.imu_topic}, '
+            f'{self.gt_topic} ({qos_name} QoS); buffer {len(self.buffer)} samples')
+
+    def _load_or_new_buffer(self, cfg):
+        from pathlib import Path
+        if self.buffer_path and Path(self.buffer_path).is_file():
+            buf = ReplayBuffer.load(self.buffer_path, cfg, sample_cfg=self.sample_cfg)
+            self.get_logger().info(f'resumed {len(buf)} samples from {self.buffer_path}')
+            return buf
+        return ReplayBuffer(cfg)
+
+    # --- callbacks: convert at the edge, then hand numpy to the core ---------------------
+    def _on_image(self, msg):
+        self.sync.add_image(conversions.stamp_to_ns(msg.header.stamp),
+                            conversions.image_to_array(msg))
+        self._seen('image')
+
+    def _on_compressed(self, msg):
+        self.sync.add_image(conversions.stamp_to_ns(msg.header.stamp),
+                            conversions.compressed_image_to_array(msg))
+        self._seen('image')
+
+    def _on_cloud(self, msg):
+        self.sync.add_cloud(conversions.stamp_to_ns(msg.header.stamp),
+                            conversions.cloud_to_array(msg))
+        self._seen('cloud')
+        self._dispatch()
+
+    def _on_imu(self, msg):
+        accel, gyro = conversions.imu_to_arrays(msg)
+        self.sync.add_imu(conversions.stamp_to_ns(msg.header.stamp), accel, gyro)
+        self._seen('imu')
+        self._dispatch()
+
+    def _on_gt(self, msg):
+        self.sync.add_ground_truth(conversions.stamp_to_ns(msg.header.stamp),
+                                   conversions.odometry_to_pose(msg))
+        self._dispatch()
+
+    def _seen(self, kind):
+        self._rates[kind] += 1
+        self._last_sensor_wall = time.monotonic()
+        self._flushed = False
+
+    def _dispatch(self):
+        with self._dispatch_lock:
+            for sample in self.sync.pop_ready():
+                self.emitted += 1
+                if self.on_sample is not None:
+                    self.on_sample(sample)
+                else:
+                    self.buffer.add(sample)
+
+    def _on_timer(self):
+        # End of a bag (or a stalled robot): release scans still waiting for a timeout.
+        idle = self._last_sensor_wall is not None and \
+            time.monotonic() - self._last_sensor_wall > self.idle_flush_s
+        if idle and not self._flushed:
+            self.sync.flush()
+            self._dispatch()
+            self._flushed = True
+        self._publish_diagnostics()
+
+    def _publish_diagnostics(self):
+        now = time.monotonic()
+        span = max(now - self._rate_t0, 1e-6)
+        stats = self.sync.stats
+        buf = self.buffer.stats()
+        values = {f'rate_{k}_hz': f'{v / span:.1f}' for k, v in self._rates.items()}
+        values.update({f'dropped_{k}': str(v) for k, v in stats['dropped'].items()})
+        values.update({'emitted': str(self.emitted), 'buffer_size': str(buf['size']),
+                       'buffer_bytes': str(buf['bytes']), 'buffer_capacity': str(buf['capacity'])})
+        self._rates = dict.fromkeys(self._rates, 0)
+        self._rate_t0 = now
+        dropped = sum(stats['dropped'].values())
+        status = DiagnosticStatus(level=DiagnosticStatus.WARN if dropped else DiagnosticStatus.OK,
+                                  name=f'{self.get_name()}: synchronizer',
+                                  message=f'{self.emitted} samples, {dropped} dropped',
+                                  hardware_id='mm_fusion_ros',
+                                  values=[KeyValue(key=k, value=v) for k, v in values.items()])
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self.diag_pub.publish(msg)
+
+    def shutdown(self) -> None:
+        if self.buffer_path:
+            self.buffer.save(self.buffer_path)
+            self.get_logger().info(f'saved {len(self.buffer)} samples to {self.buffer_path}')
+
+
+def main(args=None) -> int:
+    from mm_fusion_ros.ros.online import spin_nodes
+    return spin_nodes(lambda: [SynchronizerNode()], args)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

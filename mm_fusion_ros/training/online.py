@@ -1,0 +1,318 @@
+"""OnlineTrainer: the pure core of online fine-tuning (no rclpy), driven by the ROS nodes.
+
+New samples come from the synchronizer; each is predicted at once (the published pose) with an
+inference copy of the model, so prediction latency never waits for a gradient step, and is added
+to the replay buffer. A training thread calls `train_pending()`, which runs the gradient steps
+owed at `updates_per_sample` per new sample on mini-batches from the buffer, then refreshes the
+inference copy. Checkpoints use the offline format (DESIGN §7) and are written atomically.
+"""
+import copy
+from dataclasses import dataclass, field
+import logging
+import math
+from pathlib import Path
+import threading
+import time
+
+import numpy as np
+import torch
+
+from mm_fusion_ros.config import ConfigBase, SampleConfig
+from mm_fusion_ros.geometry import chain_relative, vec6_to_pose
+from mm_fusion_ros.kitti.dataset import collate_samples
+from mm_fusion_ros.model.config import ModelConfig
+from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
+from mm_fusion_ros.training.checkpoint import load_checkpoint, save_checkpoint
+from mm_fusion_ros.training.config import TrainConfig
+from mm_fusion_ros.training.core import TrainerCore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OnlineConfig(ConfigBase):
+    """How the online trainer runs (model and optimiser settings: ModelConfig, TrainConfig)."""
+
+    initial_checkpoint: str = field(default='', metadata={
+        'help': 'checkpoint to fine-tune from; empty = a fresh model'})
+    checkpoint_dir: str = field(default='checkpoints', metadata={
+        'help': 'where save_checkpoint, autosave and the final checkpoint write'})
+    updates_per_sample: float = field(default=1.0, metadata={
+        'help': 'gradient steps owed per new synchronized sample'})
+    max_step_debt: int = field(default=20, metadata={
+        'help': 'cap on owed steps, so a burst of samples cannot stall the trainer for long'})
+    min_buffer: int = field(default=4, metadata={'help': 'samples in the buffer before training'})
+    training_enabled: bool = field(default=True, metadata={'help': 'run gradient steps'})
+    autosave_interval_s: float = field(default=0.0, metadata={
+        'help': 'write checkpoint_dir/autosave.pth every this many seconds (0 = never)'})
+    save_on_shutdown: bool = field(default=True, metadata={
+        'help': 'write checkpoint_dir/final.pth when the node shuts down'})
+    buffer_path: str = field(default='', metadata={
+        'help': 'replay buffer file: loaded at start when it exists, saved at shutdown'})
+    trajectory_dir: str = field(default='', metadata={
+        'help': 'write predicted and ground-truth trajectories (KITTI format) here at shutdown'})
+    log_csv: str = field(default='', metadata={'help': 'CSV log of training steps'})
+    tensorboard_dir: str = field(default='', metadata={'help': 'TensorBoard event folder'})
+    log_every: int = field(default=10, metadata={'help': 'log a row every N gradient steps'})
+    device: str = field(default='cpu', metadata={'help': 'cpu | cuda | auto'})
+    num_threads: int = field(default=0, metadata={'help': 'torch threads (0 = torch default)'})
+
+    def __post_init__(self):
+        if self.updates_per_sample < 0 or self.max_step_debt < 1 or self.min_buffer < 1:
+            raise ValueError('OnlineConfig needs updates_per_sample >= 0, max_step_debt >= 1, '
+                             f'min_buffer >= 1; got {self.updates_per_sample}, '
+                             f'{self.max_step_debt}, {self.min_buffer}')
+        if self.autosave_interval_s < 0 or self.log_every < 1:
+            raise ValueError('OnlineConfig needs autosave_interval_s >= 0 and log_every >= 1')
+        if self.device not in ('cpu', 'cuda', 'auto'):
+            raise ValueError(f'OnlineConfig.device={self.device!r}; choose cpu, cuda or auto')
+
+
+def resolve_device(name: str) -> str:
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('device cuda requested but torch sees no CUDA device')
+    return name
+
+
+def sample_config_for(model_cfg: ModelConfig, base: SampleConfig) -> SampleConfig:
+    """The sample shape the model expects (image size and K come from the model)."""
+    return base.replace(image_height=model_cfg.image_height, image_width=model_cfg.image_width,
+                        imu_steps=model_cfg.imu_steps)
+
+
+@dataclass
+class Prediction:
+    stamp_ns: int
+    frame: int
+    mean: np.ndarray          # (6,) relative pose k-1 -> k
+    logvar: np.ndarray        # (6,)
+    pose: np.ndarray          # 4x4 chained T_odom_base_pred(k)
+    gt_pose: np.ndarray       # 4x4 chained ground truth, or None
+    modality_mask: np.ndarray
+    dt: float                 # scan interval [s]
+    latency_s: float          # wall time spent predicting
+
+
+class OnlineTrainer:
+    """Predict every new sample, train on the replay buffer, checkpoint on request."""
+
+    def __init__(self, online_cfg: OnlineConfig, train_cfg: TrainConfig,
+                 model_cfg: ModelConfig = None, buffer: ReplayBuffer = None):
+        self.cfg = online_cfg
+        if online_cfg.num_threads > 0:
+            torch.set_num_threads(online_cfg.num_threads)
+        device = resolve_device(online_cfg.device)
+        payload = None
+        if online_cfg.initial_checkpoint:
+            payload = load_checkpoint(online_cfg.initial_checkpoint)
+            model_cfg = ModelConfig.from_dict(payload['config']['model'])
+        model_cfg = model_cfg or ModelConfig()
+        self.core = TrainerCore(model_cfg, train_cfg, device=device,
+                                normalization=payload.get('normalization') if payload else None)
+        if payload is not None:
+            self.core.load_state_dict(payload, source=online_cfg.initial_checkpoint)
+            self.core.step_count = int(payload.get('step', 0))
+            self.core.epoch = int(payload.get('epoch', 0))
+            log.info('fine-tuning from %s (step %d)', online_cfg.initial_checkpoint,
+                     self.core.step_count)
+        self.initial_step = self.core.step_count
+        self.buffer = buffer if buffer is not None else ReplayBuffer()
+        self.rng = np.random.default_rng(train_cfg.seed)
+        self._model_lock = threading.Lock()     # guards the inference copy
+        self._state_lock = threading.Lock()     # guards counters and trajectories
+        self._wakeup = threading.Condition()
+        self.infer_model = copy.deepcopy(self.core.model).eval()
+        self.training_enabled = online_cfg.training_enabled
+        self.step_debt = 0.0
+        self.samples_seen = 0
+        self.steps_done = 0
+        self.last_stats = None
+        self.predictions = []
+        self._pose = np.eye(4)
+        self._gt_pose = np.eye(4)
+        self._last_autosave = time.monotonic()
+        self._csv = None
+        self._tb = None
+        self._open_logs()
+
+    # --- samples -------------------------------------------------------------------------
+    def on_sample(self, sample: dict) -> Prediction:
+        """Predict the new sample's relative pose, store it in the buffer, owe training steps."""
+        t0 = time.perf_counter()
+        batch = collate_samples([sample])
+        with self._model_lock, torch.no_grad():
+            dev = self.core.to_device(batch)
+            out = self.infer_model(dev)
+            mean, logvar = self.infer_model.denormalize(out['mean'].float(),
+                                                        out['logvar'].float())
+        mean = mean[0].cpu().numpy().astype(np.float64)
+        logvar = logvar[0].cpu().numpy().astype(np.float64)
+        latency = time.perf_counter() - t0
+        self.buffer.add(sample)
+        with self._state_lock:
+            self._pose = self._pose @ vec6_to_pose(mean)
+            gt = None
+            if bool(sample['target_valid']):
+                self._gt_pose = self._gt_pose @ vec6_to_pose(sample['target'])
+                gt = self._gt_pose.copy()
+            pred = Prediction(stamp_ns=int(sample['meta'].get('stamp_cur_ns', 0)),
+                              frame=int(sample['meta']['frame']), mean=mean, logvar=logvar,
+                              pose=self._pose.copy(), gt_pose=gt,
+                              modality_mask=np.asarray(sample['modality_mask']).copy(),
+                              dt=float(sample['dt']), latency_s=latency)
+            self.predictions.append(pred)
+            self.samples_seen += 1
+            if self.training_enabled:
+                self.step_debt = min(self.step_debt + self.cfg.updates_per_sample,
+                                     float(self.cfg.max_step_debt))
+        with self._wakeup:
+            self._wakeup.notify_all()
+        return pred
+
+    # --- training ------------------------------------------------------------------------
+    def pending_steps(self) -> int:
+        with self._state_lock:
+            if not self.training_enabled or len(self.buffer) < self.cfg.min_buffer:
+                return 0
+            return int(math.floor(self.step_debt))
+
+    def train_pending(self, max_steps: int = None) -> int:
+        """Run the owed gradient steps (at most max_steps); returns how many ran."""
+        done = 0
+        while self.pending_steps() > 0 and (max_steps is None or done < max_steps):
+            batch = collate_samples(self.buffer.sample(self.core.train_cfg.batch_size, self.rng))
+            t0 = time.perf_counter()
+            stats = self.core.step(batch)
+            elapsed = time.perf_counter() - t0
+            with self._state_lock:
+                self.step_debt = max(self.step_debt - 1.0, 0.0)
+                self.steps_done += 1
+                self.last_stats = stats
+            if stats.applied:
+                self._refresh_inference_model()
+            self._log_step(stats, elapsed, batch)
+            done += 1
+        self._maybe_autosave()
+        return done
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self._wakeup:
+            if self.pending_steps() == 0:
+                self._wakeup.wait(timeout)
+
+    def wake(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify_all()
+
+    def set_training(self, enabled: bool) -> None:
+        with self._state_lock:
+            self.training_enabled = bool(enabled)
+            if not enabled:
+                self.step_debt = 0.0
+        self.wake()
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.core.set_lr(lr)
+
+    def _refresh_inference_model(self):
+        state = {k: v.detach().clone() for k, v in self.core.model.state_dict().items()}
+        with self._model_lock:
+            self.infer_model.load_state_dict(state)
+
+    # --- checkpoints and files -----------------------------------------------------------
+    def checkpoint_path(self, name: str) -> Path:
+        return Path(self.cfg.checkpoint_dir) / name
+
+    def save_checkpoint(self, path=None) -> Path:
+        """Atomically write the DESIGN §7 checkpoint; returns the path written."""
+        path = Path(path) if path else self.checkpoint_path(
+            f'online_step{self.core.step_count:07d}.pth')
+        metrics = self.metrics()
+        payload = self.core.state_dict(metrics=metrics)
+        return save_checkpoint(path, payload)
+
+    def metrics(self) -> dict:
+        with self._state_lock:
+            stats = self.last_stats
+            return {'online_samples': int(self.samples_seen),
+                    'online_steps': int(self.steps_done),
+                    'last_loss': float(stats.loss) if stats else math.nan,
+                    'buffer_size': len(self.buffer)}
+
+    def _maybe_autosave(self):
+        interval = self.cfg.autosave_interval_s
+        if interval > 0 and time.monotonic() - self._last_autosave >= interval:
+            self._last_autosave = time.monotonic()
+            path = self.save_checkpoint(self.checkpoint_path('autosave.pth'))
+            log.info('autosaved %s', path)
+
+    def trajectories(self):
+        """(pred (N+1, 4, 4), gt (N+1, 4, 4) or None): chained poses from the first scan."""
+        with self._state_lock:
+            preds = list(self.predictions)
+        pred = chain_relative([vec6_to_pose(p.mean) for p in preds])
+        missing = [p.frame for p in preds if p.gt_pose is None]
+        if not preds or missing:
+            if missing:
+                log.warning('no ground truth for %d samples (frames %s...): no GT trajectory',
+                            len(missing), missing[:10])
+            return pred, None
+        return pred, np.concatenate([np.eye(4)[None], np.stack([p.gt_pose for p in preds])])
+
+    def shutdown(self) -> dict:
+        """Final checkpoint, buffer and trajectories, as configured; returns what was written."""
+        written = {}
+        if self.cfg.save_on_shutdown:
+            written['checkpoint'] = str(self.save_checkpoint(self.checkpoint_path('final.pth')))
+        if self.cfg.buffer_path:
+            written['buffer'] = str(self.buffer.save(self.cfg.buffer_path))
+        if self.cfg.trajectory_dir:
+            from mm_fusion_ros.eval.trajectory_io import write_kitti_poses
+            pred, gt = self.trajectories()
+            out = Path(self.cfg.trajectory_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            write_kitti_poses(out / 'pred_base_link.txt', pred)
+            written['pred'] = str(out / 'pred_base_link.txt')
+            if gt is not None:
+                write_kitti_poses(out / 'gt_base_link.txt', gt)
+                written['gt'] = str(out / 'gt_base_link.txt')
+        self._close_logs()
+        return written
+
+    # --- logs ----------------------------------------------------------------------------
+    def _open_logs(self):
+        if self.cfg.log_csv:
+            path = Path(self.cfg.log_csv)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not path.exists()
+            self._csv = open(path, 'a', buffering=1)
+            if new:
+                self._csv.write('step,loss,lr,grad_norm,batch,buffer_size,samples_seen,'
+                                'step_time_s,wall_time\n')
+        if self.cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(self.cfg.tensorboard_dir)
+
+    def _log_step(self, stats, elapsed, batch):
+        step = self.core.step_count
+        if self.steps_done % self.cfg.log_every:
+            return
+        n = 0 if batch is None or 'target' not in batch else int(batch['target'].shape[0])
+        if self._csv:
+            self._csv.write(f'{step},{stats.loss:.6g},{stats.lr:.6g},{stats.grad_norm:.6g},{n},'
+                            f'{len(self.buffer)},{self.samples_seen},{elapsed:.4f},'
+                            f'{time.time():.3f}\n')
+        if self._tb and math.isfinite(stats.loss):
+            self._tb.add_scalar('online/loss', stats.loss, step)
+            self._tb.add_scalar('online/lr', stats.lr, step)
+            self._tb.add_scalar('online/buffer_size', len(self.buffer), step)
+
+    def _close_logs(self):
+        if self._csv:
+            self._csv.close()
+            self._csv = None
+        if self._tb:
+            self._tb.close()
+            self._tb = None
