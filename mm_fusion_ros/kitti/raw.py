@@ -143,8 +143,8 @@ def read_calib_imu_to_velo(path) -> np.ndarray:
 def write_calib_imu_to_velo(path, T_velo_imu) -> None:
     T = np.asarray(T_velo_imu, dtype=np.float64)
     Path(path).write_text('calib_time: 25-May-2012 16:47:16\n'
-                          'R: ' + ' '.join(f'{v:.6e}' for v in T[:3, :3].ravel()) + '\n'
-                          'T: ' + ' '.join(f'{v:.6e}' for v in T[:3, 3]) + '\n')
+                          'R: ' + ' '.join(f'{v:.12e}' for v in T[:3, :3].ravel()) + '\n'
+                          'T: ' + ' '.join(f'{v:.12e}' for v in T[:3, 3]) + '\n')
 
 
 @dataclass(frozen=True)
