@@ -1,9 +1,13 @@
 """synth_kitti: write synthetic sequences in the exact KITTI odometry layout.
 
     synth_kitti --out data --sequences 00,01 --frames 200 --seed 0
+    synth_kitti --out data_hybrid --sequences 07 --trajectory kitti_sample/poses/07.txt \
+        --imu_source kitti_sample/imu/07.mat
 
 Each sequence is its own street layout and drive (seed and sequence id both seed it); with
---trajectory the drive follows a real KITTI pose file instead.
+--trajectory the drive follows a real KITTI pose file instead, and with --imu_source as well the
+OXTS folder carries that drive's real IMU (a hybrid sequence: real IMU noise, synthetic images
+and scans rendered along the real path).
 """
 import argparse
 import logging
@@ -26,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--trajectory', type=Path, default=None,
                    help='follow this KITTI poses file (cam0 poses) instead of a synthetic drive; '
                         'times from ../sequences/NN/times.txt beside it when present')
+    p.add_argument('--imu_source', type=Path, default=None,
+                   help='real IMU of that same drive, frame-aligned (.mat, key imu_data_interp, '
+                        '10 samples per frame interval: 10*(N-1)+1 for its N frames; e.g. '
+                        "kitti_sample/imu/07.mat). Its accel/gyro go to sequences/NN/oxts/ on the "
+                        "frames' clock instead of the synthetic IMU (the first 10*(F-1)+1 samples "
+                        'for --frames F). Needs --trajectory; an IMU whose yaw rate does not '
+                        'follow the trajectory is refused')
     p.add_argument('--image_width', type=int, default=KITTI_SIZE[0],
                    help=f'image width [px]; intrinsics scale with it [{KITTI_SIZE[0]}]')
     p.add_argument('--image_height', type=int, default=KITTI_SIZE[1],
@@ -55,6 +66,12 @@ def main(argv=None) -> int:
         parser.error(f'--sequences: {e}')
     if args.trajectory is not None and not args.trajectory.is_file():
         parser.error(f'--trajectory {args.trajectory}: file not found')
+    if args.imu_source is not None:
+        if args.trajectory is None:
+            parser.error(f'--imu_source {args.imu_source} needs --trajectory: a real IMU only '
+                         'makes sense along its own real path')
+        if not args.imu_source.is_file():
+            parser.error(f'--imu_source {args.imu_source}: file not found')
     summaries = []
     for seq in sequences:
         try:
@@ -62,8 +79,8 @@ def main(argv=None) -> int:
                 args.out, seq, args.frames, args.seed,
                 image_size=(args.image_width, args.image_height),
                 azimuth_steps=args.azimuth_steps, beams=args.beams, trajectory=args.trajectory,
-                workers=args.workers, overwrite=args.overwrite, images=not args.no_images,
-                scans=not args.no_scans))
+                imu_source=args.imu_source, workers=args.workers, overwrite=args.overwrite,
+                images=not args.no_images, scans=not args.no_scans))
         except (ValueError, FileExistsError, FileNotFoundError) as e:
             print(f'synth_kitti: sequence {seq}: {e}', file=sys.stderr)
             return 1
@@ -80,6 +97,8 @@ def print_summary(out, summaries, image_size):
         pts = f'{s.points[0]}/{s.points[1]:.0f}/{s.points[2]}'
         print(f'{s.sequence:>4} {s.frames:>6} {s.duration_s:>7.1f} {pts:>28} '
               f'{s.imu_samples:>6} {s.wall_s:>7.1f} {s.wall_s / s.frames:>7.3f}  {s.trajectory}')
+    for s in summaries:
+        print(f'{s.sequence:>4} IMU: {s.imu}')
 
 
 if __name__ == '__main__':

@@ -111,12 +111,34 @@ def synthesize_oxts(traj, times, T_base_imu, rng, noise: ImuNoise = ImuNoise()) 
     accel = add_sensor_noise(force, rng, noise.accel_sigma, noise.accel_bias, noise.accel_walk,
                              dt)
     gyro = add_sensor_noise(rate, rng, noise.gyro_sigma, noise.gyro_bias, noise.gyro_walk, dt)
+    return _oxts_fields(rot, pos, vel, accel, gyro)
+
+
+def measured_oxts(traj, times, T_base_imu, accel, gyro) -> np.ndarray:
+    """(M, 30) OXTS fields with measured accel/gyro (a real IMU, imu_link axes) at `times`.
+
+    Only the navigation solution (lat/lon/alt, roll/pitch/yaw, velocities) comes from the
+    trajectory; ax..az and wx..wz are the given values unchanged, and af..au, wf..wu are those
+    values rotated into the heading-aligned level frame of the trajectory's attitude.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    accel = np.asarray(accel, dtype=np.float64)
+    gyro = np.asarray(gyro, dtype=np.float64)
+    if accel.shape != (len(times), 3) or gyro.shape != (len(times), 3):
+        raise ValueError(f'accel and gyro must be ({len(times)}, 3) like the {len(times)} times; '
+                         f'got {accel.shape} and {gyro.shape}')
+    rot, pos, vel, _, _ = imu_kinematics(traj, times, T_base_imu)
+    return _oxts_fields(rot, pos, vel, accel, gyro)
+
+
+def _oxts_fields(rot, pos, vel, accel, gyro) -> np.ndarray:
+    """The 30 OXTS columns from imu_link's attitude, position, velocity and its measurements."""
     roll, pitch, yaw = rot_to_rpy(rot)
     level = rpy_to_rot(roll, pitch, np.zeros_like(yaw))  # body -> heading-aligned level frame
     heading = rpy_to_rot(np.zeros_like(yaw), np.zeros_like(yaw), yaw)
     lat, lon, alt = local_to_geodetic(pos)
 
-    out = np.zeros((len(times), len(OXTS_NAMES)))
+    out = np.zeros((len(pos), len(OXTS_NAMES)))
     out[:, _cols('lat', 'lon', 'alt')] = np.stack([lat, lon, alt], axis=1)
     out[:, _cols('roll', 'pitch', 'yaw')] = np.stack([roll, pitch, yaw], axis=1)
     out[:, _cols('vn', 've')] = vel[:, [1, 0]]

@@ -242,6 +242,12 @@ def _unit_tangents(xy):
     return np.stack([np.convolve(pad[:, i], kernel, mode='valid') for i in range(2)], axis=1)
 
 
+def kitti_times_path(poses_path) -> Path:
+    """DATA/poses/NN.txt -> DATA/sequences/NN/times.txt, where KITTI keeps a pose file's times."""
+    poses_path = Path(poses_path)
+    return poses_path.parent.parent / 'sequences' / poses_path.stem / 'times.txt'
+
+
 def load_kitti_trajectory(poses_path, frames: int, tr_velo_to_cam0):
     """First `frames` poses of a KITTI pose file as T_odom_base, and their times.
 
@@ -256,17 +262,19 @@ def load_kitti_trajectory(poses_path, frames: int, tr_velo_to_cam0):
     poses_base = cam0_to_base_link(poses_cam0[:frames], tr_velo_to_cam0)
     # Odom is the first base_link pose; KITTI files already start at the identity.
     poses_base = invert_pose(poses_base[0]) @ poses_base
-    times_path = poses_path.parent.parent / 'sequences' / poses_path.stem / 'times.txt'
+    times, source = kitti_trajectory_clock(poses_path, len(poses_cam0))
+    if len(times) < frames:
+        raise ValueError(f'{source}: {len(times)} times, but --frames {frames}')
+    return times[:frames] - times[0], poses_base, source
+
+
+def kitti_trajectory_clock(poses_path, pose_count: int):
+    """(times of a pose file's poses, where they came from): ../sequences/NN/times.txt beside
+    the poses folder when it exists, else FRAME_RATE Hz for its pose_count poses."""
+    times_path = kitti_times_path(poses_path)
     if times_path.is_file():
-        times = read_times(times_path)
-        if len(times) < frames:
-            raise ValueError(f'{times_path}: {len(times)} times, but --frames {frames}')
-        times = times[:frames] - times[0]
-        source = str(times_path)
-    else:
-        times = np.arange(frames) / FRAME_RATE
-        source = f'{FRAME_RATE:g} Hz (no {times_path})'
-    return times, poses_base, source
+        return read_times(times_path), str(times_path)
+    return np.arange(pose_count) / FRAME_RATE, f'{FRAME_RATE:g} Hz (no {times_path})'
 
 
 def extend_for_imu(times, poses, margin=0.2):

@@ -4,6 +4,17 @@ OUT/sequences/NN/{calib.txt, times.txt, image_2/%06d.png, oxts/, calib_imu_to_ve
 OUT/poses/NN.txt and OUT/pointclouds/sequences/NN/velodyne/%06d.bin. Every random choice comes
 from a generator seeded by (seed, sequence, purpose[, frame]), so files are byte-identical for a
 seed whatever the number of worker processes.
+
+Hybrid sequences (trajectory= a real KITTI pose file, imu_source= that drive's .mat IMU) write
+the real IMU in the same OXTS folder, so every reader and bag converter takes it with no flag:
+ax ay az and wx wy wz are the .mat's values at its sample times (repr-formatted, so they read
+back bit-exact), timestamps are the sequence epoch plus those times (the first OXTS stamp is
+frame 0's time, the clock rule of kitti/imu.py), and the navigation fields (lat/lon/alt,
+roll/pitch/yaw, velocities) come from the ground-truth trajectory as for the synthetic IMU.
+Those attitudes are relative to frame 0's attitude (KITTI poses start at the identity), which
+for 07 is 0.84 deg off the gravity vertical that the real accelerometer sees. oxts/source.txt
+says where the IMU came from. The .mat itself is not copied to OUT/imus/: the OXTS folder is
+what readers prefer, and a copy cut to --frames would no longer be the original file.
 """
 from dataclasses import dataclass, field
 import logging
@@ -35,10 +46,12 @@ from mm_fusion_ros.synthetic.camera import (
 from mm_fusion_ros.synthetic.imu import (
     imu_sample_times,
     kitti_T_velo_imu,
+    measured_oxts,
     sequence_epoch_ns,
     synthesize_oxts,
 )
 from mm_fusion_ros.synthetic.lidar import Lidar, LidarConfig
+from mm_fusion_ros.synthetic.real_imu import check_imu_follows_trajectory, load_real_imu
 from mm_fusion_ros.synthetic.trajectory import (
     extend_for_imu,
     frame_times,
@@ -101,6 +114,7 @@ class SequenceSummary:
     cpu_s: dict = field(default_factory=dict)  # part -> CPU seconds (frame parts summed)
     trajectory: str = 'synthetic'
     workers: int = 1
+    imu: str = 'synthetic'          # or 'real, from <.mat file>'
 
 
 @dataclass
@@ -125,14 +139,15 @@ def generate_sequence(out_dir, sequence, frames: int, seed: int = 0, *,
     """Generate one sequence of `frames` frames under out_dir (the KITTI layout above).
 
     image_size: (width, height); intrinsics scale with it. trajectory: a KITTI poses file
-    (cam0 poses) to follow instead of a synthetic drive. workers: processes rendering frames
-    (None: 2 when the job is big enough). overwrite: replace an existing sequence's files.
+    (cam0 poses) to follow instead of a synthetic drive. imu_source: that drive's real
+    frame-aligned IMU (.mat, see real_imu.py), written instead of the synthetic one; it needs
+    trajectory. workers: processes rendering frames (None: 2 when the job is big enough).
+    overwrite: replace an existing sequence's files.
     """
     start = time.perf_counter()
     seq = normalize_sequence_id(sequence)
-    _validate(frames, seed, image_size, imu_source)
+    _validate(frames, seed, image_size, trajectory, imu_source)
     paths = SequencePaths(Path(out_dir), seq)
-    _prepare_outputs(paths, overwrite, images, scans)
     cpu = {}
 
     def lap(name, t0):
@@ -144,8 +159,11 @@ def generate_sequence(out_dir, sequence, frames: int, seed: int = 0, *,
     T_velo_imu = kitti_T_velo_imu()
     rng = _streams(seed, int(seq))
     traj, world_poses, times, route, source = _drive(rng, frames, trajectory, calib.Tr)
+    # Everything that can refuse the input runs before a file is touched.
+    real_imu = _real_imu(imu_source, trajectory, frames, times, world_poses, T_velo_imu)
+    _prepare_outputs(paths, overwrite, images, scans)
     t0 = lap('trajectory', t0)
-    world = build_world(route, rng(_WORLD))
+    world = sequence_world(seq, seed, route)
     t0 = lap('world', t0)
 
     poses_base = invert_pose(world_poses[0]) @ world_poses
@@ -153,10 +171,16 @@ def generate_sequence(out_dir, sequence, frames: int, seed: int = 0, *,
     write_times(paths.seq_dir / 'times.txt', times)
     write_poses(paths.poses, base_link_to_cam0(poses_base, calib.Tr))
     write_calib_imu_to_velo(paths.seq_dir / 'calib_imu_to_velo.txt', T_velo_imu)
-    imu_t = imu_sample_times(times[-1])
-    fields = synthesize_oxts(traj, imu_t, T_velo_imu, rng(_IMU))
+    if real_imu is None:
+        imu_t = imu_sample_times(times[-1])
+        fields = synthesize_oxts(traj, imu_t, T_velo_imu, rng(_IMU))
+    else:
+        imu_t = real_imu.stamps
+        fields = measured_oxts(traj, imu_t, T_velo_imu, real_imu.accel, real_imu.gyro)
     stamps = sequence_epoch_ns(seq) + np.rint(imu_t * 1e9).astype(np.int64)
     write_oxts_folder(paths.oxts_dir, stamps, fields)
+    if real_imu is not None:
+        _write_imu_provenance(paths.oxts_dir / 'source.txt', real_imu, trajectory)
     t0 = lap('imu+text', t0)
 
     ctx = _FrameContext(world=world, lidar=Lidar(LidarConfig(beams=beams,
@@ -172,22 +196,52 @@ def generate_sequence(out_dir, sequence, frames: int, seed: int = 0, *,
         sequence=seq, frames=frames, duration_s=float(times[-1]),
         points=(int(counts.min()), float(counts.mean()), int(counts.max())),
         imu_samples=len(imu_t), wall_s=time.perf_counter() - start, cpu_s=cpu,
-        trajectory=source, workers=workers)
-    log.info('sequence %s: %d frames, %.1f s, %.0f points/scan, %.1f s wall', seq, frames,
-             summary.duration_s, summary.points[1], summary.wall_s)
+        trajectory=source, workers=workers,
+        imu='synthetic' if real_imu is None else f'real, from {imu_source}')
+    log.info('sequence %s: %d frames, %.1f s, %.0f points/scan, %.1f s wall, IMU %s', seq,
+             frames, summary.duration_s, summary.points[1], summary.wall_s, summary.imu)
     return summary
 
 
-def _validate(frames, seed, image_size, imu_source):
+def _validate(frames, seed, image_size, trajectory, imu_source):
     if int(frames) != frames or frames < 2:
         raise ValueError(f'frames must be an integer >= 2, got {frames!r}')
     if int(seed) != seed or seed < 0:
         raise ValueError(f'seed must be a non-negative integer, got {seed!r}')
     if len(image_size) != 2 or min(image_size) < 8:
         raise ValueError(f'image_size must be (width, height) >= 8 px, got {image_size!r}')
-    if imu_source is not None:
-        raise ValueError(f'imu_source={imu_source!r}: only the synthetic OXTS (None) is '
-                         'supported so far')
+    if imu_source is not None and trajectory is None:
+        raise ValueError(f'imu_source={str(imu_source)!r} needs trajectory= (--trajectory): a '
+                         'real IMU only makes sense along its own real path, not a synthetic '
+                         'drive')
+
+
+def _real_imu(imu_source, trajectory, frames, times, world_poses, T_velo_imu):
+    """The real IMU for the first `frames` frames, checked against the trajectory; or None."""
+    if imu_source is None:
+        return None
+    imu = load_real_imu(imu_source, trajectory, frames)
+    # The frames' clock (from load_kitti_trajectory) and the IMU's come from one times file.
+    if abs(imu.stamps[-1] - times[-1]) > 1e-9:
+        raise ValueError(f'IMU {imu_source} ends at {imu.stamps[-1]:.9f} s but frame '
+                         f'{frames - 1} of {trajectory} is at {times[-1]:.9f} s')
+    rms = check_imu_follows_trajectory(imu, times, world_poses, T_velo_imu[:3, :3], trajectory)
+    log.info('real IMU %s: %d samples, yaw rate within %.4f rad/s RMS of %s', imu_source,
+             len(imu), rms, trajectory)
+    return imu
+
+
+def _write_imu_provenance(path, imu, trajectory):
+    Path(path).write_text(
+        f'accel ax ay az, gyro wx wy wz: real IMU from {imu.source} '
+        f'(samples 0..{len(imu) - 1}, 10 per frame interval, sample 10*k at frame k)\n'
+        f'timestamps: sequence epoch + the frame times of {trajectory}\n'
+        'lat lon alt, roll pitch yaw, vn ve vf vl vu: derived from the ground-truth poses\n')
+
+
+def sequence_world(sequence, seed, route):
+    """The world that generate_sequence builds for (sequence, seed) along a route."""
+    return build_world(route, _streams(seed, int(sequence))(_WORLD))
 
 
 def _streams(seed, seq_int):
