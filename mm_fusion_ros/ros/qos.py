@@ -1,0 +1,56 @@
+"""QoS profiles, chosen on purpose and named once (STYLE §4).
+
+Replay feeds training, so replayed sensor topics are RELIABLE with deep queues: measured here,
+best effort loses most 1-2 MB clouds over localhost, and a 100 Hz IMU beside image and cloud
+subscriptions needs a queue of ~1000 (bag/topics.py has the measurement). A RELIABLE publisher
+also matches best-effort subscribers, so the replay side loses no compatibility by it.
+Sensor-data QoS is for live drivers only.
+"""
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    qos_profile_sensor_data,
+    QoSProfile,
+    ReliabilityPolicy,
+)
+
+from mm_fusion_ros.bag.topics import IMU_QUEUE_DEPTH, SENSOR_QUEUE_DEPTH
+
+REPLAY_SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=SENSOR_QUEUE_DEPTH,
+                               reliability=ReliabilityPolicy.RELIABLE,
+                               durability=DurabilityPolicy.VOLATILE)
+REPLAY_IMU_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=IMU_QUEUE_DEPTH,
+                            reliability=ReliabilityPolicy.RELIABLE,
+                            durability=DurabilityPolicy.VOLATILE)
+LIVE_SENSOR_QOS = qos_profile_sensor_data
+# /tf_static and other latched topics: a late subscriber still gets the last message(s).
+LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+PATH_QOS = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)  # late RViz sees it
+# /clock: only the newest time matters; RELIABLE still matches rclpy's best-effort clock reader.
+CLOCK_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                       reliability=ReliabilityPolicy.RELIABLE,
+                       durability=DurabilityPolicy.VOLATILE)
+
+MAX_LATCHED_DEPTH = 1000
+
+
+def replay_qos(plan) -> QoSProfile:
+    """Publisher QoS to replay one bag topic (a bag.playback.TopicPlan).
+
+    Latched (all recorded offers TRANSIENT_LOCAL) -> TRANSIENT_LOCAL, keeping every latched
+    message of the bag (a bag may hold several /tf_static messages from different
+    broadcasters); otherwise REPLAY_SENSOR_QOS, deepened to the recorded depth if larger (bags
+    from kitti_to_bag record IMU_QUEUE_DEPTH for the IMU).
+    Always RELIABLE, even for a topic recorded best effort.
+    """
+    if plan.latched:
+        depth = min(max(plan.recorded_depth, plan.count, 1), MAX_LATCHED_DEPTH)
+        return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+                          reliability=ReliabilityPolicy.RELIABLE,
+                          durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST,
+                      depth=max(SENSOR_QUEUE_DEPTH, plan.recorded_depth),
+                      reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)
