@@ -1,0 +1,251 @@
+"""Per-modality encoders and their Dummy stand-ins (DESIGN §6).
+
+Each encoder maps its part of a batch to a (B, out_dim) feature vector; the Dummy of a slot has the
+same interface and output size but returns zeros and has no parameters, so a config can drop a
+branch (for speed or an ablation) without touching the rest of the network.
+"""
+import math
+
+import torch
+from torch import nn
+
+from mm_fusion_ros.model.config import ModelConfig
+
+# uint8 pixels -> roughly zero-mean, unit-variance inputs (fixed, so no data statistics needed).
+PIXEL_MEAN = 0.45 * 255.0
+PIXEL_STD = 0.25 * 255.0
+# KITTI scans arrive at 10 Hz, so dt * DT_SCALE is ~1.
+DT_SCALE = 10.0
+
+
+def conv_bn_relu(c_in, c_out, stride):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def strided_cnn(c_in, widths, pool_hw, out_dim):
+    """Stride-2 conv stack, adaptive pooling to a small grid (keeps coarse layout), linear."""
+    layers, c = [], c_in
+    for w in widths:
+        layers.append(conv_bn_relu(c, w, 2))
+        c = w
+    layers += [nn.AdaptiveAvgPool2d(pool_hw), nn.Flatten(),
+               nn.Linear(c * pool_hw[0] * pool_hw[1], out_dim), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class VisualEncoder(nn.Module):
+    """Small CNN over the image pair stacked as 6 channels (uint8 in, normalised here)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.out_dim = cfg.visual_dim
+        self.size = (cfg.image_height, cfg.image_width)
+        self.net = strided_cnn(6, cfg.visual_channels, (2, 4), cfg.visual_dim)
+
+    def forward(self, image):
+        if tuple(image.shape[-2:]) != self.size:
+            raise ValueError(f'image size {tuple(image.shape[-2:])} does not match the model '
+                             f'(image_height, image_width) = {self.size}')
+        x = image.flatten(1, 2).float()
+        return self.net((x - PIXEL_MEAN) / PIXEL_STD)
+
+
+def bev_grid(points, mask, cfg: ModelConfig):
+    """(B, S, N, 4) scans -> (B, 3 S, G, G) grids: density, max height, mean intensity per scan.
+
+    Density is splatted bilinearly onto the four nearest cells, so it changes smoothly with
+    sub-cell motion; rows follow x (forward), columns y (left).
+    """
+    b, s, n, _ = points.shape
+    g, r = cfg.bev_cells, cfg.bev_range_m
+    res = 2.0 * r / g
+    x, y, z, intensity = points.float().unbind(-1)
+    u = (x + r) / res - 0.5
+    v = (y + r) / res - 0.5
+    keep = mask & (z >= cfg.bev_z_min) & (z <= cfg.bev_z_max) & \
+        (u > -1) & (u < g) & (v > -1) & (v < g)
+    base = (torch.arange(b * s, device=points.device).view(b, s, 1) * (g * g)).expand(b, s, n)
+    cells = b * s * g * g
+
+    u0, v0 = torch.floor(u), torch.floor(v)
+    du, dv = u - u0, v - v0
+    density = points.new_zeros(cells, dtype=torch.float32)
+    for a in (0, 1):
+        for c in (0, 1):
+            iu, iv = u0.long() + a, v0.long() + c
+            w = (du if a else 1 - du) * (dv if c else 1 - dv)
+            ok = keep & (iu >= 0) & (iu < g) & (iv >= 0) & (iv < g)
+            density.index_add_(0, (base + iu * g + iv)[ok], w[ok])
+
+    iu, iv = torch.round(u).long().clamp(0, g - 1), torch.round(v).long().clamp(0, g - 1)
+    near = (base + iu * g + iv)[keep]
+    height = (z[keep] - cfg.bev_z_min) / (cfg.bev_z_max - cfg.bev_z_min) + 1e-3
+    max_height = points.new_zeros(cells, dtype=torch.float32).scatter_reduce_(
+        0, near, height, 'amax', include_self=True)
+    count = points.new_zeros(cells, dtype=torch.float32).index_add_(
+        0, near, torch.ones_like(height))
+    sum_int = points.new_zeros(cells, dtype=torch.float32).index_add_(0, near, intensity[keep])
+    mean_int = sum_int / count.clamp(min=1.0)
+
+    grids = torch.stack([torch.log1p(density), max_height, mean_int], dim=1)   # (cells, 3)
+    return grids.view(b, s, g, g, 3).permute(0, 1, 4, 2, 3).reshape(b, s * 3, g, g)
+
+
+def local_correlation(f0, f1, radius: int):
+    """FlowNet-style cost volume: channel-mean of f0 * f1 shifted by every (dy, dx) in
+    [-radius, radius]^2 -> (B, (2 radius + 1)^2, H, W). Parameter-free matching, so the
+    displacement evidence it exposes does not have to be memorised per scene."""
+    h, w = f0.shape[-2:]
+    padded = nn.functional.pad(f1, (radius, radius, radius, radius))
+    size = 2 * radius + 1
+    return torch.stack([(f0 * padded[..., dy:dy + h, dx:dx + w]).mean(dim=1)
+                        for dy in range(size) for dx in range(size)], dim=1)
+
+
+def global_correlation(f0, f1, max_shift: int):
+    """Whole-grid cross-correlation sum_x <f0(x), f1(x + d)> for |d| <= max_shift cells, via FFT,
+    standardised per sample -> (B, (2 max_shift + 1)^2). Its peak is the dominant shift of the
+    scene between the scans, i.e. the translation, at full grid resolution."""
+    size = f0.shape[-2:]
+    spec = (torch.fft.rfft2(f0.float()).conj() * torch.fft.rfft2(f1.float())).sum(dim=1)
+    corr = torch.fft.irfft2(spec, s=size)
+    corr = torch.roll(corr, shifts=(max_shift, max_shift), dims=(-2, -1))
+    corr = corr[..., :2 * max_shift + 1, :2 * max_shift + 1].flatten(1)
+    return (corr - corr.mean(dim=1, keepdim=True)) / (corr.std(dim=1, keepdim=True) + 1e-6)
+
+
+def soft_argmax(scores, max_shift: int, log_beta):
+    """Expected (row, col) shift [cells] under softmax(beta * scores) over the shift window:
+    a sub-cell estimate of the dominant shift that is the same function in every scene."""
+    size = 2 * max_shift + 1
+    axis = torch.arange(size, device=scores.device, dtype=scores.dtype) - max_shift
+    offsets = torch.stack(torch.meshgrid(axis, axis, indexing='ij'), dim=-1).view(-1, 2)
+    return torch.softmax(scores * log_beta.exp(), dim=1) @ offsets
+
+
+class BevPointEncoder(nn.Module):
+    """Both scans as BEV grids through a shared (siamese) conv stem, then two matching paths:
+
+    - global: FFT cross-correlation of the two feature grids (and of the raw grids) over shifts
+      up to bev_max_shift_cells, flattened into an MLP; it sees the common shift (translation).
+      Soft-argmax turns each correlation into an (x, y) translation estimate in metres; these
+      `shift_estimates` pairs are the last 2 k outputs, which the network standardises like
+      the target so that they are usable from the first step;
+    - local: at quarter resolution, a cost volume of radius bev_corr_radius plus the first scan's
+      features and x, y coordinate planes through a strided CNN; rotation shows up as a
+      position-dependent shift.
+    Matching is parameter-free, so what is learned is how a shift maps to motion, not the
+    scenes. A global max-pool over points cannot see such shifts (docs/stage2_tracking.md).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.radius = cfg.bev_corr_radius
+        self.max_shift = cfg.bev_max_shift_cells
+        stem, match_c = cfg.bev_channels[0], cfg.bev_channels[1]
+        quarter = (cfg.bev_cells + 3) // 4
+        axis = (torch.arange(quarter, dtype=torch.float32) + 0.5) / quarter * 2.0 - 1.0
+        self.register_buffer('coords', torch.stack(torch.meshgrid(axis, axis, indexing='ij')),
+                             persistent=False)
+        self.stem = conv_bn_relu(3, stem, 1)
+        # The local cost volume is the costliest part: built at quarter resolution it is ~4x
+        # cheaper than at half resolution (bench/train_throughput.py).
+        self.down = nn.Sequential(conv_bn_relu(stem, match_c, 2),
+                                  conv_bn_relu(match_c, match_c, 2))
+        self.local = strided_cnn((2 * self.radius + 1) ** 2 + match_c + 2, cfg.bev_channels[2:],
+                                 (4, 4), cfg.point_dim)
+        self.shift = nn.Sequential(nn.Linear((2 * self.max_shift + 1) ** 2, cfg.point_dim),
+                                   nn.ReLU(inplace=True))
+        # Softmax sharpness of the two peak estimates (raw grids, learned features); 3 suits
+        # standardised correlations (measured, docs/stage2_tracking.md).
+        self.log_beta = nn.Parameter(torch.full((2,), math.log(3.0)))
+        self.cell_m = 2.0 * cfg.bev_range_m / cfg.bev_cells
+        self.shift_estimates = 2
+        self.out_dim = 2 * cfg.point_dim + 2 * self.shift_estimates
+
+    def forward(self, points, points_mask):
+        with torch.no_grad():
+            grid = bev_grid(points, points_mask, self.cfg)
+        b, g = grid.shape[0], grid.shape[-1]
+        feats = self.stem(grid.view(b * 2, 3, g, g))
+        f0, f1 = feats.view(b, 2, *feats.shape[1:]).unbind(1)
+        # Raw-grid correlation: a shift estimate that is right before any training.
+        raw = global_correlation(grid[:, :3], grid[:, 3:], self.max_shift)
+        corr = global_correlation(f0, f1, self.max_shift)
+        # Scan k sees the scene moved by -t, so the peak sits at -t / cell (rows x, cols y).
+        shifts = torch.cat([soft_argmax(raw, self.max_shift, self.log_beta[0]),
+                            soft_argmax(corr, self.max_shift, self.log_beta[1])], dim=1)
+        shifts = -shifts * self.cell_m
+        quarters = self.down(feats)
+        h0, h1 = quarters.view(b, 2, *quarters.shape[1:]).unbind(1)
+        coords = self.coords.unsqueeze(0).expand(b, -1, -1, -1)
+        local = self.local(torch.cat([local_correlation(h0, h1, self.radius), h0, coords], dim=1))
+        return torch.cat([self.shift(corr), local, shifts], dim=1)
+
+
+class PointNetEncoder(nn.Module):
+    """Shared per-point MLP, masked max-pool per scan, then an MLP over both scans' features."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.out_dim = cfg.point_dim
+        self.register_buffer('scale', torch.tensor(
+            [cfg.bev_range_m, cfg.bev_range_m, cfg.bev_z_max, 1.0]), persistent=False)
+        layers, c = [], 4
+        for w in cfg.pointnet_widths:
+            layers += [nn.Linear(c, w), nn.ReLU(inplace=True)]
+            c = w
+        self.mlp = nn.Sequential(*layers)
+        self.merge = nn.Sequential(nn.Linear(3 * c, cfg.point_dim), nn.ReLU(inplace=True))
+
+    def forward(self, points, points_mask):
+        feats = self.mlp(points.float() / self.scale)      # (B, 2, N, C)
+        feats = feats.masked_fill(~points_mask.unsqueeze(-1), float('-inf')).amax(dim=2)
+        feats = torch.where(torch.isfinite(feats), feats, torch.zeros_like(feats))
+        first, second = feats[:, 0], feats[:, 1]
+        return self.merge(torch.cat([first, second, second - first], dim=-1))
+
+
+class ImuEncoder(nn.Module):
+    """1-D convolutions over the normalised K x 6 window plus a dt channel; the flattened raw
+    window is also fed to the output layer, so a plain integral over time is one linear map."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.out_dim = cfg.imu_dim
+        self.steps = cfg.imu_steps
+        c = cfg.imu_channels
+        self.conv = nn.Sequential(nn.Conv1d(7, c, 3, padding=1), nn.ReLU(inplace=True),
+                                  nn.Conv1d(c, c, 3, padding=1), nn.ReLU(inplace=True))
+        self.out = nn.Sequential(nn.Linear((c + 7) * self.steps, cfg.imu_dim),
+                                 nn.ReLU(inplace=True))
+
+    def forward(self, imu_norm, dt):
+        if imu_norm.shape[1] != self.steps:
+            raise ValueError(f'IMU window has {imu_norm.shape[1]} steps, the model expects '
+                             f'imu_steps={self.steps}')
+        dt_plane = (dt.float() * DT_SCALE).view(-1, 1, 1).expand(-1, 1, self.steps)
+        x = torch.cat([imu_norm.transpose(1, 2), dt_plane], dim=1)            # (B, 7, K)
+        return self.out(torch.cat([self.conv(x), x], dim=1).flatten(1))
+
+
+class DummyEncoder(nn.Module):
+    """Stand-in of any encoder: zeros of the slot's feature size, no parameters."""
+
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.out_dim = out_dim
+
+    def forward(self, first, *rest):
+        return first.new_zeros((first.shape[0], self.out_dim), dtype=torch.float32)
+
+
+def build_encoders(cfg: ModelConfig) -> dict:
+    """{'visual', 'point', 'imu'} -> encoder modules chosen by the config."""
+    visual = VisualEncoder(cfg) if cfg.visual_encoder == 'cnn' else DummyEncoder(cfg.visual_dim)
+    point = {'bev': BevPointEncoder, 'pointnet': PointNetEncoder}.get(cfg.point_encoder)
+    point = point(cfg) if point else DummyEncoder(cfg.point_dim)
+    imu = ImuEncoder(cfg) if cfg.imu_encoder == 'conv' else DummyEncoder(cfg.imu_dim)
+    return {'visual': visual, 'point': point, 'imu': imu}

@@ -1,0 +1,331 @@
+"""TrainerCore: model + optimiser + one training step, shared by the offline and online trainers.
+
+It knows nothing about DataLoaders or epochs: `step` takes any collated batch dict (DESIGN §5
+keys, or None when every sample of a batch was skipped), so the offline script feeds it from a
+DataLoader and the online node from its replay buffer.
+"""
+from dataclasses import dataclass
+import logging
+import math
+
+import torch
+
+from mm_fusion_ros.model.augment import augment_batch
+from mm_fusion_ros.model.config import ModelConfig
+from mm_fusion_ros.model.losses import (
+    masked_mean,
+    per_sample_loss,
+    rotation_angle_error,
+    translation_error,
+)
+from mm_fusion_ros.model.net import build_model
+from mm_fusion_ros.training.checkpoint import FORMAT_VERSION
+
+log = logging.getLogger(__name__)
+
+TENSOR_KEYS = ('image', 'points', 'points_mask', 'imu', 'dt', 'target', 'target_valid',
+               'modality_mask')
+FINITE_KEYS = ('points', 'imu', 'dt', 'target')
+
+
+def is_empty(batch) -> bool:
+    """None, or the {'num_skipped': n} marker of a batch whose samples were all skipped."""
+    return batch is None or 'target' not in batch
+
+
+def batch_skipped(batch) -> int:
+    return 0 if batch is None else int(batch.get('num_skipped', 0))
+
+
+@dataclass
+class StepStats:
+    loss: float          # mean loss over the samples that contributed (nan if none)
+    samples: int         # samples that contributed to the loss
+    skipped: int         # samples dropped in this step (integrity failures + non-finite)
+    applied: bool        # whether the optimiser stepped
+    grad_norm: float
+    lr: float
+
+
+class TrainerCore:
+    """Build the model and AdamW; train, predict, evaluate, freeze, checkpoint."""
+
+    def __init__(self, model_cfg: ModelConfig, train_cfg, device='cpu', normalization=None,
+                 distributed: bool = False):
+        self.model_cfg = model_cfg
+        self.train_cfg = train_cfg
+        self.device = torch.device(device)
+        # Seeded init that leaves the caller's global RNG stream untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(train_cfg.seed)
+            self.model = build_model(model_cfg)
+        self.model.to(self.device)
+        if normalization is not None:
+            self.model.set_normalization(normalization)
+        self.model.set_frozen(train_cfg.frozen)
+        self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=train_cfg.learning_rate,
+                                           weight_decay=train_cfg.weight_decay)
+        self.amp = bool(train_cfg.amp and self.device.type == 'cuda')
+        if train_cfg.amp and not self.amp:
+            log.warning('amp requested on %s: mixed precision is CUDA-only, ignored', self.device)
+        self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp)
+        self.distributed = distributed
+        self.net = self.model
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.device.index] if self.device.type == 'cuda' else None
+            # Unused parameters happen whenever a batch lacks a modality's gradient path.
+            self.net = DistributedDataParallel(self.model, device_ids=ids,
+                                               find_unused_parameters=True)
+        self.step_count = 0
+        self.epoch = 0
+        self.counters = {'skipped_integrity': 0, 'skipped_nonfinite': 0, 'steps_skipped': 0}
+
+    # --- batches -------------------------------------------------------------------------
+    def to_device(self, batch: dict) -> dict:
+        out = {k: batch[k].to(self.device, non_blocking=True) for k in TENSOR_KEYS}
+        out['meta'] = batch.get('meta', [])
+        return out
+
+    def drop_nonfinite(self, batch: dict):
+        """Remove samples with NaN/Inf inputs or targets; returns (batch or None, dropped)."""
+        ok = torch.ones(batch['target'].shape[0], dtype=torch.bool, device=self.device)
+        for k in FINITE_KEYS:
+            ok &= torch.isfinite(batch[k].float()).flatten(1).all(dim=1) \
+                if batch[k].dim() > 1 else torch.isfinite(batch[k].float())
+        dropped = int((~ok).sum())
+        if dropped == 0:
+            return batch, 0
+        for meta in (m for m, good in zip(batch['meta'], ok.tolist()) if not good):
+            log.warning('skipping sample with non-finite input or target: %s', meta)
+        if dropped == len(ok):
+            return None, dropped
+        keep = {k: batch[k][ok] for k in TENSOR_KEYS}
+        keep['meta'] = [m for m, good in zip(batch['meta'], ok.tolist()) if good]
+        return keep, dropped
+
+    def placeholder_batch(self) -> dict:
+        """One all-masked sample with no valid target: lets a DDP rank with nothing to train
+        on still join the gradient all-reduce with a zero loss."""
+        c, d = self.model_cfg, self.device
+        return {'image': torch.zeros(1, 2, 3, c.image_height, c.image_width, dtype=torch.uint8,
+                                     device=d),
+                'points': torch.zeros(1, 2, 1, 4, device=d),
+                'points_mask': torch.zeros(1, 2, 1, dtype=torch.bool, device=d),
+                'imu': torch.zeros(1, c.imu_steps, 6, device=d),
+                'dt': torch.full((1,), 0.1, device=d),
+                'target': torch.zeros(1, 6, device=d),
+                'target_valid': torch.zeros(1, dtype=torch.bool, device=d),
+                'modality_mask': torch.zeros(1, 3, dtype=torch.bool, device=d),
+                'meta': []}
+
+    # --- training ------------------------------------------------------------------------
+    def step(self, batch) -> StepStats:
+        """Forward, loss, skip non-finite, backward, clip, optimiser step."""
+        self.model.train()
+        skipped = batch_skipped(batch)
+        self.counters['skipped_integrity'] += skipped
+        dropped = 0
+        batch = None if is_empty(batch) else batch
+        if batch is not None:
+            batch, dropped = self.drop_nonfinite(self.to_device(batch))
+        usable = batch is not None and bool(batch['target_valid'].any())
+        if not usable and not self.distributed:
+            self.counters['skipped_nonfinite'] += dropped
+            return StepStats(math.nan, 0, skipped + dropped, False, math.nan, self.lr)
+        if batch is None:
+            batch = self.placeholder_batch()
+
+        batch = augment_batch(batch, self.train_cfg.augment)
+        # A skipped step must not leave its batch's BatchNorm statistics behind.
+        saved_buffers = [b.clone() for b in self.model.buffers()]
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            out = self.net(batch)
+        per = per_sample_loss(out['mean'].float(), out['logvar'].float(),
+                              self.model.normalize_target(batch['target']),
+                              self.train_cfg.loss, self.train_cfg.rotation_weight,
+                              self.train_cfg.calibrate_logvar)
+        valid = batch['target_valid'].bool()
+        bad = valid & ~torch.isfinite(per)
+        dropped += int(bad.sum())
+        valid = valid & ~bad
+        loss = masked_mean(torch.where(valid, per, torch.zeros_like(per)), valid)
+        n = int(valid.sum())
+        self.counters['skipped_nonfinite'] += dropped
+        if n == 0 and not self.distributed:
+            self.restore_buffers(saved_buffers)
+            return StepStats(math.nan, 0, skipped + dropped, False, math.nan, self.lr)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        grad_norm = self.clip_and_step()
+        applied = math.isfinite(grad_norm)
+        if not applied:
+            self.restore_buffers(saved_buffers)
+            self.counters['steps_skipped'] += 1
+            self.counters['skipped_nonfinite'] += n
+            log.warning('non-finite gradient at step %d: update skipped (%d samples)',
+                        self.step_count, n)
+        return StepStats(float(loss.detach()) if n else math.nan, n if applied else 0,
+                         skipped + dropped + (0 if applied else n), applied, grad_norm, self.lr)
+
+    @torch.no_grad()
+    def restore_buffers(self, saved) -> None:
+        for buf, old in zip(self.model.buffers(), saved):
+            buf.copy_(old)
+
+    def clip_and_step(self) -> float:
+        """Unscale, clip, step unless the gradient is non-finite; returns the gradient norm.
+
+        After a DDP backward every rank holds the same averaged gradient, so all ranks take the
+        same decision here and stay in lockstep.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler.unscale_(self.optimizer)
+        clip = self.train_cfg.grad_clip if self.train_cfg.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if math.isfinite(grad_norm):
+            self.scaler.step(self.optimizer)
+            self.step_count += 1
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
+        return grad_norm
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]['lr'])
+
+    def set_lr(self, lr: float) -> None:
+        if not lr > 0:
+            raise ValueError(f'learning rate must be > 0, got {lr}')
+        for group in self.optimizer.param_groups:
+            group['lr'] = float(lr)
+
+    # --- inference -----------------------------------------------------------------------
+    @torch.no_grad()
+    def infer(self, batch: dict) -> dict:
+        """Eval-mode forward of a device batch: normalised mean/logvar and gates."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                out = self.model(batch)
+            return {k: v.float() for k, v in out.items()}
+        finally:
+            self.model.train(was_training)
+
+    def predict(self, batch: dict):
+        """(mean (B, 6), logvar (B, 6)) in metres / radians, computed in eval mode."""
+        out = self.infer(self.to_device(batch))
+        return self.model.denormalize(out['mean'], out['logvar'])
+
+    @torch.no_grad()
+    def evaluate(self, batches, reduce=None) -> dict:
+        """Loss and errors over an iterable of batches (empty batches count as skipped).
+
+        reduce: optional function summing a 1-D tensor across processes (DDP sharded eval).
+        Also reports the mean-motion baseline (always predicting the training-set mean step).
+        """
+        sums = torch.zeros(7, dtype=torch.float64)
+        for batch in batches:
+            sums[6] += batch_skipped(batch)
+            if is_empty(batch):
+                continue
+            batch, dropped = self.drop_nonfinite(self.to_device(batch))
+            sums[6] += dropped
+            if batch is None or not batch['target_valid'].any():
+                continue
+            out = self.infer(batch)
+            valid = batch['target_valid'].bool()
+            target = batch['target'].float()
+            per = per_sample_loss(out['mean'], out['logvar'], self.model.normalize_target(target),
+                                  self.train_cfg.loss, self.train_cfg.rotation_weight,
+                                  self.train_cfg.calibrate_logvar)[valid]
+            mean = self.model.denormalize(out['mean'], out['logvar'])[0][valid]
+            base = self.model.target_mean.expand_as(target)[valid]
+            t = target[valid]
+            sums[0] += per.double().sum().cpu()
+            sums[1] += translation_error(mean[:, :3], t[:, :3]).sum().cpu()
+            sums[2] += rotation_angle_error(mean[:, 3:], t[:, 3:]).sum().cpu()
+            sums[3] += translation_error(base[:, :3], t[:, :3]).sum().cpu()
+            sums[4] += rotation_angle_error(base[:, 3:], t[:, 3:]).sum().cpu()
+            sums[5] += int(valid.sum())
+        if reduce is not None:
+            sums = reduce(sums)
+        n = float(sums[5])
+        avg = (lambda v: float(v) / n) if n > 0 else (lambda v: math.nan)
+        return {'loss': avg(sums[0]),
+                'trans_err': avg(sums[1]),
+                'rot_err_deg': math.degrees(avg(sums[2])),
+                'mean_motion_trans_err': avg(sums[3]),
+                'mean_motion_rot_err_deg': math.degrees(avg(sums[4])),
+                'samples': int(sums[5]), 'skipped': int(sums[6])}
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def state_dict(self, metrics=None, sample_cfg=None, include_optimizer=True) -> dict:
+        """The DESIGN §7 checkpoint payload (plain values and tensors only)."""
+        config = {'model': self.model_cfg.to_dict(), 'train': self.train_cfg.to_dict()}
+        if sample_cfg is not None:
+            config['sample'] = sample_cfg.to_dict()
+        return {'format_version': FORMAT_VERSION,
+                'model': {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                'optimizer': self.optimizer.state_dict() if include_optimizer else None,
+                'optimizer_params': list(self.param_names),
+                'config': config,
+                'step': int(self.step_count),
+                'epoch': int(self.epoch),
+                'metrics': dict(metrics or {}),
+                'frozen': sorted(self.model.frozen),
+                'normalization': self.model.normalization(),
+                'counters': dict(self.counters)}
+
+    def load_state_dict(self, payload: dict, source='checkpoint', load_optimizer=False) -> None:
+        """Load a checkpoint payload (see checkpoint.load_checkpoint) into this core.
+
+        The checkpoint's model config must equal this core's; otherwise ValueError naming the
+        differing keys. With load_optimizer the optimiser state, step and epoch are restored.
+        """
+        check_model_config(payload['config']['model'], self.model_cfg, source)
+        try:
+            self.model.load_state_dict(payload['model'], strict=True)
+        except RuntimeError as e:
+            raise ValueError(f'{source}: model weights do not fit the network: {e}') from e
+        if load_optimizer:
+            self.load_optimizer(payload, source)
+
+    def load_optimizer(self, payload: dict, source) -> None:
+        if payload.get('optimizer') is None:
+            raise ValueError(f'{source}: checkpoint has no optimizer state to resume from')
+        saved = payload.get('optimizer_params')
+        if saved is not None and list(saved) != self.param_names:
+            extra = sorted(set(saved) ^ set(self.param_names))[:8]
+            raise ValueError(f'{source}: optimizer state covers other parameters (frozen in the '
+                             f'checkpoint: {payload.get("frozen")}, now: '
+                             f'{sorted(self.model.frozen)}; differing: {extra})')
+        try:
+            self.optimizer.load_state_dict(payload['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f'{source}: optimizer state does not fit: {e}') from e
+        # The requested learning rate / weight decay win over the saved ones.
+        for group in self.optimizer.param_groups:
+            group['lr'] = self.train_cfg.learning_rate
+            group['weight_decay'] = self.train_cfg.weight_decay
+        self.step_count = int(payload['step'])
+        self.epoch = int(payload['epoch'])
+        self.counters.update({k: int(v) for k, v in payload.get('counters', {}).items()
+                              if k in self.counters})
+
+
+def check_model_config(saved: dict, current: ModelConfig, source) -> None:
+    """ValueError naming every key where a checkpoint's model config differs from `current`."""
+    try:
+        saved_cfg = ModelConfig.from_dict(saved)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f'{source}: model config not understood: {e}') from e
+    a, b = saved_cfg.to_dict(), current.to_dict()
+    diff = [f'{k} (checkpoint {a[k]!r}, requested {b[k]!r})' for k in a if a[k] != b[k]]
+    if diff:
+        raise ValueError(f'{source}: checkpoint model config differs in: ' + '; '.join(diff))
