@@ -13,6 +13,7 @@ from pathlib import Path
 import sys
 import time
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
@@ -69,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help='inputs used, a subset of camera,lidar,imu; the rest are masked off')
     data.add_argument('--max_points', type=int, default=16384,
                       help='points per scan after subsampling/padding (0 = all; batch size 1)')
+    data.add_argument('--imu_window_s', type=float, default=0.0,
+                      help='IMU history per sample [s] ending at the current scan (0 = the '
+                           'interval between scans); stored in the checkpoint')
+    data.add_argument('--max_samples_per_sequence', type=int, default=0,
+                      help='keep at most N evenly spaced samples of each sequence, training and '
+                           'validation (0 = all); for quick runs')
     data.add_argument('--num_workers', type=int, default=0,
                       help='DataLoader worker processes per training process')
 
@@ -193,15 +200,34 @@ def sample_config(args, model_cfg: ModelConfig) -> SampleConfig:
                          '--batch_size 1')
     return SampleConfig(image_height=model_cfg.image_height, image_width=model_cfg.image_width,
                         max_points=args.max_points, imu_steps=model_cfg.imu_steps,
+                        imu_window_s=args.imu_window_s,
                         modalities=parse_modalities(args.modalities), seed=args.seed)
 
 
 # --- data ------------------------------------------------------------------------------------
 def make_dataset(args, sequences, cfg: SampleConfig) -> KITTIOdomPointDataset:
-    return KITTIOdomPointDataset(args.data_path, parse_sequences(sequences),
-                                 pointcloud_path=args.pointcloud_path, sample_cfg=cfg,
-                                 on_bad_frame='skip', imu_path=args.imu_path,
-                                 raw_root=args.kitti_raw_root)
+    dataset = KITTIOdomPointDataset(args.data_path, parse_sequences(sequences),
+                                    pointcloud_path=args.pointcloud_path, sample_cfg=cfg,
+                                    on_bad_frame='skip', imu_path=args.imu_path,
+                                    raw_root=args.kitti_raw_root)
+    if args.max_samples_per_sequence > 0:
+        limit_samples(dataset, args.max_samples_per_sequence)
+    return dataset
+
+
+def limit_samples(dataset: KITTIOdomPointDataset, n: int) -> None:
+    """Keep at most n evenly spaced samples per sequence (spread over the whole drive, so a
+    short run still sees its turns and speeds). Normalisation still uses whole sequences."""
+    by_seq = {}
+    for entry in dataset.index:
+        by_seq.setdefault(entry[0], []).append(entry)
+    kept = []
+    for entries in by_seq.values():
+        if len(entries) > n:
+            picks = np.linspace(0, len(entries) - 1, n).round().astype(int)
+            entries = [entries[i] for i in np.unique(picks)]
+        kept.extend(entries)
+    dataset.index = kept
 
 
 def collate(samples):
@@ -387,7 +413,7 @@ def fill_defaults(args) -> None:
     if args.log_csv is None:
         args.log_csv = Path('logs') / f'{args.output_checkpoint.stem}.csv'
     for name in ('num_epochs', 'batch_size', 'save_every_epoch', 'num_workers', 'threads',
-                 'max_points'):
+                 'max_points', 'max_samples_per_sequence', 'imu_window_s'):
         if getattr(args, name) < 0:
             raise ValueError(f'--{name} must be >= 0, got {getattr(args, name)}')
     if args.batch_size == 0:

@@ -1,0 +1,124 @@
+"""The main job on the embedded default (`./dev.sh demo`): the whole pipeline, end to end.
+
+1. synth_kitti: synthetic sequences in the KITTI layout (training 00-02, validation 03, and 04,
+   a street unlike the others, for online fine-tuning);
+2. check_kitti on all of them;
+3. train_multimodal: the initial model, then the training plan's fine-tuning command;
+4. kitti_to_bag: sequence 04 -> a ROS 2 bag (mcap);
+5. mm_fusion_run finetune: bag replay -> online_finetune (synchronizer, replay buffer, trainer)
+   from the fine-tuned checkpoint -> predicted poses on /mm_fusion/odom -> a checkpoint saved by
+   the ~/save_checkpoint service call;
+6. evaluate_odometry: the online trajectory vs ground truth and the baselines.
+Every step is a real subprocess running the same command a user would type; the demo stops at
+the first failure. Outputs go under --workdir (default: the current folder: data/, bags/,
+pretrain_models/, logs/, runs/, results/).
+"""
+import argparse
+import os
+from pathlib import Path
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+TRAIN, VAL, ONLINE = '00,01,02', '03', '04'
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog='demo', description=__doc__.splitlines()[0])
+    p.add_argument('--workdir', type=Path, default=Path('.'), help='where outputs go')
+    p.add_argument('--frames', type=int, default=100,
+                   help='frames per training/validation sequence')
+    p.add_argument('--online_frames', type=int, default=200,
+                   help='frames of the sequence replayed for online fine-tuning')
+    p.add_argument('--image_width', type=int, default=620, help='synthetic image width [px]')
+    p.add_argument('--image_height', type=int, default=188, help='synthetic image height [px]')
+    p.add_argument('--azimuth_steps', type=int, default=1000, help='LiDAR rays per revolution')
+    p.add_argument('--epochs', type=int, default=4, help='epochs of the initial training')
+    p.add_argument('--rate', type=float, default=1.0, help='bag replay rate for online tuning')
+    p.add_argument('--fresh', action='store_true', help='delete previous demo outputs first')
+    return p
+
+
+def run(step, cmd, cwd, env):
+    print(f'\n=== {step}\n$ {" ".join(str(c) for c in cmd)}', flush=True)
+    t0 = time.monotonic()
+    code = subprocess.call([str(c) for c in cmd], cwd=cwd, env=env)
+    if code != 0:
+        raise SystemExit(f'demo: step "{step}" failed with exit code {code}')
+    print(f'--- {step}: done in {time.monotonic() - t0:.1f} s', flush=True)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        for name in ('data', 'bags/demo_04', 'pretrain_models', 'logs', 'runs/demo', 'results'):
+            shutil.rmtree(work / name, ignore_errors=True)
+    env = dict(os.environ)
+    env.setdefault('ROS_DOMAIN_ID', str(random.SystemRandom().randint(1, 101)))
+    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_LOCALHOST_ONLY='1')
+    py = sys.executable
+    data = work / 'data'
+    t_start = time.monotonic()
+
+    all_seqs = f'{TRAIN},{VAL},{ONLINE}'
+    # The online sequence is longer, so it has KITTI's 100 m segments for t_rel / r_rel.
+    for seqs, frames in ((f'{TRAIN},{VAL}', args.frames), (ONLINE, args.online_frames)):
+        missing = [s for s in seqs.split(',') if not (data / 'sequences' / s).is_dir()]
+        if missing:
+            run(f'1. synthetic KITTI sequences {",".join(missing)}', [
+                py, '-m', 'mm_fusion_ros.cli.synth_kitti', '--out', data, '--sequences',
+                ','.join(missing), '--frames', frames, '--image_width', args.image_width,
+                '--image_height', args.image_height, '--azimuth_steps', args.azimuth_steps],
+                work, env)
+    run('2. integrity check', [py, '-m', 'mm_fusion_ros.cli.check_kitti', '--data_path', data,
+                               '--sequences', all_seqs], work, env)
+    common = ['--data_path', 'data', '--pointcloud_path', 'data/pointclouds',
+              '--visual_encoder', 'dummy', '--max_points', '8192']
+    run('3a. initial model (offline)', [
+        py, _repo() / 'train_multimodal.py', *common, '--train_sequences', TRAIN,
+        '--val_sequences', VAL,
+        '--num_epochs', args.epochs, '--batch_size', 4, '--learning_rate', '1e-3',
+        '--output_checkpoint', 'pretrain_models/multimodal_initial.pth',
+        '--log_csv', 'logs/initial.csv', '--tensorboard_dir', 'logs/tb_initial'], work, env)
+    run('3b. fine-tuning (the command of the training plan)', [
+        py, _repo() / 'train_multimodal.py', '--data_path', 'data',
+        '--pointcloud_path', 'data/pointclouds',
+        '--train_sequences', TRAIN, '--finetune_checkpoint',
+        'pretrain_models/multimodal_initial.pth', '--freeze_visual', '--learning_rate', '5e-5',
+        '--num_epochs', 1, '--output_checkpoint', 'pretrain_models/multimodal_finetuned.pth',
+        '--log_csv', 'logs/finetune.csv', '--save_every_epoch', 1, '--max_points', '8192'],
+        work, env)
+    bag = work / 'bags' / 'demo_04'
+    run('4. KITTI -> ROS 2 bag', [
+        py, '-m', 'mm_fusion_ros.cli.kitti_to_bag', '--data_path', data, '--sequence', ONLINE,
+        '--output', bag, '--overwrite'], work, env)
+    out = work / 'runs' / 'demo'
+    run('5. online fine-tuning on the replayed bag', [
+        py, '-m', 'mm_fusion_ros.ros.runner', 'finetune', '--bag', bag, '--rate', args.rate,
+        '--checkpoint', work / 'pretrain_models' / 'multimodal_finetuned.pth',
+        '--out_dir', out, '--set', 'sample.max_points:=8192'], work, env)
+    results = work / 'results' / 'online'
+    results.mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / 'trajectory' / 'pred_base_link.txt', results / f'{ONLINE}.txt')
+    run('6. evaluation: online poses vs ground truth and baselines', [
+        py, '-m', 'mm_fusion_ros.cli.evaluate_odometry', '--data_path', data, '--sequences',
+        ONLINE, '--pred_dir', results, '--pred_frame', 'base_link', '--train_sequences', TRAIN,
+        '--baseline', 'mean_motion', '--baseline', 'cv_oracle', '--baseline', 'imu',
+        '--json', work / 'results' / 'online_eval.json', '--plot',
+        work / 'results' / 'online_eval.png'], work, env)
+    print(f'\ndemo finished in {time.monotonic() - t_start:.0f} s; outputs: {data}, {bag}, '
+          f'{work / "pretrain_models"}, {out}, {work / "results"}')
+    return 0
+
+
+def _repo() -> Path:
+    """train_multimodal.py sits at the repository root (the plan runs it from there)."""
+    return Path(__file__).resolve().parents[2]
+
+
+if __name__ == '__main__':
+    sys.exit(main())
