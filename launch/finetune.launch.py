@@ -6,7 +6,10 @@
 The bag is played by `ros2 bag play` where the ROS 2 CLI has rosbag2, else by this package's
 bag_player. Without `bag:=` only the online node starts (e.g. for a live robot or an external
 player). Without the launch package (pip-only installs), `mm_fusion_run finetune` starts the same
-processes from the same config.
+processes from the same config. The player and the online node get config/fastdds_replay.xml as
+FASTDDS_DEFAULT_PROFILES_FILE unless it is set (see that file). The online node keeps its own node
+names (mm_fusion_trainer, mm_fusion_synchronizer): a launch `name=` would rename every node of
+the process to one name.
 """
 import importlib.util
 import os
@@ -24,6 +27,15 @@ SENSOR_TOPICS = ['/kitti/camera/image_raw', '/kitti/velodyne/points', '/kitti/im
                  '/kitti/ground_truth/odom', '/tf_static', '/kitti/camera/camera_info']
 
 
+def dds_env():
+    """Replay Fast DDS profile for the processes started here, unless the user set one."""
+    if os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE'):
+        return {}
+    profile = os.path.join(get_package_share_directory('mm_fusion_ros'), 'config',
+                           'fastdds_replay.xml')
+    return {'FASTDDS_DEFAULT_PROFILES_FILE': profile} if os.path.isfile(profile) else {}
+
+
 def _has_ros2_bag():
     return shutil.which('ros2') is not None and importlib.util.find_spec('ros2bag') is not None
 
@@ -38,12 +50,13 @@ def _player(context):
         cmd = ['ros2', 'bag', 'play', bag, '--rate', rate]
         if clock:
             cmd.append('--clock')
-        return [ExecuteProcess(cmd=cmd, output='screen', name='ros2_bag_play')]
+        return [ExecuteProcess(cmd=cmd, output='screen', name='ros2_bag_play',
+                               additional_env=dds_env())]
     args = [bag, '--rate', rate, '--wait_for_subscribers', '--topics', *SENSOR_TOPICS[:4]]
     if clock:
         args.append('--clock')
     return [Node(package='mm_fusion_ros', executable='bag_player', name='bag_player',
-                 arguments=args, output='screen')]
+                 arguments=args, output='screen', additional_env=dds_env())]
 
 
 def _online(context):
@@ -54,8 +67,9 @@ def _online(context):
     checkpoint = LaunchConfiguration('checkpoint').perform(context)
     if checkpoint:
         overrides['initial_checkpoint'] = checkpoint
-    return [Node(package='mm_fusion_ros', executable='online_finetune', name='mm_fusion_online',
-                 parameters=[config, overrides], output='screen', emulate_tty=True)]
+    return [Node(package='mm_fusion_ros', executable='online_finetune',
+                 parameters=[config, overrides], output='screen', emulate_tty=True,
+                 additional_env=dds_env())]
 
 
 def generate_launch_description():

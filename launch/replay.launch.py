@@ -1,15 +1,28 @@
 """Replay a KITTI bag: `ros2 bag play` where rosbag2 is installed, else this package's bag_player.
 
   ros2 launch mm_fusion_ros replay.launch.py bag:=bags/kitti_00 rate:=1.0 loop:=false
+
+The player gets config/fastdds_replay.xml as FASTDDS_DEFAULT_PROFILES_FILE unless it is set.
 """
 import importlib.util
+import os
 import shutil
 
+from ament_index_python.packages import get_package_share_directory
 from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from launch import LaunchDescription
+
+
+def dds_env():
+    """Replay Fast DDS profile for the player, unless the user set one."""
+    if os.environ.get('FASTDDS_DEFAULT_PROFILES_FILE'):
+        return {}
+    profile = os.path.join(get_package_share_directory('mm_fusion_ros'), 'config',
+                           'fastdds_replay.xml')
+    return {'FASTDDS_DEFAULT_PROFILES_FILE': profile} if os.path.isfile(profile) else {}
 
 
 def _player(context):
@@ -20,9 +33,10 @@ def _player(context):
     extra = (['--loop'] if loop else []) + (['--clock'] if clock else [])
     if shutil.which('ros2') and importlib.util.find_spec('ros2bag') is not None:
         return [ExecuteProcess(cmd=['ros2', 'bag', 'play', bag, '--rate', rate, *extra],
-                               output='screen', name='ros2_bag_play')]
+                               output='screen', name='ros2_bag_play', additional_env=dds_env())]
     return [Node(package='mm_fusion_ros', executable='bag_player', name='bag_player',
-                 arguments=[bag, '--rate', rate, *extra], output='screen')]
+                 arguments=[bag, '--rate', rate, *extra], output='screen',
+                 additional_env=dds_env())]
 
 
 def generate_launch_description():

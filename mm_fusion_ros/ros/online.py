@@ -1,77 +1,112 @@
 """online_finetune: synchronizer + trainer in one process, sharing the replay buffer in memory.
 
-The default of finetune.launch.py. Both nodes spin in one MultiThreadedExecutor: sensor callbacks,
-the IMU, services and timers in separate callback groups, gradient steps in the trainer's own
-thread. The two-process form (synchronizer and trainer in separate processes) is not supported:
-samples are ~0.5-1 MB each and would have to cross DDS a second time; run `synchronizer` alone
-only to collect a buffer file (buffer_path) for later training.
+The default of finetune.launch.py. Threads: each node spins in a single-threaded executor of its
+own (the synchronizer's sensor callbacks only convert and enqueue, so one thread keeps up with a
+5x replay, and a checkpoint written by a trainer service never holds the sensors back); the
+synchronizer's dispatch thread predicts and publishes each sample; the trainer's thread runs the
+gradient steps. Measured on 2 cores, rclpy's MultiThreadedExecutor took fewer IMU messages per
+second than a SingleThreadedExecutor.
+
+The two-process form (synchronizer and trainer in separate processes) is not supported: samples
+are ~0.5-1 MB each and would have to cross DDS a second time; run `synchronizer` alone only to
+collect a buffer file (buffer_path) for later training.
 
 SIGINT (Ctrl-C, `ros2 launch` shutdown) ends it cleanly: training stops, then the final
 checkpoint (save_on_shutdown), the buffer (buffer_path) and the trajectories (trajectory_dir)
 are written atomically.
 """
 import logging
+import threading
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.ros.params import declare_config
 from mm_fusion_ros.ros.synchronizer_node import SynchronizerNode
 from mm_fusion_ros.ros.trainer_node import TrainerNode
 from mm_fusion_ros.sync.config import BufferConfig
-from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
-from mm_fusion_ros.training.online import sample_config_for
+from mm_fusion_ros.training.online import open_buffer, sample_config_for
 
 log = logging.getLogger(__name__)
 
 
-def spin_nodes(make_nodes, args=None, num_threads=4) -> int:
+def spin_nodes(make_nodes, args=None) -> int:
     """STYLE §5: init, spin in try, catch KeyboardInterrupt/ExternalShutdownException, then
-    shut the nodes down (their `shutdown()` writes files) and rclpy last."""
+    shut the nodes down in reverse creation order (their `shutdown()` writes files) and
+    rclpy last. Each node spins in its own thread; the cores log through `logging`, routed to
+    stderr here. Returns 1 when the nodes cannot be built (bad parameter, missing checkpoint)
+    or a callback raised, else 0."""
+    logging.basicConfig(level=logging.INFO, format='[%(levelname)s] [%(name)s]: %(message)s')
     rclpy.init(args=args)
-    nodes = []
+    nodes, spinners = [], []
     try:
         nodes = make_nodes()
-        executor = MultiThreadedExecutor(num_threads=num_threads)
-        for node in nodes:
-            executor.add_node(node)
-        executor.spin()
+        spinners = [_Spinner(node) for node in nodes]
+        while all(s.thread.is_alive() for s in spinners):   # until SIGINT ends every spin
+            spinners[0].thread.join(timeout=0.5)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except (ValueError, FileNotFoundError) as e:
+        if nodes:
+            raise
+        log.error('cannot start: %s', e)
+        return 1
     finally:
+        for spinner in spinners:
+            spinner.stop()
         for node in reversed(nodes):
             if hasattr(node, 'shutdown'):
                 node.shutdown()
             node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    failed = [s.name for s in spinners if not s.clean_exit]
+    if failed:
+        log.error('callbacks of %s raised; see the traceback above', ', '.join(failed))
+    return 1 if failed else 0
+
+
+class _Spinner:
+    """One node in a SingleThreadedExecutor spun by a thread of its own."""
+
+    def __init__(self, node):
+        self.name = node.get_name()
+        self.clean_exit = False   # stays False when a callback raised out of spin()
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(node)
+        self.thread = threading.Thread(target=self._spin, name=f'spin_{self.name}', daemon=True)
+        self.thread.start()
+
+    def _spin(self):
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+        self.clean_exit = True
+
+    def stop(self):
+        self.executor.shutdown(timeout_sec=5.0)
+        self.thread.join(timeout=10.0)
 
 
 def build_online_nodes():
-    """Trainer first (its checkpoint fixes the sample shape), then the synchronizer feeding it."""
+    """Trainer first (its checkpoint fixes the sample shape), then the synchronizer feeding it.
+
+    Returned in creation order, so spin_nodes shuts the synchronizer down first: its last
+    samples reach the trainer before the trainer writes its final files."""
     holder = rclpy.create_node('mm_fusion_online_config')
     try:
         buffer_cfg = declare_config(holder, BufferConfig, prefix='buffer.')
         base_sample = declare_config(holder, SampleConfig, prefix='sample.')
-        buffer_path = holder.declare_parameter('buffer_path', '').value
     finally:
         holder.destroy_node()
     trainer = TrainerNode(buffer=None)
     sample_cfg = sample_config_for(trainer.model_cfg, base_sample)
-    if buffer_path and _exists(buffer_path):
-        buffer = ReplayBuffer.load(buffer_path, buffer_cfg, sample_cfg=sample_cfg)
-        trainer.get_logger().info(f'resumed {len(buffer)} samples from {buffer_path}')
-    else:
-        buffer = ReplayBuffer(buffer_cfg)
-    trainer.trainer.buffer = buffer
+    buffer = open_buffer(trainer.online_cfg.buffer_path, buffer_cfg, sample_cfg)  # logs a resume
+    trainer.trainer.set_buffer(buffer)
+    trainer.trainer.sample_cfg = sample_cfg
     sync = SynchronizerNode(sample_cfg=sample_cfg, buffer=buffer, on_sample=trainer.on_sample)
-    return [sync, trainer]
-
-
-def _exists(path):
-    from pathlib import Path
-    return Path(path).is_file()
+    return [trainer, sync]
 
 
 def main(args=None) -> int:

@@ -11,10 +11,13 @@ same config file and starts the same processes as launch/*.launch.py:
   mm_fusion_run replay --bag bags/kitti_00 [--rate R] [--loop]
       bag_player only (= replay.launch.py).
 
-Child processes inherit this environment (ROS_DOMAIN_ID and the localhost DDS settings).
+Child processes inherit this environment (ROS_DOMAIN_ID and the localhost DDS settings), plus
+FASTDDS_DEFAULT_PROFILES_FILE=config/fastdds_replay.xml unless it is set (see that file: without
+it, Fast DDS can stall a replayed topic for seconds).
 """
 import argparse
 import json
+import os
 from pathlib import Path
 import signal
 import subprocess
@@ -25,7 +28,26 @@ import time
 SENSOR_TOPICS = ('/kitti/camera/image_raw', '/kitti/velodyne/points', '/kitti/imu/data',
                  '/kitti/ground_truth/odom')
 TRAINER_NODE = '/mm_fusion_trainer'
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / 'config' / 'finetune.yaml'
+
+
+def _config_dir() -> Path:
+    """config/ of a source checkout (editable install), else the installed share folder."""
+    source = Path(__file__).resolve().parents[2] / 'config'
+    return source if source.is_dir() else Path(sys.prefix) / 'share' / 'mm_fusion_ros' / 'config'
+
+
+CONFIG_DIR = _config_dir()
+DEFAULT_CONFIG = CONFIG_DIR / 'finetune.yaml'
+DDS_PROFILE = CONFIG_DIR / 'fastdds_replay.xml'
+
+
+def replay_env(base=None) -> dict:
+    """The environment for the player and the online node: `base` (default os.environ) with
+    the replay Fast DDS profile, unless the user chose a profile already."""
+    env = dict(os.environ if base is None else base)
+    if not env.get('FASTDDS_DEFAULT_PROFILES_FILE') and DDS_PROFILE.is_file():
+        env['FASTDDS_DEFAULT_PROFILES_FILE'] = str(DDS_PROFILE)
+    return env
 
 
 def player_command(bag, rate, loop=False, topics=SENSOR_TOPICS, wait=True):
@@ -69,7 +91,8 @@ class OdomWatcher:
         self.node = rclpy.create_node('mm_fusion_run')
         self.count = 0
         self.last_wall = time.monotonic()
-        self.node.create_subscription(Odometry, '/mm_fusion/odom', self._on_odom, 100)
+        self.odom_sub = self.node.create_subscription(Odometry, '/mm_fusion/odom', self._on_odom,
+                                                      100)
         self.save = self.node.create_client(Trigger, f'{TRAINER_NODE}/save_checkpoint')
         self.set_training = self.node.create_client(SetBool, f'{TRAINER_NODE}/set_training')
         self.Trigger, self.SetBool = Trigger, SetBool
@@ -84,6 +107,19 @@ class OdomWatcher:
     def _on_odom(self, _msg):
         self.count += 1
         self.last_wall = time.monotonic()
+
+    def wait_for_node(self, process, log_path, timeout_s):
+        """Until the node's /mm_fusion/odom publisher matched ours, so no pose goes uncounted;
+        RuntimeError if the node exits first or the deadline passes."""
+        end = time.monotonic() + timeout_s
+        while self.odom_sub.get_publisher_count() == 0:
+            if process.poll() is not None:
+                raise RuntimeError(f'online node exited with code {process.returncode} before '
+                                   f'publishing /mm_fusion/odom; see {log_path}')
+            if time.monotonic() > end:
+                raise RuntimeError(f'online node did not advertise /mm_fusion/odom within '
+                                   f'{timeout_s:.0f} s; see {log_path}')
+            time.sleep(0.1)
 
     def wait_idle(self, idle_s, deadline_s):
         """Until no pose arrived for idle_s (the node flushed its last scans), or the deadline."""
@@ -115,12 +151,14 @@ def run_finetune(args) -> int:
     config = args.config if args.config else None
     node_cmd = online_command(config, out_dir, args.checkpoint, args.set)
     node_log = open(out_dir / 'online_node.log', 'w')
-    node = subprocess.Popen(node_cmd, stdout=node_log, stderr=subprocess.STDOUT)
+    env = replay_env()
+    node = subprocess.Popen(node_cmd, stdout=node_log, stderr=subprocess.STDOUT, env=env)
     watcher = OdomWatcher()
     summary = {'bag': str(args.bag), 'out_dir': str(out_dir)}
     try:
+        watcher.wait_for_node(node, out_dir / 'online_node.log', args.start_timeout)
         player = subprocess.run(player_command(args.bag, args.rate), capture_output=True,
-                                text=True, timeout=args.timeout)
+                                text=True, timeout=args.timeout, env=env)
         summary['player'] = player.stdout.strip().splitlines()[:1]
         if player.returncode != 0:
             print(player.stdout + player.stderr, file=sys.stderr)
@@ -154,7 +192,7 @@ def run_finetune(args) -> int:
 
 def run_replay(args) -> int:
     return subprocess.call(player_command(args.bag, args.rate, loop=args.loop, topics=None,
-                                          wait=False))
+                                          wait=False), env=replay_env())
 
 
 def build_parser():
@@ -171,6 +209,8 @@ def build_parser():
     ft.add_argument('--idle_s', type=float, default=2.5,
                     help='the run is over when no pose arrived for this long after the bag')
     ft.add_argument('--timeout', type=float, default=3600.0, help='max replay time [s]')
+    ft.add_argument('--start_timeout', type=float, default=120.0,
+                    help='max time for the online node to start (load model, checkpoint) [s]')
     rp = sub.add_parser('replay', help='play a bag (bag_player)')
     rp.add_argument('--bag', type=Path, required=True, help='rosbag2 folder to replay')
     rp.add_argument('--rate', type=float, default=1.0, help='replay rate (x real time)')

@@ -1,8 +1,11 @@
 """Synchronizer node: DESIGN §4 sensor topics -> aligned DESIGN §5 samples -> replay buffer.
 
-A thin shell over mm_fusion_ros.sync: callbacks convert messages at the edge (conversions.py) and
-hand numpy arrays to the Synchronizer; ready samples go to the ReplayBuffer and to `on_sample`
-(the trainer's prediction, when both run in one process). Publishes /diagnostics at 1 Hz.
+A thin shell over mm_fusion_ros.sync: callbacks convert messages at the edge (conversions.py),
+hand numpy arrays to the Synchronizer and return. A dispatch thread of its own takes the ready
+samples to the ReplayBuffer or to `on_sample` (the trainer's prediction, when both run in one
+process), so no subscription callback ever waits for a prediction: a sensor stream delayed
+behind another would count as missing once the scans ran `*_timeout_s` of sensor time ahead.
+Publishes /diagnostics at 1 Hz (received, dropped and masked counts).
 
 Run alone (`synchronizer` executable) it fills the buffer and saves it at shutdown
 (`buffer_path`), e.g. to collect data from a robot for later training.
@@ -14,6 +17,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from nav_msgs.msg import Odometry
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
+from rclpy.qos import QoSProfile
 from sensor_msgs.msg import CompressedImage, Image, Imu, PointCloud2
 
 from mm_fusion_ros.bag import topics
@@ -26,6 +30,10 @@ from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
 from mm_fusion_ros.sync.synchronizer import Synchronizer
 
 QOS_PROFILES = {'replay': REPLAY_SENSOR_QOS, 'live': LIVE_SENSOR_QOS}
+# IMU and ground-truth messages are small and come at up to 10x the scan rate: on replay a deeper
+# queue rides out a moment when the callback thread is busy. Measured on 2 loaded cores with a
+# bare subscriber: depth 100 lost 99 of 391 IMU messages at 10x, depth 1000 none.
+SMALL_MSG_REPLAY_DEPTH = 1000
 
 
 class SynchronizerNode(Node):
@@ -53,16 +61,27 @@ class SynchronizerNode(Node):
         self.buffer = buffer
         self.on_sample = on_sample
         self.sync = Synchronizer(self.sample_cfg, self.sync_cfg)
-        self._dispatch_lock = threading.Lock()   # keeps samples in stamp order across threads
+        self._work = threading.Event()        # set by callbacks: samples may be ready
+        self._stop = threading.Event()
         self._last_sensor_wall = None
         self._flushed = True
         self.emitted = 0
+        self.dispatch_errors = 0
 
         qos = QOS_PROFILES[qos_name]
+        small_qos = qos
+        if qos_name == 'replay':
+            small_qos = QoSProfile(history=qos.history, reliability=qos.reliability,
+                                   durability=qos.durability,
+                                   depth=max(qos.depth, SMALL_MSG_REPLAY_DEPTH))
+        # Groups matter only under a multi-threaded executor (online.py spins this node in one
+        # thread; every callback here only converts and enqueues).
         camera_group = MutuallyExclusiveCallbackGroup()
         cloud_group = MutuallyExclusiveCallbackGroup()
-        # The 100 Hz IMU gets its own group, so it is never queued behind a 2 MB cloud.
+        # The 100 Hz IMU gets its own group, so it is never queued behind a 2 MB cloud, and
+        # ground truth one more, so it is never queued behind a burst of IMU messages.
         imu_group = MutuallyExclusiveCallbackGroup()
+        gt_group = MutuallyExclusiveCallbackGroup()
         if self.compressed:
             self.create_subscription(CompressedImage, self.image_topic, self._on_compressed,
                                      qos, callback_group=camera_group)
@@ -71,14 +90,17 @@ class SynchronizerNode(Node):
                                      callback_group=camera_group)
         self.create_subscription(PointCloud2, self.cloud_topic, self._on_cloud, qos,
                                  callback_group=cloud_group)
-        self.create_subscription(Imu, self.imu_topic, self._on_imu, qos,
+        self.create_subscription(Imu, self.imu_topic, self._on_imu, small_qos,
                                  callback_group=imu_group)
-        self.create_subscription(Odometry, self.gt_topic, self._on_gt, qos,
-                                 callback_group=imu_group)
+        self.create_subscription(Odometry, self.gt_topic, self._on_gt, small_qos,
+                                 callback_group=gt_group)
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._rates = {'image': 0, 'cloud': 0, 'imu': 0}
         self._rate_t0 = time.monotonic()
         self.create_timer(1.0, self._on_timer, callback_group=MutuallyExclusiveCallbackGroup())
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name='sample_dispatch',
+                                            daemon=True)
+        self._dispatcher.start()
         self.get_logger().info(
             f'synchronizing {self.image_topic}, {self.cloud_topic}, {self.imu_topic}, '
             f'{self.gt_topic} ({qos_name} QoS); buffer {len(self.buffer)} samples')
@@ -96,42 +118,57 @@ class SynchronizerNode(Node):
         self.sync.add_image(conversions.stamp_to_ns(msg.header.stamp),
                             conversions.image_to_array(msg))
         self._seen('image')
+        self._work.set()
 
     def _on_compressed(self, msg):
         self.sync.add_image(conversions.stamp_to_ns(msg.header.stamp),
                             conversions.compressed_image_to_array(msg))
         self._seen('image')
+        self._work.set()
 
     def _on_cloud(self, msg):
         self.sync.add_cloud(conversions.stamp_to_ns(msg.header.stamp),
                             conversions.cloud_to_array(msg))
         self._seen('cloud')
-        self._dispatch()
+        self._work.set()
 
     def _on_imu(self, msg):
         accel, gyro = conversions.imu_to_arrays(msg)
         self.sync.add_imu(conversions.stamp_to_ns(msg.header.stamp), accel, gyro)
         self._seen('imu')
-        self._dispatch()
+        self._work.set()
 
     def _on_gt(self, msg):
         self.sync.add_ground_truth(conversions.stamp_to_ns(msg.header.stamp),
                                    conversions.odometry_to_pose(msg))
-        self._dispatch()
+        self._work.set()
 
     def _seen(self, kind):
         self._rates[kind] += 1
         self._last_sensor_wall = time.monotonic()
         self._flushed = False
 
+    def _dispatch_loop(self):
+        while not self._stop.is_set():
+            if self._work.wait(timeout=0.1):
+                self._work.clear()
+                self._dispatch()
+
     def _dispatch(self):
-        with self._dispatch_lock:
-            for sample in self.sync.pop_ready():
-                self.emitted += 1
+        """Hand ready samples on, in stamp order (only the dispatch thread calls this while it
+        runs; shutdown calls it after the thread ended)."""
+        for sample in self.sync.pop_ready():
+            self.emitted += 1
+            try:
                 if self.on_sample is not None:
                     self.on_sample(sample)
                 else:
                     self.buffer.add(sample)
+            except (RuntimeError, ValueError) as e:
+                # One bad sample must not end the dispatch thread (and every later pose).
+                self.dispatch_errors += 1
+                self.get_logger().error(f'sample {sample["meta"].get("frame")} not handled: '
+                                        f'{e}', throttle_duration_sec=5.0)
 
     def _on_timer(self):
         # End of a bag (or a stalled robot): release scans still waiting for a timeout.
@@ -139,7 +176,7 @@ class SynchronizerNode(Node):
             time.monotonic() - self._last_sensor_wall > self.idle_flush_s
         if idle and not self._flushed:
             self.sync.flush()
-            self._dispatch()
+            self._work.set()
             self._flushed = True
         self._publish_diagnostics()
 
@@ -149,8 +186,11 @@ class SynchronizerNode(Node):
         stats = self.sync.stats
         buf = self.buffer.stats()
         values = {f'rate_{k}_hz': f'{v / span:.1f}' for k, v in self._rates.items()}
+        values.update({f'received_{k}': str(v) for k, v in stats['received'].items()})
         values.update({f'dropped_{k}': str(v) for k, v in stats['dropped'].items()})
-        values.update({'emitted': str(self.emitted), 'buffer_size': str(buf['size']),
+        values.update({f'masked_{k}': str(v) for k, v in stats['masked'].items()})
+        values.update({'emitted': str(self.emitted), 'dispatch_errors': str(self.dispatch_errors),
+                       'buffer_size': str(buf['size']),
                        'buffer_bytes': str(buf['bytes']), 'buffer_capacity': str(buf['capacity'])})
         self._rates = dict.fromkeys(self._rates, 0)
         self._rate_t0 = now
@@ -165,6 +205,13 @@ class SynchronizerNode(Node):
         self.diag_pub.publish(msg)
 
     def shutdown(self) -> None:
+        """Stop the dispatch thread, hand on the samples already complete, save the buffer."""
+        self._stop.set()
+        self._dispatcher.join(timeout=30.0)
+        if self._dispatcher.is_alive():
+            self.get_logger().error('sample dispatch thread did not stop within 30 s')
+        else:
+            self._dispatch()
         if self.buffer_path:
             self.buffer.save(self.buffer_path)
             self.get_logger().info(f'saved {len(self.buffer)} samples to {self.buffer_path}')

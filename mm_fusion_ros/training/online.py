@@ -17,10 +17,11 @@ import time
 import numpy as np
 import torch
 
-from mm_fusion_ros.config import ConfigBase, SampleConfig
+from mm_fusion_ros.config import ConfigBase, MODALITIES, SampleConfig
 from mm_fusion_ros.geometry import chain_relative, vec6_to_pose
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
+from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
 from mm_fusion_ros.training.checkpoint import load_checkpoint, save_checkpoint
 from mm_fusion_ros.training.config import TrainConfig
@@ -35,6 +36,9 @@ class OnlineConfig(ConfigBase):
 
     initial_checkpoint: str = field(default='', metadata={
         'help': 'checkpoint to fine-tune from; empty = a fresh model'})
+    resume_optimizer: bool = field(default=True, metadata={
+        'help': "restore initial_checkpoint's optimiser state (AdamW moments) when it covers "
+                'the same parameters; the learning rate is always train.learning_rate'})
     checkpoint_dir: str = field(default='checkpoints', metadata={
         'help': 'where save_checkpoint, autosave and the final checkpoint write'})
     updates_per_sample: float = field(default=1.0, metadata={
@@ -76,6 +80,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def open_buffer(path, buffer_cfg: BufferConfig, sample_cfg: SampleConfig) -> ReplayBuffer:
+    """The replay buffer saved at `path` when that file exists (its samples must have the
+    shapes of sample_cfg, else ValueError naming the file), else an empty one."""
+    if path and Path(path).is_file():
+        buffer = ReplayBuffer.load(path, buffer_cfg, sample_cfg=sample_cfg)
+        log.info('resumed %d samples from %s', len(buffer), path)
+        return buffer
+    return ReplayBuffer(buffer_cfg)
+
+
 def sample_config_for(model_cfg: ModelConfig, base: SampleConfig) -> SampleConfig:
     """The sample shape the model expects (image size and K come from the model)."""
     return base.replace(image_height=model_cfg.image_height, image_width=model_cfg.image_width,
@@ -96,7 +110,13 @@ class Prediction:
 
 
 class OnlineTrainer:
-    """Predict every new sample, train on the replay buffer, checkpoint on request."""
+    """Predict every new sample, train on the replay buffer, checkpoint on request.
+
+    Threads: `on_sample` (the synchronizer's dispatch thread), `train_pending` (the training
+    thread) and `save_checkpoint` / `set_training` (service callbacks) may run concurrently.
+    One gradient step at a time holds `_step_lock`; a checkpoint snapshots the weights and the
+    optimiser under it, so it never mixes two steps.
+    """
 
     def __init__(self, online_cfg: OnlineConfig, train_cfg: TrainConfig,
                  model_cfg: ModelConfig = None, buffer: ReplayBuffer = None):
@@ -111,31 +131,53 @@ class OnlineTrainer:
         model_cfg = model_cfg or ModelConfig()
         self.core = TrainerCore(model_cfg, train_cfg, device=device,
                                 normalization=payload.get('normalization') if payload else None)
+        self.optimizer_resumed = False
         if payload is not None:
-            self.core.load_state_dict(payload, source=online_cfg.initial_checkpoint)
-            self.core.step_count = int(payload.get('step', 0))
-            self.core.epoch = int(payload.get('epoch', 0))
-            log.info('fine-tuning from %s (step %d)', online_cfg.initial_checkpoint,
-                     self.core.step_count)
+            self._load_initial(payload, online_cfg.initial_checkpoint)
         self.initial_step = self.core.step_count
-        self.buffer = buffer if buffer is not None else ReplayBuffer()
+        self.sample_cfg = None    # the node sets it, so checkpoints record the sample shape
         self.rng = np.random.default_rng(train_cfg.seed)
         self._model_lock = threading.Lock()     # guards the inference copy
         self._state_lock = threading.Lock()     # guards counters and trajectories
+        self._step_lock = threading.Lock()      # one gradient step, or a checkpoint snapshot
         self._wakeup = threading.Condition()
         self.infer_model = copy.deepcopy(self.core.model).eval()
         self.training_enabled = online_cfg.training_enabled
         self.step_debt = 0.0
         self.samples_seen = 0
         self.steps_done = 0
+        self.steps_failed = 0
+        self.masked = {'camera': 0, 'lidar': 0, 'imu': 0, 'target': 0}
         self.last_stats = None
         self.predictions = []
         self._pose = np.eye(4)
         self._gt_pose = np.eye(4)
         self._last_autosave = time.monotonic()
+        self.buffer = None
+        self.resumed_samples = 0
+        self.set_buffer(buffer if buffer is not None else ReplayBuffer())
         self._csv = None
         self._tb = None
         self._open_logs()
+
+    def _load_initial(self, payload, source):
+        self.core.load_state_dict(payload, source=source)
+        self.core.step_count = int(payload.get('step', 0))
+        self.core.epoch = int(payload.get('epoch', 0))
+        if self.cfg.resume_optimizer and payload.get('optimizer') is not None:
+            try:
+                self.core.load_optimizer(payload, source)
+                self.optimizer_resumed = True
+            except ValueError as e:
+                log.warning('optimizer state of %s not restored (%s); starting AdamW afresh',
+                            source, e)
+        log.info('fine-tuning from %s (step %d, optimizer %s)', source, self.core.step_count,
+                 'restored' if self.optimizer_resumed else 'fresh')
+
+    def set_buffer(self, buffer: ReplayBuffer) -> None:
+        """Use `buffer` (e.g. one resumed from buffer_path); its samples count as resumed."""
+        self.buffer = buffer
+        self.resumed_samples = len(buffer)
 
     # --- samples -------------------------------------------------------------------------
     def on_sample(self, sample: dict) -> Prediction:
@@ -151,6 +193,7 @@ class OnlineTrainer:
         logvar = logvar[0].cpu().numpy().astype(np.float64)
         latency = time.perf_counter() - t0
         self.buffer.add(sample)
+        mask = np.asarray(sample['modality_mask'], dtype=bool).copy()
         with self._state_lock:
             self._pose = self._pose @ vec6_to_pose(mean)
             gt = None
@@ -159,11 +202,13 @@ class OnlineTrainer:
                 gt = self._gt_pose.copy()
             pred = Prediction(stamp_ns=int(sample['meta'].get('stamp_cur_ns', 0)),
                               frame=int(sample['meta']['frame']), mean=mean, logvar=logvar,
-                              pose=self._pose.copy(), gt_pose=gt,
-                              modality_mask=np.asarray(sample['modality_mask']).copy(),
+                              pose=self._pose.copy(), gt_pose=gt, modality_mask=mask,
                               dt=float(sample['dt']), latency_s=latency)
             self.predictions.append(pred)
             self.samples_seen += 1
+            for name, present in zip(MODALITIES, mask):
+                self.masked[name] += int(not present)
+            self.masked['target'] += int(gt is None)
             if self.training_enabled:
                 self.step_debt = min(self.step_debt + self.cfg.updates_per_sample,
                                      float(self.cfg.max_step_debt))
@@ -179,23 +224,44 @@ class OnlineTrainer:
             return int(math.floor(self.step_debt))
 
     def train_pending(self, max_steps: int = None) -> int:
-        """Run the owed gradient steps (at most max_steps); returns how many ran."""
+        """Run the owed gradient steps (at most max_steps); returns how many ran.
+
+        A step that raises is still paid off (and counted in steps_failed), so one bad batch
+        cannot make the trainer retry it forever.
+        """
         done = 0
-        while self.pending_steps() > 0 and (max_steps is None or done < max_steps):
-            batch = collate_samples(self.buffer.sample(self.core.train_cfg.batch_size, self.rng))
-            t0 = time.perf_counter()
-            stats = self.core.step(batch)
-            elapsed = time.perf_counter() - t0
+        while max_steps is None or done < max_steps:
+            with self._step_lock:
+                if not self._take_step():
+                    break
+                batch = collate_samples(self.buffer.sample(self.core.train_cfg.batch_size,
+                                                           self.rng))
+                t0 = time.perf_counter()
+                try:
+                    stats = self.core.step(batch)
+                except (RuntimeError, ValueError):
+                    with self._state_lock:
+                        self.steps_failed += 1
+                    raise
+                elapsed = time.perf_counter() - t0
+                if stats.applied:
+                    self._refresh_inference_model()
             with self._state_lock:
-                self.step_debt = max(self.step_debt - 1.0, 0.0)
                 self.steps_done += 1
                 self.last_stats = stats
-            if stats.applied:
-                self._refresh_inference_model()
             self._log_step(stats, elapsed, batch)
             done += 1
         self._maybe_autosave()
         return done
+
+    def _take_step(self) -> bool:
+        """Pay one owed step off if training may run now (called under _step_lock)."""
+        with self._state_lock:
+            if not self.training_enabled or len(self.buffer) < self.cfg.min_buffer or \
+                    self.step_debt < 1.0:
+                return False
+            self.step_debt -= 1.0
+            return True
 
     def wait_for_work(self, timeout: float) -> None:
         with self._wakeup:
@@ -207,14 +273,20 @@ class OnlineTrainer:
             self._wakeup.notify_all()
 
     def set_training(self, enabled: bool) -> None:
+        """Switch gradient steps on or off. Off returns once a step in progress has finished,
+        so no step completes after it returns."""
         with self._state_lock:
             self.training_enabled = bool(enabled)
             if not enabled:
                 self.step_debt = 0.0
+        if not enabled:
+            with self._step_lock:
+                pass
         self.wake()
 
     def set_learning_rate(self, lr: float) -> None:
-        self.core.set_lr(lr)
+        with self._step_lock:
+            self.core.set_lr(lr)
 
     def _refresh_inference_model(self):
         state = {k: v.detach().clone() for k, v in self.core.model.state_dict().items()}
@@ -226,20 +298,37 @@ class OnlineTrainer:
         return Path(self.cfg.checkpoint_dir) / name
 
     def save_checkpoint(self, path=None) -> Path:
-        """Atomically write the DESIGN §7 checkpoint; returns the path written."""
-        path = Path(path) if path else self.checkpoint_path(
-            f'online_step{self.core.step_count:07d}.pth')
-        metrics = self.metrics()
-        payload = self.core.state_dict(metrics=metrics)
+        """Atomically write the DESIGN §7 checkpoint; returns the path written.
+
+        The payload is snapshotted (tensors cloned) between two gradient steps and written
+        outside the lock, so training pauses only for the copy.
+        """
+        with self._step_lock:
+            step = self.core.step_count
+            payload = _clone_tensors(self.core.state_dict(metrics=self.metrics(),
+                                                          sample_cfg=self.sample_cfg))
+        path = Path(path) if path else self.checkpoint_path(f'online_step{step:07d}.pth')
         return save_checkpoint(path, payload)
 
     def metrics(self) -> dict:
+        """Counters of this run, stored in every checkpoint's `metrics`."""
         with self._state_lock:
             stats = self.last_stats
+            latencies = [p.latency_s for p in self.predictions[-1000:]]
             return {'online_samples': int(self.samples_seen),
                     'online_steps': int(self.steps_done),
-                    'last_loss': float(stats.loss) if stats else math.nan,
-                    'buffer_size': len(self.buffer)}
+                    'online_steps_failed': int(self.steps_failed),
+                    'initial_step': int(self.initial_step),
+                    'optimizer_resumed': bool(self.optimizer_resumed),
+                    'resumed_buffer_samples': int(self.resumed_samples),
+                    'buffer_size': len(self.buffer),
+                    'training_enabled': bool(self.training_enabled),
+                    'camera_masked_samples': int(self.masked['camera']),
+                    'lidar_masked_samples': int(self.masked['lidar']),
+                    'imu_masked_samples': int(self.masked['imu']),
+                    'samples_without_target': int(self.masked['target']),
+                    'predict_latency_p50_s': _percentile(latencies, 50),
+                    'last_loss': float(stats.loss) if stats else math.nan}
 
     def _maybe_autosave(self):
         interval = self.cfg.autosave_interval_s
@@ -316,3 +405,19 @@ class OnlineTrainer:
         if self._tb:
             self._tb.close()
             self._tb = None
+
+
+def _clone_tensors(value):
+    """A copy of a nested dict/list payload whose tensors no longer share memory with the
+    model or optimiser (on CPU, .cpu() returns the very tensor a later step changes)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone_tensors(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone_tensors(v) for v in value]
+    return value
+
+
+def _percentile(values, q) -> float:
+    return float(np.percentile(values, q)) if values else math.nan

@@ -1,0 +1,434 @@
+"""Online fine-tuning under replay: drops, training throughput, pose latency, memory and CPU.
+
+    python bench/online.py [--frames 150] [--rates 1 5 10] [--work_dir DIR] [--buffer 40]
+                           [--image_size W H] [--azimuth_steps N] [--num_threads T]
+                           [--set key:=value ...] [--no_dds_profile]
+
+A synthetic sequence (by default full size: 1241x376 images, 64-beam ~128k-point scans,
+100 Hz IMU; built once into --work_dir) is replayed into `online_finetune` (config/finetune.yaml
+and a fresh model with the Dummy visual encoder) at each rate with training on, and once at 5x
+with training off, the baseline of the same run. The player runs inside this process
+(bag.playback and the bag_player node), so the wall time at which each scan was published and
+the wall time at which its pose arrived on /mm_fusion/odom come from one clock: latency = odom
+arrival - publication of the scan whose stamp the odom carries. The node runs in a process of
+its own, as in use; its RSS and CPU time are read from /proc/<pid> every 0.25 s (the RSS series
+is written to WORK_DIR/run_<rate>x_<training>/rss.csv).
+
+Drops: messages published by the player vs received by the synchronizer (its /diagnostics),
+the synchronizer's own drop and mask counts, and samples expected (scans - 1) vs poses received.
+Trained samples/s: gradient steps between two ~/save_checkpoint calls (before the replay, after
+the last pose) times the batch size, over that time. Node CPU: utime + stime of the node process
+from the first scan published to the last pose, as cores and per pose.
+Targets on 2 CPU cores: zero drops at 5x, p95 latency < 100 ms, RSS flat once the buffer is
+full: the median RSS over the second half of the time after the fill within 2% of the median
+over the first half (use a long --frames at 1x to judge it; a short replay says little).
+"""
+import argparse
+from dataclasses import dataclass, field
+import json
+import os
+from pathlib import Path
+import random
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import rclpy  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+
+from mm_fusion_ros.bag import topics  # noqa: E402
+from mm_fusion_ros.bag.playback import BagSource  # noqa: E402
+from mm_fusion_ros.bag.writer import convert_sequence, ConvertOptions  # noqa: E402
+from mm_fusion_ros.ros.bag_player import BagPlayer  # noqa: E402
+from mm_fusion_ros.ros.runner import DDS_PROFILE, DEFAULT_CONFIG  # noqa: E402
+from mm_fusion_ros.synthetic.writer import generate_sequence  # noqa: E402
+from mm_fusion_ros.training.checkpoint import load_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SENSOR_TOPICS = (topics.IMAGE_TOPIC, topics.CLOUD_TOPIC, topics.IMU_TOPIC, topics.GT_ODOM_TOPIC)
+DIAG_KEY = {topics.IMAGE_TOPIC: 'received_image', topics.CLOUD_TOPIC: 'received_cloud',
+            topics.IMU_TOPIC: 'received_imu', topics.GT_ODOM_TOPIC: 'received_ground_truth'}
+TARGET_P95_MS = 100.0
+TARGET_RSS_GROWTH = 0.02
+RSS_PERIOD_S = 0.25
+IDLE_END_S = 3.0        # the replay is over when no pose came for this long after the bag
+DEADLINE_S = 300.0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--frames', type=int, default=150, help='scans in the synthetic sequence')
+    p.add_argument('--image_size', type=int, nargs=2, default=[1241, 376],
+                   metavar=('WIDTH', 'HEIGHT'), help='camera images (default: KITTI size)')
+    p.add_argument('--azimuth_steps', type=int, default=2000,
+                   help='LiDAR columns per scan (64 beams; 2000 ~ 128k points, as KITTI)')
+    p.add_argument('--rates', type=float, nargs='+', default=[1.0, 5.0, 10.0],
+                   help='replay rates to measure with training on')
+    p.add_argument('--work_dir', type=Path, default=None,
+                   help='keeps the sequence and bag between runs (default: a temporary folder)')
+    p.add_argument('--buffer', type=int, default=40,
+                   help='replay buffer capacity, small so that it fills early in the replay')
+    p.add_argument('--num_threads', type=int, default=None,
+                   help='torch threads of the node (default: config/finetune.yaml)')
+    p.add_argument('--set', action='append', default=[], metavar='KEY:=VALUE',
+                   help='extra node parameter, e.g. --set updates_per_sample:=1.0')
+    p.add_argument('--no_dds_profile', action='store_true',
+                   help="use Fast DDS's defaults instead of config/fastdds_replay.xml")
+    return p
+
+
+# --- data ------------------------------------------------------------------------------------
+def prepare_bag(work: Path, frames: int, image_size, azimuth_steps: int) -> Path:
+    name = f'{frames}f_{image_size[0]}x{image_size[1]}_{azimuth_steps}az'
+    bag = work / f'bag_{name}'
+    if (bag / 'metadata.yaml').is_file():
+        return bag
+    data = work / f'data_{name}'
+    print(f'generating {frames} synthetic frames in {data} ...', flush=True)
+    generate_sequence(data, '00', frames, 0, image_size=tuple(image_size),
+                      azimuth_steps=azimuth_steps, overwrite=True)
+    convert_sequence(ConvertOptions(data_path=data, sequence='00', output=bag, overwrite=True))
+    return bag
+
+
+# --- the player, in this process -------------------------------------------------------------
+def cloud_stamp(raw: bytes) -> int:
+    """Header stamp of a CDR-serialised PointCloud2 (4-byte encapsulation, then int32 sec,
+    uint32 nanosec), read without deserialising the cloud."""
+    little = raw[1] == 1
+    sec, nsec = struct.unpack('<iI' if little else '>iI', raw[4:12])
+    return sec * 1_000_000_000 + nsec
+
+
+class TimedPlayer(BagPlayer):
+    """bag_player's node, also noting when each scan was published (time.monotonic)."""
+
+    def __init__(self, source, names):
+        super().__init__(source, names)
+        self.cloud_published = {}
+
+    def _publish(self, topic, publisher, raw):
+        ok = super()._publish(topic, publisher, raw)
+        if ok and topic == topics.CLOUD_TOPIC:
+            self.cloud_published[cloud_stamp(raw)] = time.monotonic()
+        return ok
+
+
+# --- the node under test ---------------------------------------------------------------------
+class ProcSampler(threading.Thread):
+    """RSS (VmRSS of /proc/<pid>/status) and CPU seconds (utime + stime of /proc/<pid>/stat)
+    of the node process every RSS_PERIOD_S."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.samples = []      # (monotonic, RSS MB, CPU s)
+        self.stop = threading.Event()
+        self.tick = os.sysconf('SC_CLK_TCK')
+
+    def run(self):
+        proc = Path(f'/proc/{self.pid}')
+        while not self.stop.is_set():
+            try:
+                status, stat = (proc / 'status').read_text(), (proc / 'stat').read_text()
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            rss = [int(line.split()[1]) for line in status.splitlines()
+                   if line.startswith('VmRSS:')]
+            if rss:   # a zombie has no VmRSS line
+                fields = stat.rsplit(')', 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / self.tick
+                self.samples.append((time.monotonic(), rss[0] / 1024.0, cpu))
+            self.stop.wait(RSS_PERIOD_S)
+
+    def cpu_between(self, t0, t1) -> float:
+        """CPU seconds the node used between two monotonic times (nearest samples)."""
+        inside = [(t, c) for t, _, c in self.samples if t0 <= t <= t1]
+        return inside[-1][1] - inside[0][1] if len(inside) > 1 else float('nan')
+
+
+class Probe:
+    """Client side: odom arrival times by stamp, the synchronizer's diagnostics, services."""
+
+    def __init__(self):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from nav_msgs.msg import Odometry
+        from std_srvs.srv import Trigger
+        self.Trigger = Trigger
+        self.node = rclpy.create_node('bench_online_probe')
+        self.lock = threading.Lock()
+        self.odom_arrival = {}
+        self.diag = {}
+        self.odom_sub = self.node.create_subscription(
+            Odometry, '/mm_fusion/odom', self._on_odom,
+            QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
+        self.save = self.node.create_client(Trigger, '/mm_fusion_trainer/save_checkpoint')
+        self.executor = SingleThreadedExecutor()
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def _on_odom(self, msg):
+        now = time.monotonic()
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        with self.lock:
+            self.odom_arrival[stamp] = now
+
+    def _on_diag(self, msg):
+        for status in msg.status:
+            if 'synchronizer' in status.name:
+                with self.lock:
+                    self.diag = {kv.key: kv.value for kv in status.values}
+
+    def odom_count(self):
+        with self.lock:
+            return len(self.odom_arrival)
+
+    def last_odom(self):
+        with self.lock:
+            return max(self.odom_arrival.values(), default=None)
+
+    def checkpoint(self):
+        done = threading.Event()
+        future = self.save.call_async(self.Trigger.Request())
+        future.add_done_callback(lambda _: done.set())
+        if not done.wait(60.0):
+            raise RuntimeError('save_checkpoint did not answer within 60 s')
+        response = future.result()
+        if not response.success:
+            raise RuntimeError(f'save_checkpoint failed: {response.message}')
+        return load_checkpoint(response.message), time.monotonic()
+
+    def close(self):
+        self.executor.shutdown(timeout_sec=5.0)
+        self.node.destroy_node()
+
+
+def wait_for(condition, what, proc, log_path, timeout=DEADLINE_S):
+    end = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise RuntimeError(f'online node exited ({proc.returncode}) while waiting for '
+                               f'{what}; see {log_path}')
+        if time.monotonic() > end:
+            raise RuntimeError(f'no {what} within {timeout:.0f} s; see {log_path}')
+        time.sleep(0.02)
+
+
+@dataclass
+class Case:
+    rate: float
+    training: bool
+    published: dict = field(default_factory=dict)
+    diag: dict = field(default_factory=dict)
+    expected: int = 0
+    poses: int = 0
+    steps: int = 0
+    train_s: float = 0.0
+    batch: int = 0
+    latency_ms: np.ndarray = None
+    rss: list = None
+    fill_time: float = None
+    exit_code: int = None
+    player_wall_s: float = 0.0
+    cpu_s: float = 0.0         # node CPU seconds from the first scan to the last pose
+    cpu_wall_s: float = 0.0
+
+
+def node_command(args, case, out: Path):
+    cmd = [sys.executable, '-m', 'mm_fusion_ros.ros.online', '--ros-args',
+           '--params-file', str(DEFAULT_CONFIG)]
+    params = {'model.visual_encoder': 'dummy', 'buffer.capacity': args.buffer,
+              'training_enabled': str(case.training).lower(), 'checkpoint_dir': out / 'ckpt',
+              'save_on_shutdown': 'false'}
+    if args.num_threads is not None:
+        params['num_threads'] = args.num_threads
+    for key, value in params.items():
+        cmd += ['-p', f'{key}:={value}']
+    for item in args.set:
+        cmd += ['-p', item]
+    return cmd
+
+
+def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / 'node.log'
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen(node_command(args, case, out), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+    rss = ProcSampler(proc.pid)
+    rss.start()
+    probe = Probe()
+    try:
+        wait_for(lambda: probe.odom_sub.get_publisher_count() > 0 and
+                 probe.save.service_is_ready(), 'ready online node', proc, log_path)
+        ckpt0, t0 = probe.checkpoint()
+        with BagSource(bag) as source:
+            player = TimedPlayer(source, list(SENSOR_TOPICS))
+            try:
+                player.wait_for_subscribers(30.0)
+                start_ns, stop_ns = source.window(0.0, None)
+                report = player.play(start_ns, stop_ns, case.rate, loop=False)
+                player.wait_for_acks(10.0)
+                published = dict(player.cloud_published)
+            finally:
+                player.destroy_node()
+        case.published = dict(report.published)
+        case.player_wall_s = report.wall_s
+        case.expected = case.published[topics.CLOUD_TOPIC] - 1
+
+        def settled():
+            last = probe.last_odom()
+            return probe.odom_count() >= case.expected or \
+                (last is not None and time.monotonic() - last > IDLE_END_S)
+
+        wait_for(settled, 'end of the poses', proc, log_path)
+        ckpt1, t1 = probe.checkpoint()
+        metrics0, metrics1 = ckpt0['metrics'], ckpt1['metrics']
+        case.batch = int(ckpt1['config']['train']['batch_size'])
+        wait_for(lambda: probe.diag.get('emitted') == str(metrics1['online_samples']),
+                 'final diagnostics', proc, log_path)
+        case.diag = dict(probe.diag)
+        case.poses = probe.odom_count()
+        probe_end = probe.last_odom()
+        case.steps = metrics1['online_steps'] - metrics0['online_steps']
+        case.train_s = (probe.last_odom() or t1) - t0
+        case.latency_ms = np.array([(probe.odom_arrival[s] - published[s]) * 1e3
+                                    for s in probe.odom_arrival if s in published])
+        first_pub = min(published.values())
+        # The buffer is full once `buffer` samples were emitted: the scan buffer+1's pose.
+        stamps = sorted(published)
+        if len(stamps) > args.buffer and stamps[args.buffer] in probe.odom_arrival:
+            case.fill_time = probe.odom_arrival[stamps[args.buffer]] - first_pub
+        proc.send_signal(signal.SIGINT)
+        case.exit_code = proc.wait(timeout=120)
+    finally:
+        probe.close()
+        rss.stop.set()
+        rss.join(timeout=5.0)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    case.rss = [(t - first_pub, mb) for t, mb, _ in rss.samples]
+    (out / 'rss.csv').write_text('t_s,rss_mb\n' + ''.join(f'{t:.2f},{mb:.1f}\n'
+                                                           for t, mb in case.rss))
+    end = probe_end if probe_end is not None else first_pub
+    case.cpu_s = rss.cpu_between(first_pub, end)
+    case.cpu_wall_s = end - first_pub
+    return case
+
+
+# --- report ----------------------------------------------------------------------------------
+def rss_summary(case):
+    """RSS [MB] when the replay began, when the buffer became full, at the last pose; and the
+    medians over the first and the second half of the time after the fill."""
+    nan = float('nan')
+    during = [mb for t, mb in case.rss if 0 <= t <= case.cpu_wall_s]
+    if not during:
+        return nan, nan, nan, nan, nan
+    after = [mb for t, mb in case.rss
+             if case.fill_time is not None and case.fill_time <= t <= case.cpu_wall_s]
+    if len(after) < 4:
+        return during[0], nan, during[-1], nan, nan
+    half = len(after) // 2
+    return (during[0], after[0], during[-1], float(np.median(after[:half])),
+            float(np.median(after[half:])))
+
+
+def drop_summary(case):
+    lost = {t.split('/')[2]: case.published.get(t, 0) - int(case.diag.get(DIAG_KEY[t], 0))
+            for t in SENSOR_TOPICS}
+    sync = {k[len('dropped_'):]: int(v) for k, v in case.diag.items()
+            if k.startswith('dropped_') and int(v)}
+    masked = {k[len('masked_'):]: int(v) for k, v in case.diag.items()
+              if k.startswith('masked_') and int(v)}
+    return lost, sync, masked
+
+
+def print_table(cases):
+    header = (f'{"rate":>5} {"train":>5} | {"lost in transport (pub-recv)":<36} | '
+              f'{"sync drops":<14} {"masked":<12} | {"samples exp/emit/poses":>22} | '
+              f'{"steps/s":>7} {"smp/s":>6} | {"lat p50":>7} {"p95":>6} {"max":>6} ms | '
+              f'{"RSS start/fill/end MB":>22} | {"node CPU: cores, ms/sample":>26}')
+    print(header)
+    print('-' * len(header))
+    for c in cases:
+        lost, sync, masked = drop_summary(c)
+        lost_s = ' '.join(f'{k}:{v}' for k, v in lost.items())
+        start, fill, end, _, _ = rss_summary(c)
+        lat = c.latency_ms
+        steps_s = c.steps / c.train_s if c.train_s > 0 else float('nan')
+        print(f'{c.rate:>5g} {("on" if c.training else "off"):>5} | {lost_s:<36} | '
+              f'{json.dumps(sync) if sync else "none":<14} '
+              f'{json.dumps(masked) if masked else "none":<12} | '
+              f'{c.expected:>6d}/{c.diag.get("emitted", "?"):>5}/{c.poses:<5d}     | '
+              f'{steps_s:>7.1f} {steps_s * c.batch:>6.1f} | '
+              f'{np.percentile(lat, 50):>7.1f} {np.percentile(lat, 95):>6.1f} '
+              f'{lat.max():>6.1f}    | {start:>6.0f}/{fill:>6.0f}/{end:>6.0f}       | '
+              f'{c.cpu_s / c.cpu_wall_s:>5.2f}, {c.cpu_s / max(c.poses, 1) * 1e3:>6.1f}')
+
+
+def print_verdict(cases):
+    for c in cases:
+        lost, sync, masked = drop_summary(c)
+        drops = sum(lost.values()) + sum(sync.values()) + (c.expected - c.poses)
+        p95 = float(np.percentile(c.latency_ms, 95))
+        _, _, _, first, second = rss_summary(c)
+        growth = (second - first) / first
+        notes = [f'drops {drops}' + (' (target 0 at 5x)' if c.rate == 5 else ''),
+                 f'p95 {p95:.0f} ms ({"meets" if p95 < TARGET_P95_MS else "misses"} '
+                 f'< {TARGET_P95_MS:.0f} ms)',
+                 f'RSS after the fill: median {first:.0f} MB over its first half, '
+                 f'{second:.0f} MB ({growth * 100:+.1f}%) over its second '
+                 f'({"flat" if growth < TARGET_RSS_GROWTH else "NOT flat"})'
+                 if growth == growth else 'buffer full too late to judge the RSS']
+        if masked:
+            notes.append(f'masked {masked}')
+        print(f'{c.rate:g}x training {"on" if c.training else "off"}: ' + '; '.join(notes) +
+              f'; node exit {c.exit_code}')
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix='bench_online_'))
+    work.mkdir(parents=True, exist_ok=True)
+    bag = prepare_bag(work, args.frames, args.image_size, args.azimuth_steps)
+    env = dict(os.environ)
+    env.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_LOCALHOST_ONLY='1',
+               PYTHONUNBUFFERED='1')
+    if args.no_dds_profile:
+        env.pop('FASTDDS_DEFAULT_PROFILES_FILE', None)
+    else:
+        env.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(DDS_PROFILE))
+    env['ROS_DOMAIN_ID'] = str(random.SystemRandom().randint(1, 101))
+    os.environ.update(env)       # this process plays and listens on the same domain
+    if args.no_dds_profile:
+        os.environ.pop('FASTDDS_DEFAULT_PROFILES_FILE', None)
+    rclpy.init(domain_id=int(env['ROS_DOMAIN_ID']))
+    cases = [Case(rate, True) for rate in args.rates] + [Case(5.0, False)]
+    print(f'bag {bag} ({args.frames} scans), buffer capacity {args.buffer}, DDS profile '
+          f'{env.get("FASTDDS_DEFAULT_PROFILES_FILE", "Fast DDS defaults")}, '
+          f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}', flush=True)
+    for case in cases:
+        run_case(args, bag, case, work / f'run_{case.rate:g}x_{int(case.training)}', env)
+        print(f'  {case.rate:g}x training {"on" if case.training else "off"}: done, load '
+              f'average {os.getloadavg()[0]:.2f}', flush=True)
+    rclpy.try_shutdown()
+    print()
+    print_table(cases)
+    print()
+    print_verdict(cases)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""OnlineTrainer (issue 7), the pure core of online fine-tuning: no rclpy, real model and buffer.
+
+Samples come from make_tiny_kitti through the offline Dataset, i.e. the DESIGN §5 samples that the
+synchronizer also builds. The model is small (Dummy visual encoder, a 32-cell BEV) so every test
+takes well under a second of training.
+"""
+from pathlib import Path
+import threading
+
+from conftest import make_tiny_kitti
+import numpy as np
+import pytest
+import torch
+
+from mm_fusion_ros.config import SampleConfig
+from mm_fusion_ros.eval.trajectory_io import read_kitti_poses
+from mm_fusion_ros.geometry import chain_relative, invert_pose, vec6_to_pose
+from mm_fusion_ros.kitti.dataset import KITTIOdomPointDataset
+from mm_fusion_ros.kitti.odometry import KittiSequence
+from mm_fusion_ros.model.config import ModelConfig
+from mm_fusion_ros.sync.config import BufferConfig
+from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
+from mm_fusion_ros.training.checkpoint import load_checkpoint
+from mm_fusion_ros.training.config import TrainConfig
+from mm_fusion_ros.training.online import (
+    OnlineConfig,
+    OnlineTrainer,
+    open_buffer,
+    sample_config_for,
+)
+
+FRAMES = 9
+MODEL = ModelConfig(image_height=16, image_width=48, visual_encoder='dummy', bev_cells=32,
+                    bev_max_shift_cells=4, bev_channels=(4, 8, 16), point_dim=16, imu_channels=8,
+                    imu_dim=8, visual_dim=8, fusion_dim=16, head_hidden=16)
+TRAIN = TrainConfig(learning_rate=1e-3, batch_size=2)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_torch_thread():
+    """On 2 cores two intra-op threads made these tiny steps ~20x slower (measured): use one,
+    as OnlineConfig.num_threads=1 does, and give the rest of the suite its setting back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = make_tiny_kitti(tmp_path_factory.mktemp('kitti') / 'data', frames=FRAMES)
+    sample_cfg = sample_config_for(MODEL, SampleConfig(max_points=128))
+    dataset = KITTIOdomPointDataset(root, ['00'], sample_cfg=sample_cfg)
+    samples = [dataset[i] for i in range(len(dataset))]
+    return {'root': root, 'samples': samples, 'sample_cfg': sample_cfg}
+
+
+def make_trainer(tmp_path, **online):
+    cfg = OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'), **online)
+    return OnlineTrainer(cfg, TRAIN, MODEL)
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_predictions_chain_into_trajectories(data, tmp_path):
+    trainer = make_trainer(tmp_path, training_enabled=False)
+    preds = [trainer.on_sample(s) for s in data['samples']]
+    assert [p.frame for p in preds] == list(range(1, FRAMES))
+    # each published pose is the previous one times the predicted step
+    expected = chain_relative([vec6_to_pose(p.mean) for p in preds])
+    np.testing.assert_allclose(np.stack([p.pose for p in preds]), expected[1:], atol=1e-9)
+    pred, gt = trainer.trajectories()
+    assert pred.shape == gt.shape == (FRAMES, 4, 4)
+    np.testing.assert_allclose(pred, expected, atol=1e-9)
+    # the chained ground truth is the sequence's own base_link trajectory
+    poses = KittiSequence(data['root'], '00').poses_base
+    np.testing.assert_allclose(gt, invert_pose(poses[0]) @ poses, atol=1e-4)
+    # with training off the inference copy is the untouched initial model: same output twice
+    again = trainer.on_sample(data['samples'][0])
+    np.testing.assert_allclose(again.mean, preds[0].mean, atol=1e-6)
+    assert trainer.metrics()['online_samples'] == FRAMES
+    assert trainer.metrics()['camera_masked_samples'] == 0
+
+
+def test_step_debt_honours_updates_per_sample_and_cap(data, tmp_path):
+    trainer = make_trainer(tmp_path, updates_per_sample=1.5, max_step_debt=4, min_buffer=2)
+    s = data['samples']
+    trainer.on_sample(s[0])
+    assert trainer.pending_steps() == 0            # 1.5 owed, but the buffer is below min_buffer
+    trainer.on_sample(s[1])
+    assert trainer.pending_steps() == 3            # 3.0 owed
+    assert trainer.train_pending(max_steps=1) == 1
+    assert trainer.pending_steps() == 2
+    for sample in s[2:5]:
+        trainer.on_sample(sample)
+    assert trainer.step_debt == 4.0                # 2 + 3 * 1.5 capped at max_step_debt
+    before = params(trainer.core.model)
+    assert trainer.train_pending() == 4
+    assert trainer.pending_steps() == 0 and trainer.train_pending() == 0
+    assert trainer.core.step_count == trainer.steps_done == 5
+    after = params(trainer.core.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the inference copy follows the trained weights
+    for k, v in trainer.infer_model.state_dict().items():
+        assert torch.equal(v, after[k]), k
+
+
+def test_set_training_false_stops_steps(data, tmp_path):
+    trainer = make_trainer(tmp_path, updates_per_sample=2.0, min_buffer=1)
+    s = data['samples']
+    trainer.on_sample(s[0])
+    trainer.set_training(False)
+    assert trainer.step_debt == 0.0
+    for sample in s[1:4]:
+        trainer.on_sample(sample)
+    assert trainer.pending_steps() == 0 and trainer.train_pending() == 0
+    assert trainer.core.step_count == 0 and len(trainer.buffer) == 4
+    trainer.set_training(True)
+    trainer.on_sample(s[4])
+    assert trainer.train_pending() == 2 and trainer.core.step_count == 2
+    assert trainer.metrics()['online_samples'] == 5
+
+
+def test_set_training_false_waits_for_the_step_in_flight(data, tmp_path):
+    trainer = make_trainer(tmp_path, updates_per_sample=1.0, min_buffer=1)
+    for sample in data['samples'][:3]:
+        trainer.on_sample(sample)
+    started, release = threading.Event(), threading.Event()
+    step = trainer.core.step
+
+    def slow_step(batch):
+        started.set()
+        release.wait(10.0)
+        return step(batch)
+
+    trainer.core.step = slow_step
+    worker = threading.Thread(target=trainer.train_pending, kwargs={'max_steps': 1})
+    worker.start()
+    assert started.wait(10.0)
+    switch = threading.Thread(target=trainer.set_training, args=(False,))
+    switch.start()
+    switch.join(0.2)
+    assert switch.is_alive(), 'set_training(False) returned while a step was still running'
+    release.set()
+    switch.join(10.0)
+    worker.join(10.0)
+    assert trainer.core.step_count == 1           # the step in flight finished, no other began
+    assert trainer.train_pending() == 0
+
+
+def test_a_failing_step_is_paid_off_not_retried_forever(data, tmp_path):
+    trainer = make_trainer(tmp_path, updates_per_sample=2.0, min_buffer=1)
+    trainer.on_sample(data['samples'][0])
+    step = trainer.core.step
+    calls = []
+
+    def fail_once(batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError('simulated failure')
+        return step(batch)
+
+    trainer.core.step = fail_once
+    with pytest.raises(RuntimeError, match='simulated'):
+        trainer.train_pending()
+    assert trainer.steps_failed == 1 and trainer.pending_steps() == 1
+    assert trainer.train_pending() == 1 and trainer.pending_steps() == 0
+    assert trainer.metrics()['online_steps_failed'] == 1
+
+
+def test_checkpoint_is_atomic_and_loadable(data, tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, updates_per_sample=1.0, min_buffer=2)
+    for sample in data['samples'][:4]:
+        trainer.on_sample(sample)
+    trainer.train_pending()
+    path = trainer.save_checkpoint()
+    assert path == tmp_path / 'ckpt' / f'online_step{trainer.core.step_count:07d}.pth'
+    payload = load_checkpoint(path)
+    assert payload['step'] == trainer.core.step_count == 4   # owed below min_buffer too
+    assert payload['metrics']['online_samples'] == 4
+    assert payload['metrics']['online_steps'] == 4
+    assert payload['config']['model'] == MODEL.to_dict()
+    for k, v in trainer.core.model.state_dict().items():
+        assert torch.equal(payload['model'][k], v), k
+    # a write that dies half-way leaves the old file intact and no temporary file behind
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b'partial')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError, match='disk full'):
+        trainer.save_checkpoint(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_checkpoints_taken_while_training_are_consistent(data, tmp_path):
+    """Each checkpoint holds the state after a whole number of steps: AdamW's per-parameter
+    step counters all equal the checkpoint's step (a snapshot taken mid-step would mix them)."""
+    trainer = make_trainer(tmp_path, updates_per_sample=4.0, min_buffer=1)
+    stop = threading.Event()
+
+    def keep_training():
+        while not stop.is_set():
+            for sample in data['samples']:
+                trainer.on_sample(sample)
+                trainer.train_pending()
+
+    worker = threading.Thread(target=keep_training)
+    worker.start()
+    try:
+        payloads = [load_checkpoint(trainer.save_checkpoint(tmp_path / 'live.pth'))
+                    for _ in range(6)]
+    finally:
+        stop.set()
+        worker.join(60.0)
+    assert len({p['step'] for p in payloads}) > 1, 'training did not run during the saves'
+    for p in payloads:
+        counters = {float(s['step']) for s in p['optimizer']['state'].values()}
+        # (before the first step AdamW has no state yet)
+        assert counters == ({float(p['step'])} if p['step'] else set()), (p['step'], counters)
+
+
+def test_shutdown_writes_checkpoint_buffer_trajectories_and_log(data, tmp_path):
+    out = tmp_path / 'out'
+    trainer = make_trainer(tmp_path, updates_per_sample=1.0, min_buffer=2,
+                           buffer_path=str(out / 'buffer.npz'), trajectory_dir=str(out / 'traj'),
+                           log_csv=str(out / 'log.csv'), log_every=1)
+    for sample in data['samples']:
+        trainer.on_sample(sample)
+        trainer.train_pending()
+    written = trainer.shutdown()
+    assert set(written) == {'checkpoint', 'buffer', 'pred', 'gt'}
+    final = load_checkpoint(written['checkpoint'])
+    assert Path(written['checkpoint']).name == 'final.pth'
+    assert final['step'] == trainer.core.step_count == FRAMES - 1  # owed 1 per sample
+    assert len(ReplayBuffer.load(written['buffer'])) == FRAMES - 1
+    pred = read_kitti_poses(out / 'traj' / 'pred_base_link.txt')
+    gt = read_kitti_poses(out / 'traj' / 'gt_base_link.txt')
+    assert pred.shape == gt.shape == (FRAMES, 4, 4)
+    np.testing.assert_allclose(pred, trainer.trajectories()[0], atol=1e-9)
+    rows = (out / 'log.csv').read_text().splitlines()
+    assert rows[0].startswith('step,loss') and len(rows) == 1 + FRAMES - 1
+    assert not list(tmp_path.rglob('*.tmp'))
+
+
+def test_restart_resumes_buffer_weights_optimizer_and_step(data, tmp_path):
+    buffer_path = tmp_path / 'buffer.npz'
+    first = make_trainer(tmp_path, updates_per_sample=1.0, min_buffer=2,
+                         buffer_path=str(buffer_path))
+    for sample in data['samples'][:6]:
+        first.on_sample(sample)
+        first.train_pending()
+    final = first.shutdown()['checkpoint']
+    saved = load_checkpoint(final)
+
+    buffer_cfg = BufferConfig(capacity=100)
+    resumed = OnlineTrainer(OnlineConfig(initial_checkpoint=final, buffer_path=str(buffer_path),
+                                         checkpoint_dir=str(tmp_path / 'ckpt2'), min_buffer=2),
+                            TRAIN)
+    resumed.set_buffer(open_buffer(buffer_path, buffer_cfg, data['sample_cfg']))
+    metrics = resumed.metrics()
+    assert metrics['resumed_buffer_samples'] == metrics['buffer_size'] == 6
+    assert metrics['initial_step'] == saved['step'] == resumed.core.step_count == 6
+    assert metrics['optimizer_resumed']
+    for k, v in resumed.infer_model.state_dict().items():
+        assert torch.equal(v, saved['model'][k]), k
+    # the resumed buffer satisfies min_buffer at once: the first new sample is trained on
+    resumed.on_sample(data['samples'][6])
+    assert resumed.train_pending() == 1 and resumed.core.step_count == 7
+    # a buffer of samples with another shape is refused, naming the file
+    other = sample_config_for(MODEL, SampleConfig(max_points=64))
+    with pytest.raises(ValueError, match='buffer.npz'):
+        open_buffer(buffer_path, buffer_cfg, other)
+    assert len(open_buffer(tmp_path / 'missing.npz', buffer_cfg, other)) == 0
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match='updates_per_sample >= 0'):
+        OnlineConfig(updates_per_sample=-1.0)
+    with pytest.raises(ValueError, match="device='tpu'"):
+        OnlineConfig(device='tpu')
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        OnlineTrainer(OnlineConfig(initial_checkpoint=str(tmp_path / 'nope.pth')), TRAIN)
