@@ -67,14 +67,28 @@ def install(prefix, source_dir) -> None:
     (index / PACKAGE).touch()
     share = prefix / 'share' / PACKAGE
     share.mkdir(parents=True, exist_ok=True)
-    for name in ('package.xml',) + SHARE_DIRS:
-        link = share / name
-        if link.is_symlink() or link.is_file():
-            link.unlink()
-        elif link.is_dir():
-            shutil.rmtree(link)
-        # Symlinks keep an editable install editable: edits to launch/ show up at once.
-        os.symlink(source_dir / name, link)
+    _replace_with_link(share / 'package.xml', source_dir / 'package.xml')
+    for name in SHARE_DIRS:
+        # Real folders of per-file symlinks: ros2launch finds launch files with os.walk, which
+        # does not enter a symlinked folder; the file links keep an editable install editable.
+        folder = share / name
+        if folder.is_symlink() or folder.is_file():
+            folder.unlink()
+        folder.mkdir(exist_ok=True)
+        for old in folder.iterdir():
+            if old.is_symlink():
+                old.unlink()
+        for src in sorted((source_dir / name).iterdir()):
+            if src.is_file():
+                _replace_with_link(folder / src.name, src)
+
+
+def _replace_with_link(link, target):
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    os.symlink(target, link)
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,10 @@ def test_editable_install_has_lib_executables_and_share(tmp_path):
     for name in ENTRY_POINTS:
         assert os.access(prefix / 'lib' / 'mm_fusion_ros' / name, os.X_OK), name
     assert (prefix / 'share/mm_fusion_ros/package.xml').resolve() == REPO / 'package.xml'
+    # ros2launch walks share/PKG/launch with os.walk, which does not enter symlinked folders.
+    launch_dir = prefix / 'share/mm_fusion_ros/launch'
+    assert launch_dir.is_dir() and not launch_dir.is_symlink()
+    assert (launch_dir / 'finetune.launch.py').is_file()
     assert (prefix / 'share/ament_index/resource_index/packages/mm_fusion_ros').is_file()
     # The venv that runs this suite was set up the same way by dev.sh.
     exe = Path(sys.prefix) / 'lib' / 'mm_fusion_ros' / 'check_kitti'

@@ -43,7 +43,7 @@ def spin_nodes(make_nodes, args=None) -> int:
     try:
         nodes = make_nodes()
         spinners = [_Spinner(node) for node in nodes]
-        while all(s.thread.is_alive() for s in spinners):   # until SIGINT ends every spin
+        while all(s.thread.is_alive() for s in spinners):   # until SIGINT (or a failure) ends one
             spinners[0].thread.join(timeout=0.5)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

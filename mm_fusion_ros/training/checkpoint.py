@@ -24,6 +24,10 @@ REQUIRED_KEYS = ('format_version', 'model', 'config', 'step', 'epoch', 'metrics'
 PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor)
 
 
+# Read once at import: os.umask can only be read by setting it, which is not thread-safe later.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 def check_plain(value, where='checkpoint'):
     """Raise ValueError naming the first value that weights_only loading would refuse."""
     if isinstance(value, dict):
@@ -53,6 +57,7 @@ def save_checkpoint(path, payload: dict) -> Path:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; use the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
