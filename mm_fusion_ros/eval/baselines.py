@@ -177,11 +177,14 @@ def kiss_icp_odometry(scans, max_range=100.0, min_range=0.0, deskew=False) -> np
     if not kiss_icp_available():
         raise ModuleNotFoundError('the kiss_icp baseline needs the kiss-icp package, which is not '
                                   'installed (pip install kiss-icp)')
-    from kiss_icp.config import load_config
+    from kiss_icp.config import KISSConfig
     from kiss_icp.kiss_icp import KissICP
 
-    config = load_config(None, deskew=deskew, max_range=max_range)
+    config = KISSConfig()
+    config.data.deskew = deskew
+    config.data.max_range = max_range
     config.data.min_range = min_range
+    config.mapping.voxel_size = max_range / 100.0  # kiss-icp's own default rule
     odometry = KissICP(config=config)
     poses = []
     for scan in scans:
