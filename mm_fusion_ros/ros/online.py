@@ -16,10 +16,12 @@ checkpoint (save_on_shutdown), the buffer (buffer_path) and the trajectories (tr
 are written atomically.
 """
 import logging
+import signal
 import threading
 
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.signals import SignalHandlerOptions
 
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.ros.params import declare_config
@@ -38,13 +40,20 @@ def spin_nodes(make_nodes, args=None) -> int:
     stderr here. Returns 1 when the nodes cannot be built (bad parameter, missing checkpoint)
     or a callback raised, else 0."""
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] [%(name)s]: %(message)s')
-    rclpy.init(args=args)
+    # SIGINT/SIGTERM only set an event: rclpy's own handler would shut the context down at once,
+    # under threads that are still publishing (a use-after-free seen as an exit by SIGSEGV).
+    # Instead: stop the executors, shut the nodes down (final files, last poses) while the
+    # context is valid, then shut rclpy down.
+    stop = threading.Event()
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     nodes, spinners = [], []
     try:
         nodes = make_nodes()
         spinners = [_Spinner(node) for node in nodes]
-        while all(s.thread.is_alive() for s in spinners):   # until SIGINT (or a failure) ends one
-            spinners[0].thread.join(timeout=0.5)
+        while not stop.is_set() and all(s.thread.is_alive() for s in spinners):
+            stop.wait(0.5)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ValueError, FileNotFoundError) as e:
@@ -60,6 +69,8 @@ def spin_nodes(make_nodes, args=None) -> int:
                 node.shutdown()
             node.destroy_node()
         rclpy.try_shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     failed = [s.name for s in spinners if not s.clean_exit]
     if failed:
         log.error('callbacks of %s raised; see the traceback above', ', '.join(failed))
