@@ -19,13 +19,12 @@ from mm_fusion_ros.kitti.dataset import KITTIOdomPointDataset
 from mm_fusion_ros.kitti.odometry import KittiSequence
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.sync.config import BufferConfig
-from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
+from mm_fusion_ros.sync.replay_buffer import open_buffer, ReplayBuffer
 from mm_fusion_ros.training.checkpoint import load_checkpoint
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.online import (
     OnlineConfig,
     OnlineTrainer,
-    open_buffer,
     sample_config_for,
 )
 

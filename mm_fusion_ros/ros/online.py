@@ -28,7 +28,8 @@ from mm_fusion_ros.ros.params import declare_config
 from mm_fusion_ros.ros.synchronizer_node import SynchronizerNode
 from mm_fusion_ros.ros.trainer_node import TrainerNode
 from mm_fusion_ros.sync.config import BufferConfig
-from mm_fusion_ros.training.online import open_buffer, sample_config_for
+from mm_fusion_ros.sync.replay_buffer import open_buffer
+from mm_fusion_ros.training.online import sample_config_for
 
 log = logging.getLogger(__name__)
 

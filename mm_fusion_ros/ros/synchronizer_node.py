@@ -26,7 +26,7 @@ from mm_fusion_ros.ros import conversions
 from mm_fusion_ros.ros.params import declare_config
 from mm_fusion_ros.ros.qos import LIVE_SENSOR_QOS, REPLAY_SENSOR_QOS
 from mm_fusion_ros.sync.config import BufferConfig, SyncConfig
-from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
+from mm_fusion_ros.sync.replay_buffer import open_buffer, ReplayBuffer
 from mm_fusion_ros.sync.synchronizer import Synchronizer
 
 QOS_PROFILES = {'replay': REPLAY_SENSOR_QOS, 'live': LIVE_SENSOR_QOS}
@@ -56,8 +56,9 @@ class SynchronizerNode(Node):
         self.sync_cfg = declare_config(self, SyncConfig, prefix='sync.')
         self.sample_cfg = sample_cfg or declare_config(self, SampleConfig, prefix='sample.')
         if buffer is None:
-            buffer = self._load_or_new_buffer(declare_config(self, BufferConfig,
-                                                             prefix='buffer.'))
+            buffer = open_buffer(self.buffer_path, declare_config(self, BufferConfig,
+                                                                  prefix='buffer.'),
+                                 self.sample_cfg)
         self.buffer = buffer
         self.on_sample = on_sample
         self.sync = Synchronizer(self.sample_cfg, self.sync_cfg)
@@ -104,14 +105,6 @@ class SynchronizerNode(Node):
         self.get_logger().info(
             f'synchronizing {self.image_topic}, {self.cloud_topic}, {self.imu_topic}, '
             f'{self.gt_topic} ({qos_name} QoS); buffer {len(self.buffer)} samples')
-
-    def _load_or_new_buffer(self, cfg):
-        from pathlib import Path
-        if self.buffer_path and Path(self.buffer_path).is_file():
-            buf = ReplayBuffer.load(self.buffer_path, cfg, sample_cfg=self.sample_cfg)
-            self.get_logger().info(f'resumed {len(buf)} samples from {self.buffer_path}')
-            return buf
-        return ReplayBuffer(cfg)
 
     # --- callbacks: convert at the edge, then hand numpy to the core ---------------------
     def _on_image(self, msg):

@@ -350,3 +350,13 @@ def _newest_that_fit(samples, cfg) -> list:
         kept.append(s)
         total += size
     return kept[::-1]
+
+
+def open_buffer(path, buffer_cfg: BufferConfig, sample_cfg: SampleConfig) -> ReplayBuffer:
+    """The replay buffer saved at `path` when that file exists (its samples must have the
+    shapes of sample_cfg, else ValueError naming the file), else an empty one."""
+    if path and Path(path).is_file():
+        buffer = ReplayBuffer.load(path, buffer_cfg, sample_cfg=sample_cfg)
+        log.info('resumed %d samples from %s', len(buffer), path)
+        return buffer
+    return ReplayBuffer(buffer_cfg)

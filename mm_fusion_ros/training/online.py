@@ -21,7 +21,6 @@ from mm_fusion_ros.config import ConfigBase, MODALITIES, SampleConfig
 from mm_fusion_ros.geometry import chain_relative, vec6_to_pose
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
-from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
 from mm_fusion_ros.training.checkpoint import load_checkpoint, save_checkpoint
 from mm_fusion_ros.training.config import TrainConfig
@@ -78,16 +77,6 @@ def resolve_device(name: str) -> str:
     if name == 'cuda' and not torch.cuda.is_available():
         raise ValueError('device cuda requested but torch sees no CUDA device')
     return name
-
-
-def open_buffer(path, buffer_cfg: BufferConfig, sample_cfg: SampleConfig) -> ReplayBuffer:
-    """The replay buffer saved at `path` when that file exists (its samples must have the
-    shapes of sample_cfg, else ValueError naming the file), else an empty one."""
-    if path and Path(path).is_file():
-        buffer = ReplayBuffer.load(path, buffer_cfg, sample_cfg=sample_cfg)
-        log.info('resumed %d samples from %s', len(buffer), path)
-        return buffer
-    return ReplayBuffer(buffer_cfg)
 
 
 def sample_config_for(model_cfg: ModelConfig, base: SampleConfig) -> SampleConfig:
