@@ -142,6 +142,48 @@ def test_bev_grid_places_points_and_honours_mask_and_height_cut():
     torch.testing.assert_close(grid[0, :3], grid[0, 3:])
 
 
+def reference_bev_grid(points, mask, cfg):
+    """bev_grid written as a plain loop over points: the definition the fast one must meet."""
+    b, s, n, _ = points.shape
+    g, r = cfg.bev_cells, cfg.bev_range_m
+    res = 2.0 * r / g
+    out = np.zeros((b, s, 3, g, g))
+    count = np.zeros((b, s, g, g))
+    for i, j, k in np.ndindex(b, s, n):
+        x, y, z, intensity = points[i, j, k].double().tolist()
+        u, v = (x + r) / res - 0.5, (y + r) / res - 0.5
+        if not (mask[i, j, k] and cfg.bev_z_min <= z <= cfg.bev_z_max and -1 < u < g
+                and -1 < v < g):
+            continue
+        u0, v0 = math.floor(u), math.floor(v)
+        for a, c in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            if 0 <= u0 + a < g and 0 <= v0 + c < g:
+                w = (u - u0 if a else 1 - (u - u0)) * (v - v0 if c else 1 - (v - v0))
+                out[i, j, 0, u0 + a, v0 + c] += w
+        iu, iv = min(max(round(u), 0), g - 1), min(max(round(v), 0), g - 1)
+        height = (z - cfg.bev_z_min) / (cfg.bev_z_max - cfg.bev_z_min) + 1e-3
+        out[i, j, 1, iu, iv] = max(out[i, j, 1, iu, iv], height)
+        out[i, j, 2, iu, iv] += intensity
+        count[i, j, iu, iv] += 1
+    out[:, :, 0] = np.log1p(out[:, :, 0])
+    out[:, :, 2] /= np.maximum(count, 1.0)
+    return torch.from_numpy(out.reshape(b, s * 3, g, g)).float()
+
+
+def test_bev_grid_matches_a_per_point_loop_at_the_borders_and_across_a_batch():
+    cfg = ModelConfig(bev_cells=8, bev_range_m=4.0, bev_max_shift_cells=2, bev_z_min=-1.0,
+                      bev_z_max=3.0)
+    gen = torch.Generator().manual_seed(3)
+    # Spread past the grid (|x|, |y| up to 5 m on a 4 m half-width), so points fall outside,
+    # on the border cells and half outside them (u in (-1, 0) or (g - 1, g)).
+    points = (torch.rand(3, 2, 200, 4, generator=gen) * 2 - 1) * torch.tensor([5., 5., 2.5, 1.])
+    mask = torch.rand(3, 2, 200, generator=gen) > 0.2
+    grid = bev_grid(points, mask, cfg)
+    torch.testing.assert_close(grid, reference_bev_grid(points, mask, cfg), atol=1e-5, rtol=1e-5)
+    assert grid[:, 0::3].sum() > 0 and (grid[:, 0::3, 0] > 0).any() and \
+        (grid[:, 0::3, -1] > 0).any(), 'the border rows must receive splats in this test'
+
+
 def test_global_correlation_peaks_at_the_shift():
     torch.manual_seed(0)
     f0 = torch.rand(1, 4, 32, 32)
