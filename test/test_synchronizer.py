@@ -421,6 +421,11 @@ def test_kitti_stream_yields_the_dataset_samples_exactly(tmp_path, shuffle):
         assert {k: sample['meta'][k] for k in want['meta']} == want['meta']
         assert sample['meta']['stamp_cur_ns'] == T0_NS + round(seq.times[i + 1] * 1e9)
     assert sync.stats['dropped'] == {}
+    # A scan is subsampled once: the second scan of one sample is the first of the next.
+    for before, after in zip(got, got[1:]):
+        np.testing.assert_array_equal(before['points'][1], after['points'][0])
+        np.testing.assert_array_equal(before['points_mask'][1], after['points_mask'][0])
+    assert not np.array_equal(got[0]['points'][0], got[0]['points'][1])
 
 
 def test_kitti_stream_without_ground_truth_is_live_data(tmp_path):

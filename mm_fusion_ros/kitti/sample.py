@@ -93,17 +93,30 @@ def sample_points(scan: np.ndarray, n: int, rng: np.random.Generator):
 
 
 def point_rng(cfg: SampleConfig, sequence: str, frame: int) -> np.random.Generator:
-    """Deterministic per (seed, sequence, frame): the same sample always gets the same points."""
-    return np.random.default_rng([cfg.seed, zlib.crc32(str(sequence).encode()), int(frame)])
+    """Deterministic per (seed, sequence, scan frame): a scan always gets the same points.
+    (frame + 1: the first scan of build_sample's default frame 0 is frame -1.)"""
+    return np.random.default_rng([cfg.seed, zlib.crc32(str(sequence).encode()), int(frame) + 1])
+
+
+def subsample_scan(cfg: SampleConfig, scan: np.ndarray, n: int, sequence: str, frame: int):
+    """Scan `frame` of `sequence` at n points (+ mask), drawn by its own generator.
+
+    Per scan, not per sample: scan k is the same point set as the second scan of sample k and
+    as the first of sample k+1, so the online synchronizer subsamples each scan once and
+    reuses it (and the model sees one consistent scan in both steps).
+    """
+    return sample_points(scan, n, point_rng(cfg, sequence, frame))
 
 
 def build_sample(cfg: SampleConfig, *, stamps, images=None, scans=None, imu=None, poses=None,
-                 sequence='', frame=0) -> dict:
+                 sequence='', frame=0, point_sets=None) -> dict:
     """Build the DESIGN §5 sample for the step (k-1 -> k).
 
     stamps: (t_prev, t_cur) scan times [s] on the sequence clock.
     images: two (H, W, 3) uint8 camera frames nearest the scans, or None.
     scans:  two (M, 4) float32 scans (x, y, z, intensity in base_link = velodyne), or None.
+    point_sets: instead of scans (cfg.max_points > 0 only), the two scans already subsampled
+            by subsample_scan(cfg, scan, cfg.max_points, sequence, frame - 1 / frame).
     imu:    ImuData covering at least the window (may be the whole sequence), or None.
     poses:  two 4x4 T_odom_base poses (ground truth), or None when unknown (live data).
     Modalities not in cfg.modalities are masked off as if the sensor were missing.
@@ -120,11 +133,13 @@ def build_sample(cfg: SampleConfig, *, stamps, images=None, scans=None, imu=None
     if has_camera:
         image = np.stack([resize_image(np.asarray(im), cfg) for im in images])
 
-    has_lidar = 'lidar' in use and scans is not None
+    if point_sets is not None and (scans is not None or not cfg.max_points):
+        raise ValueError('build_sample: point_sets replace scans, with max_points > 0')
+    has_lidar = 'lidar' in use and (scans is not None or point_sets is not None)
     if has_lidar:
         n = cfg.max_points or max(len(s) for s in scans)
-        rng = point_rng(cfg, sequence, frame)
-        pairs = [sample_points(s, n, rng) for s in scans]
+        pairs = point_sets or [subsample_scan(cfg, s, n, sequence, f)
+                               for s, f in zip(scans, (frame - 1, frame))]
         points = np.stack([p for p, _ in pairs])
         points_mask = np.stack([m for _, m in pairs])
         if not np.isfinite(points).all():
