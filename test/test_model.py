@@ -11,7 +11,7 @@ from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.kitti.sample import build_sample, ImuData
 from mm_fusion_ros.model.augment import augment_batch, AugmentParams, photometric, rotate_yaw
 from mm_fusion_ros.model.config import ModelConfig
-from mm_fusion_ros.model.encoders import bev_grid, BevPointEncoder, global_correlation
+from mm_fusion_ros.model.encoders import bev_grid, BevPointEncoder, global_correlation, ScanCache
 from mm_fusion_ros.model.fusion import GatedFusion
 from mm_fusion_ros.model.losses import per_sample_loss, rotation_angle_error, so3_exp
 from mm_fusion_ros.model.net import build_model
@@ -182,6 +182,48 @@ def test_bev_grid_matches_a_per_point_loop_at_the_borders_and_across_a_batch():
     torch.testing.assert_close(grid, reference_bev_grid(points, mask, cfg), atol=1e-5, rtol=1e-5)
     assert grid[:, 0::3].sum() > 0 and (grid[:, 0::3, 0] > 0).any() and \
         (grid[:, 0::3, -1] > 0).any(), 'the border rows must receive splats in this test'
+
+
+def drive_samples(frames, max_points=400):
+    """Consecutive samples of one drive through the posts world: sample k = scans (k-1, k)."""
+    rng = np.random.default_rng(5)
+    world = scene_points(rng, 800)
+    cfg = SampleConfig(image_height=H, image_width=W, max_points=max_points)
+    scans, poses = [], []
+    for k in range(frames + 1):
+        pose = make_pose(rpy_to_rot(0.0, 0.0, 0.02 * k), [0.8 * k, 0.05 * k, 0.0])
+        inv = invert_pose(pose)
+        xyz = world[:, :3] @ inv[:3, :3].T + inv[:3, 3]
+        scans.append(np.column_stack([xyz, world[:, 3]]).astype(np.float32))
+        poses.append(pose)
+    return [build_sample(cfg, stamps=(0.1 * k - 0.1, 0.1 * k), scans=scans[k - 1:k + 1],
+                         poses=poses[k - 1:k + 1], sequence='07', frame=k)
+            for k in range(1, frames + 1)]
+
+
+def test_scan_cache_reuses_the_shared_scan_and_predicts_as_without_it():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL)).eval()
+    samples = drive_samples(7)
+    # A sample that does not follow its predecessor (a restart): its first scan is not cached.
+    samples.insert(4, samples[0])
+    cache = ScanCache()
+    with torch.no_grad():
+        for i, sample in enumerate(samples):
+            batch = collate_samples([sample])
+            if i == 6:
+                for p in model.point.stem.parameters():   # a training step changed the weights
+                    p.add_(0.01)
+                cache.weights_changed()
+            want = model(batch)
+            got = model(batch, scan_cache=cache)
+            torch.testing.assert_close(got['mean'], want['mean'], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got['logvar'], want['logvar'], atol=1e-5, rtol=1e-5)
+    # 8 samples: the first, the inserted one, the one after it and the one right after the
+    # weight change compute both scans' features; the other four reuse the first scan's.
+    assert (cache.hits, cache.misses) == (4, 4)
+    with pytest.raises(ValueError, match='one sample at a time'):
+        model.train()(collate_samples(samples[:1]), scan_cache=cache)
 
 
 def test_global_correlation_peaks_at_the_shift():

@@ -81,6 +81,10 @@ def test_predictions_chain_into_trajectories(data, tmp_path):
     np.testing.assert_allclose(again.mean, preds[0].mean, atol=1e-6)
     assert trainer.metrics()['online_samples'] == FRAMES
     assert trainer.metrics()['camera_masked_samples'] == 0
+    # consecutive samples of the Dataset share a scan: each one after the first reused it
+    # (the repeated first sample follows the last one, so it missed)
+    assert (trainer.metrics()['scan_cache_hits'], trainer.metrics()['scan_cache_misses']) == \
+        (FRAMES - 2, 2)
 
 
 def test_step_debt_honours_updates_per_sample_and_cap(data, tmp_path):

@@ -81,8 +81,9 @@ class FusionOdometryNet(nn.Module):
         return self
 
     # --- forward -------------------------------------------------------------------------
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, scan_cache=None) -> dict:
         """batch: the collated DESIGN §5 tensors (INPUT_KEYS) on the model's device.
+        scan_cache: an encoders.ScanCache for online inference with the BEV point encoder.
 
         Returns normalised `mean` and `logvar` (B, 6) and the mean fusion `gates` (B, 3).
         """
@@ -91,7 +92,9 @@ class FusionOdometryNet(nn.Module):
             raise ValueError(f'batch lacks {missing}; expected the DESIGN §5 keys {INPUT_KEYS}')
         imu_norm = (batch['imu'].float() - self.imu_mean) / self.imu_std
         feats = [self.visual(batch['image']),
-                 self.point(batch['points'], batch['points_mask']),
+                 self.point(batch['points'], batch['points_mask'])
+                 if scan_cache is None else
+                 self.point(batch['points'], batch['points_mask'], cache=scan_cache),
                  self.imu(imu_norm, batch['dt'])]
         fused, gates, mask = self.fusion(feats, batch['modality_mask'])
         if not self.shift_estimates:

@@ -21,6 +21,7 @@ from mm_fusion_ros.config import ConfigBase, MODALITIES, SampleConfig
 from mm_fusion_ros.geometry import chain_relative, vec6_to_pose
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
+from mm_fusion_ros.model.encoders import BevPointEncoder, ScanCache
 from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
 from mm_fusion_ros.training.checkpoint import load_checkpoint, save_checkpoint
 from mm_fusion_ros.training.config import TrainConfig
@@ -131,6 +132,9 @@ class OnlineTrainer:
         self._step_lock = threading.Lock()      # one gradient step, or a checkpoint snapshot
         self._wakeup = threading.Condition()
         self.infer_model = copy.deepcopy(self.core.model).eval()
+        # Consecutive samples share a scan: its half of the BEV encoder is computed once.
+        self.scan_cache = ScanCache() if isinstance(self.infer_model.point, BevPointEncoder) \
+            else None
         self.training_enabled = online_cfg.training_enabled
         self.step_debt = 0.0
         self.samples_seen = 0
@@ -175,7 +179,7 @@ class OnlineTrainer:
         batch = collate_samples([sample])
         with self._model_lock, torch.no_grad():
             dev = self.core.to_device(batch)
-            out = self.infer_model(dev)
+            out = self.infer_model(dev, scan_cache=self.scan_cache)
             mean, logvar = self.infer_model.denormalize(out['mean'].float(),
                                                         out['logvar'].float())
         mean = mean[0].cpu().numpy().astype(np.float64)
@@ -281,6 +285,8 @@ class OnlineTrainer:
         state = {k: v.detach().clone() for k, v in self.core.model.state_dict().items()}
         with self._model_lock:
             self.infer_model.load_state_dict(state)
+            if self.scan_cache is not None:
+                self.scan_cache.weights_changed()
 
     # --- checkpoints and files -----------------------------------------------------------
     def checkpoint_path(self, name: str) -> Path:
@@ -317,6 +323,8 @@ class OnlineTrainer:
                     'imu_masked_samples': int(self.masked['imu']),
                     'samples_without_target': int(self.masked['target']),
                     'predict_latency_p50_s': _percentile(latencies, 50),
+                    'scan_cache_hits': self.scan_cache.hits if self.scan_cache else 0,
+                    'scan_cache_misses': self.scan_cache.misses if self.scan_cache else 0,
                     'last_loss': float(stats.loss) if stats else math.nan}
 
     def _maybe_autosave(self):
