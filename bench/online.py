@@ -18,7 +18,8 @@ Drops: messages published by the player vs received by the synchronizer (its /di
 the synchronizer's own drop and mask counts, and samples expected (scans - 1) vs poses received.
 Trained samples/s: gradient steps between two ~/save_checkpoint calls (before the replay, after
 the last pose) times the batch size, over that time. Node CPU: utime + stime of the node process
-from the first scan published to the last pose, as cores and per pose.
+from the first scan published to the last pose, as cores and per pose. Player CPU: this
+process (bag reading, publishing, the probe) while the player ran, in cores.
 Targets on 2 CPU cores: zero drops at 5x, p95 latency < 100 ms, RSS flat once the buffer is
 full: the median RSS over the second half of the time after the fill within 2% of the median
 over the first half (use a long --frames at 1x to judge it; a short replay says little).
@@ -240,6 +241,7 @@ class Case:
     fill_time: float = None
     exit_code: int = None
     player_wall_s: float = 0.0
+    player_cpu_s: float = 0.0  # CPU of this process (the player) while it played
     cpu_s: float = 0.0         # node CPU seconds from the first scan to the last pose
     cpu_wall_s: float = 0.0
 
@@ -277,7 +279,9 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
             try:
                 player.wait_for_subscribers(30.0)
                 start_ns, stop_ns = source.window(0.0, None)
+                cpu0 = time.process_time()
                 report = player.play(start_ns, stop_ns, case.rate, loop=False)
+                case.player_cpu_s = time.process_time() - cpu0
                 player.wait_for_acks(10.0)
                 published = dict(player.cloud_published)
             finally:
@@ -358,7 +362,8 @@ def print_table(cases):
     header = (f'{"rate":>5} {"train":>5} | {"lost in transport (pub-recv)":<36} | '
               f'{"sync drops":<14} {"masked":<12} | {"samples exp/emit/poses":>22} | '
               f'{"steps/s":>7} {"smp/s":>6} | {"lat p50":>7} {"p95":>6} {"max":>6} ms | '
-              f'{"RSS start/fill/end MB":>22} | {"node CPU: cores, ms/sample":>26}')
+              f'{"RSS start/fill/end MB":>22} | {"node CPU: cores, ms/sample":>26} | '
+              f'{"player CPU":>10}')
     print(header)
     print('-' * len(header))
     for c in cases:
@@ -374,7 +379,8 @@ def print_table(cases):
               f'{steps_s:>7.1f} {steps_s * c.batch:>6.1f} | '
               f'{np.percentile(lat, 50):>7.1f} {np.percentile(lat, 95):>6.1f} '
               f'{lat.max():>6.1f}    | {start:>6.0f}/{fill:>6.0f}/{end:>6.0f}       | '
-              f'{c.cpu_s / c.cpu_wall_s:>5.2f}, {c.cpu_s / max(c.poses, 1) * 1e3:>6.1f}')
+              f'{c.cpu_s / c.cpu_wall_s:>5.2f}, {c.cpu_s / max(c.poses, 1) * 1e3:>6.1f}'
+              f'{"":>14} | {c.player_cpu_s / max(c.player_wall_s, 1e-9):>5.2f} cores')
 
 
 def print_verdict(cases):

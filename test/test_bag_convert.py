@@ -14,7 +14,6 @@ import yaml
 
 from mm_fusion_ros.bag import topics
 from mm_fusion_ros.bag.lidar import point_time, ring_index
-from mm_fusion_ros.bag.messages import cloud_to_structured
 from mm_fusion_ros.bag.reader import bag_topics, read_messages, read_numpy
 from mm_fusion_ros.bag.writer import (
     convert_sequence,
@@ -26,6 +25,7 @@ from mm_fusion_ros.cli import kitti_to_bag
 from mm_fusion_ros.geometry import invert_pose, rot_to_quat, rpy_to_rot
 from mm_fusion_ros.kitti.odometry import KittiSequence
 from mm_fusion_ros.kitti.raw import OXTS_INDEX, read_oxts_folder
+from mm_fusion_ros.messages import cloud_to_structured
 
 FRAMES = 12
 

@@ -57,6 +57,24 @@ def test_rclpy_cloud_round_trip():
     np.testing.assert_array_equal(out, pts)
 
 
+def test_raw_subscription_bytes_decode_as_views_with_the_same_decoders():
+    """A raw rclpy subscription hands over serialized CDR: decode_cdr reads it without copying
+    the payload, and the decoders give what the rclpy message gives."""
+    from rclpy.serialization import serialize_message
+    pts = points(500)
+    raw = serialize_message(cv.array_to_cloud(pts, 5_000_000_001, 'velodyne'))
+    msg = cv.decode_cdr(raw, 'sensor_msgs/msg/PointCloud2')
+    assert cv.stamp_to_ns(msg.header.stamp) == 5_000_000_001
+    assert np.shares_memory(msg.data, np.frombuffer(raw, np.uint8))
+    np.testing.assert_array_equal(cv.cloud_to_array(msg), pts)
+    im = rgb_image(6, 9)
+    raw = serialize_message(cv.array_to_image(im, 7, 'camera2', 'bgr8'))
+    np.testing.assert_array_equal(cv.image_to_array(cv.decode_cdr(raw, 'sensor_msgs/msg/Image')),
+                                  im)
+    with pytest.raises(ValueError, match='PointCloud2: serialized message does not decode'):
+        cv.decode_cdr(raw[:40], 'sensor_msgs/msg/PointCloud2')
+
+
 def test_rosbags_cloud_round_trip():
     pts = points(300)
     attrs = cv.cloud_msg_fields(pts)

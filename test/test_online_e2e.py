@@ -396,6 +396,34 @@ def test_sigint_exits_cleanly_and_writes_final_files(scenario):
     assert not [p for p in out.rglob('*') if p.name.endswith('.tmp')]
 
 
+def test_synchronizer_node_skips_and_counts_messages_that_do_not_decode():
+    """The node's raw callbacks, called directly: a bad message is counted, not fatal."""
+    from rclpy.serialization import serialize_message
+
+    from mm_fusion_ros.ros.conversions import array_to_cloud
+    from mm_fusion_ros.ros.synchronizer_node import SynchronizerNode
+    env = fresh_env()
+    with ros_domain(env):
+        rclpy.init(domain_id=int(env['ROS_DOMAIN_ID']))
+        try:
+            node = SynchronizerNode(sample_cfg=SampleConfig(image_height=8, image_width=8),
+                                    buffer=ReplayBuffer(), on_sample=lambda sample: None)
+            points = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
+            node._on_cloud(serialize_message(array_to_cloud(points[:, :2], 10**9, 'velodyne',
+                                                            names=('x', 'y'))))   # no z
+            node._on_cloud(b'\x00\x01\x00\x00 not a cloud')
+            node._on_imu(serialize_message(array_to_cloud(points, 10**9, 'velodyne')))
+            node._on_cloud(serialize_message(array_to_cloud(points, 10**9, 'velodyne')))
+            stats = node.sync.stats
+            node.shutdown()
+            node.destroy_node()
+        finally:
+            rclpy.shutdown()
+    assert stats['received']['cloud'] == 3 and stats['received']['imu'] == 1
+    assert stats['dropped'] == {'bad_message': 3}
+    assert stats['pending']['scans'] == 1     # the good cloud went on to the synchronizer
+
+
 def test_restart_resumes_from_saved_buffer_and_checkpoint(world, scenario, tmp_path):
     final_path = scenario['out'] / 'ckpt' / 'final.pth'
     final = load_checkpoint(final_path)

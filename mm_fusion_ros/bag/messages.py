@@ -1,9 +1,7 @@
-"""Message <-> numpy conversion for rosbags message objects (numpy + rosbags only).
+"""numpy -> rosbags messages for kitti_to_bag (numpy + rosbags only).
 
-`MessageFactory` builds typestore messages from numpy arrays for kitti_to_bag. The decoders
-(`cloud_to_array`, `image_to_array`, ...) only read attributes, so they accept rosbags and
-rclpy messages alike (STYLE §7: dtype from the PointField offsets, byte swap on an endianness
-mismatch, an explicit image encoding table that honours `step`).
+`MessageFactory` builds typestore messages from numpy arrays; the decoders, which read rosbags
+and rclpy messages alike, are in mm_fusion_ros/messages.py.
 
 Covariances are diagonal 1-sigma figures squared, never all-zero (REP 145: zeros would claim a
 perfectly known value):
@@ -13,11 +11,10 @@ perfectly known value):
 - ground-truth pose: KITTI's GPS/IMU ground truth is accurate to ~10 cm and ~0.1 deg;
 - ground-truth twist (finite differences of 10 Hz poses): ~0.1 m/s and ~0.01 rad/s.
 """
-import io
-
 import numpy as np
 
-from mm_fusion_ros.geometry import make_pose, quat_to_rot, rot_to_quat
+from mm_fusion_ros.geometry import rot_to_quat
+from mm_fusion_ros.messages import POINT_FIELD_DTYPES
 
 NS_PER_S = 1_000_000_000
 
@@ -27,16 +24,8 @@ IMU_ACCEL_VAR = np.full(3, 0.1 ** 2)
 GT_POSE_VAR = np.concatenate([np.full(3, 0.1 ** 2), np.full(3, np.deg2rad(0.1) ** 2)])
 GT_TWIST_VAR = np.concatenate([np.full(3, 0.1 ** 2), np.full(3, 0.01 ** 2)])
 
-# sensor_msgs/PointField datatypes -> numpy type codes (without byte order).
-POINTFIELD_DTYPES = {1: 'i1', 2: 'u1', 3: 'i2', 4: 'u2', 5: 'i4', 6: 'u4', 7: 'f4', 8: 'f8'}
-POINTFIELD_CODES = {np.dtype(code).str[1:]: dt for dt, code in POINTFIELD_DTYPES.items()}
-
-# Image encodings -> (numpy dtype, channels); `step` may pad rows beyond width * pixel size.
-IMAGE_ENCODINGS = {
-    'rgb8': ('u1', 3), 'bgr8': ('u1', 3), 'rgba8': ('u1', 4), 'bgra8': ('u1', 4),
-    'mono8': ('u1', 1), 'mono16': ('u2', 1), '8UC1': ('u1', 1), '8UC3': ('u1', 3),
-    '16UC1': ('u2', 1), '32FC1': ('f4', 1),
-}
+# numpy type codes (without byte order) -> sensor_msgs/PointField datatypes.
+POINTFIELD_CODES = {np.dtype(code).str[1:]: dt for dt, code in POINT_FIELD_DTYPES.items()}
 
 XYZI_FIELDS = (('x', 'f4'), ('y', 'f4'), ('z', 'f4'), ('intensity', 'f4'))
 
@@ -44,11 +33,6 @@ XYZI_FIELDS = (('x', 'f4'), ('y', 'f4'), ('z', 'f4'), ('intensity', 'f4'))
 def split_stamp(stamp_ns: int):
     """Integer nanoseconds -> (sec, nanosec) with 0 <= nanosec < 1e9."""
     return divmod(int(stamp_ns), NS_PER_S)
-
-
-def stamp_to_ns(stamp) -> int:
-    """builtin_interfaces/Time (rosbags or rclpy) -> integer nanoseconds."""
-    return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
 
 
 def diag(values, size: int) -> np.ndarray:
@@ -186,115 +170,3 @@ class MessageFactory:
                     translation=self.vector3(T[:3, 3]),
                     rotation=self.quaternion(rot_to_quat(T[:3, :3])))))
         return self._t['tf2_msgs/msg/TFMessage'](transforms=items)
-
-
-def cloud_dtype(msg) -> np.dtype:
-    """Structured dtype of a PointCloud2's points, from its fields, offsets and point_step."""
-    order = '>' if msg.is_bigendian else '<'
-    names, offsets, formats = [], [], []
-    for field in msg.fields:
-        if field.datatype not in POINTFIELD_DTYPES:
-            raise ValueError(f'PointField {field.name!r}: unknown datatype {field.datatype}')
-        code = order + POINTFIELD_DTYPES[field.datatype]
-        names.append(field.name)
-        offsets.append(field.offset)
-        formats.append(code if field.count == 1 else (code, (field.count,)))
-    return np.dtype({'names': names, 'offsets': offsets, 'formats': formats,
-                     'itemsize': msg.point_step})
-
-
-def cloud_to_structured(msg) -> np.ndarray:
-    """PointCloud2 -> structured array of width * height points (rows may be padded)."""
-    dtype = cloud_dtype(msg)
-    height, width, row_step = int(msg.height), int(msg.width), int(msg.row_step)
-    if row_step < width * dtype.itemsize or len(msg.data) < row_step * height:
-        raise ValueError(f'PointCloud2 {width}x{height}: row_step {row_step} and '
-                         f'{len(msg.data)} data bytes are too small for point_step '
-                         f'{dtype.itemsize}')
-    rows = np.frombuffer(msg.data, dtype=np.uint8, count=row_step * height)
-    rows = rows.reshape(height, row_step)[:, :width * dtype.itemsize]
-    return np.ascontiguousarray(rows).view(dtype).reshape(-1)
-
-
-def cloud_to_array(msg, names=('x', 'y', 'z', 'intensity')) -> np.ndarray:
-    """PointCloud2 -> (N, len(names)) float32."""
-    points = cloud_to_structured(msg)
-    missing = [n for n in names if n not in points.dtype.names]
-    if missing:
-        raise ValueError(f'PointCloud2 has no field(s) {missing}; fields: {points.dtype.names}')
-    out = np.empty((len(points), len(names)), dtype=np.float32)
-    for i, name in enumerate(names):
-        out[:, i] = points[name]
-    return out
-
-
-def image_to_array(msg) -> np.ndarray:
-    """sensor_msgs/Image -> (H, W, C) array in the message's channel order ((H, W) for mono).
-
-    Use `image_to_rgb` for an RGB uint8 image whatever the encoding.
-    """
-    if msg.encoding not in IMAGE_ENCODINGS:
-        raise ValueError(f'Image encoding {msg.encoding!r} not supported; '
-                         f'known: {sorted(IMAGE_ENCODINGS)}')
-    code, channels = IMAGE_ENCODINGS[msg.encoding]
-    dtype = np.dtype(('>' if msg.is_bigendian else '<') + code)
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    row_bytes = width * channels * dtype.itemsize
-    if step < row_bytes or len(msg.data) < step * height:
-        raise ValueError(f'Image {width}x{height} {msg.encoding}: step {step} and '
-                         f'{len(msg.data)} data bytes are too small')
-    raw = np.frombuffer(msg.data, dtype=np.uint8, count=step * height).reshape(height, step)
-    pixels = np.ascontiguousarray(raw[:, :row_bytes]).view(dtype)
-    shape = (height, width) if channels == 1 else (height, width, channels)
-    return pixels.reshape(shape).astype(dtype.newbyteorder('='), copy=False)
-
-
-def image_to_rgb(msg) -> np.ndarray:
-    """sensor_msgs/Image (8-bit encodings) -> (H, W, 3) uint8 RGB."""
-    pixels = image_to_array(msg)
-    if pixels.dtype != np.uint8:
-        raise ValueError(f'Image encoding {msg.encoding!r} is not 8-bit')
-    if pixels.ndim == 2:
-        return np.repeat(pixels[:, :, None], 3, axis=2)
-    if msg.encoding.startswith('bgr'):
-        pixels = pixels[:, :, 2::-1]
-    return np.ascontiguousarray(pixels[:, :, :3])
-
-
-def compressed_image_to_rgb(msg) -> np.ndarray:
-    """sensor_msgs/CompressedImage (png, jpeg) -> (H, W, 3) uint8 RGB."""
-    from PIL import Image  # only needed for compressed images
-    try:
-        with Image.open(io.BytesIO(bytes(msg.data))) as im:
-            return np.asarray(im.convert('RGB'))
-    except OSError as e:
-        raise ValueError(f'CompressedImage ({msg.format!r}) does not decode: {e}') from e
-
-
-def imu_to_arrays(msg):
-    """sensor_msgs/Imu -> (stamp_ns, accel (3,), gyro (3,), quat (4,) or None)."""
-    acc, gyr, q = msg.linear_acceleration, msg.angular_velocity, msg.orientation
-    quat = None if msg.orientation_covariance[0] == -1 else np.array([q.x, q.y, q.z, q.w])
-    return (stamp_to_ns(msg.header.stamp), np.array([acc.x, acc.y, acc.z]),
-            np.array([gyr.x, gyr.y, gyr.z]), quat)
-
-
-def pose_to_matrix(position, orientation) -> np.ndarray:
-    """geometry_msgs Point/Vector3 + Quaternion -> 4x4."""
-    q = [orientation.x, orientation.y, orientation.z, orientation.w]
-    return make_pose(quat_to_rot(q), [position.x, position.y, position.z])
-
-
-def odometry_to_arrays(msg):
-    """nav_msgs/Odometry -> (stamp_ns, T (4, 4), twist (6,) = v, w in child_frame_id)."""
-    pose, twist = msg.pose.pose, msg.twist.twist
-    return (stamp_to_ns(msg.header.stamp), pose_to_matrix(pose.position, pose.orientation),
-            np.array([twist.linear.x, twist.linear.y, twist.linear.z,
-                      twist.angular.x, twist.angular.y, twist.angular.z]))
-
-
-def tf_to_dict(msg) -> dict:
-    """tf2_msgs/TFMessage -> {(parent, child): T_parent_child 4x4}."""
-    return {(t.header.frame_id, t.child_frame_id):
-            pose_to_matrix(t.transform.translation, t.transform.rotation)
-            for t in msg.transforms}

@@ -13,12 +13,14 @@ from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.rosbag2 import ReaderError
 
 from mm_fusion_ros.bag import topics
-from mm_fusion_ros.bag.messages import (
+from mm_fusion_ros.messages import (
     cloud_to_array,
-    compressed_image_to_rgb,
-    image_to_rgb,
+    compressed_image_to_array,
+    image_to_array,
+    imu_orientation,
     imu_to_arrays,
-    odometry_to_arrays,
+    odometry_to_pose,
+    odometry_twist,
     stamp_to_ns,
     tf_to_dict,
 )
@@ -111,15 +113,15 @@ def to_numpy(msgtype: str, msg):
     if msgtype == topics.CLOUD_TYPE:
         return cloud_to_array(msg)
     if msgtype == topics.IMAGE_TYPE:
-        return image_to_rgb(msg)
+        return image_to_array(msg)
     if msgtype == topics.COMPRESSED_IMAGE_TYPE:
-        return compressed_image_to_rgb(msg)
+        return compressed_image_to_array(msg)
     if msgtype == topics.IMU_TYPE:
-        stamp, accel, gyro, quat = imu_to_arrays(msg)
-        return ImuSample(stamp, accel, gyro, quat)
+        accel, gyro = imu_to_arrays(msg)
+        return ImuSample(stamp_to_ns(msg.header.stamp), accel, gyro, imu_orientation(msg))
     if msgtype == topics.ODOMETRY_TYPE:
-        stamp, pose, twist = odometry_to_arrays(msg)
-        return OdometrySample(stamp, pose, twist, msg.header.frame_id, msg.child_frame_id)
+        return OdometrySample(stamp_to_ns(msg.header.stamp), odometry_to_pose(msg),
+                              odometry_twist(msg), msg.header.frame_id, msg.child_frame_id)
     if msgtype == topics.CAMERA_INFO_TYPE:
         return CameraInfoSample(stamp_to_ns(msg.header.stamp), int(msg.width), int(msg.height),
                                 np.asarray(msg.k, dtype=np.float64).reshape(3, 3),

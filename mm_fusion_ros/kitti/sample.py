@@ -83,8 +83,10 @@ def sample_points(scan: np.ndarray, n: int, rng: np.random.Generator):
     if n == 0 or len(scan) == n:
         return scan, np.ones(len(scan), dtype=bool)
     if len(scan) > n:
-        idx = np.sort(rng.choice(len(scan), size=n, replace=False))
-        return scan[idx], np.ones(n, dtype=bool)
+        # A boolean mask keeps the points in scan order, as sorted indices would, for less.
+        keep = np.zeros(len(scan), dtype=bool)
+        keep[rng.choice(len(scan), size=n, replace=False)] = True
+        return scan[keep], np.ones(n, dtype=bool)
     out = np.zeros((n, 4), dtype=np.float32)
     out[:len(scan)] = scan
     mask = np.zeros(n, dtype=bool)

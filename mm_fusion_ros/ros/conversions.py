@@ -1,131 +1,26 @@
-"""All message <-> numpy conversion of the package (STYLE §7); no sensor_msgs_py, no cv_bridge.
-
-Readers are duck-typed: they only touch message attributes, so rclpy messages, rosbags messages
-and SimpleNamespace fakes all work. Byte payloads are read with np.frombuffer (rclpy's uint8[]
-is an array.array, rosbags' a numpy array; neither is copied before the final gather).
-The few builders that need real rclpy message classes import them lazily.
+"""Message conversion at the ROS edge: the decoders of mm_fusion_ros.messages (re-exported
+here, so nodes find everything in one place) and the builders of rclpy messages, which import
+the message classes lazily.
 """
-from io import BytesIO
-
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from mm_fusion_ros.geometry import quat_to_rot, rot_to_quat
-
-NS_PER_S = 1_000_000_000
-
-# sensor_msgs/PointField datatypes.
-POINT_FIELD_DTYPES = {1: 'i1', 2: 'u1', 3: 'i2', 4: 'u2', 5: 'i4', 6: 'u4', 7: 'f4', 8: 'f8'}
-FLOAT32 = 7
-INTENSITY_ALIASES = ('intensity', 'reflectance', 'i')
-
-# encoding -> (channel dtype, channels, indices of R, G, B among the channels; None = grey).
-# '8UC3'/'8UC4' follow OpenCV's BGR(A) order; 16-bit values are scaled to 8 bits (x / 257).
-IMAGE_ENCODINGS = {
-    'rgb8': ('u1', 3, (0, 1, 2)),
-    'bgr8': ('u1', 3, (2, 1, 0)),
-    'rgba8': ('u1', 4, (0, 1, 2)),
-    'bgra8': ('u1', 4, (2, 1, 0)),
-    'mono8': ('u1', 1, None),
-    '8UC1': ('u1', 1, None),
-    '8UC3': ('u1', 3, (2, 1, 0)),
-    '8UC4': ('u1', 4, (2, 1, 0)),
-    'rgb16': ('u2', 3, (0, 1, 2)),
-    'bgr16': ('u2', 3, (2, 1, 0)),
-    'mono16': ('u2', 1, None),
-    '16UC1': ('u2', 1, None),
-}
-
-
-# ------------------------------------------------------------------------ stamps
-
-def stamp_to_ns(stamp) -> int:
-    """builtin_interfaces/Time (sec, nanosec) -> integer nanoseconds."""
-    return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
-
-
-def ns_to_stamp(ns: int):
-    """Integer nanoseconds -> (sec, nanosec) for a builtin_interfaces/Time."""
-    sec, nanosec = divmod(int(ns), NS_PER_S)
-    return sec, nanosec
-
-
-def _byte_view(data) -> np.ndarray:
-    """uint8 view of a message payload (array.array, bytes, memoryview, ndarray, list)."""
-    if isinstance(data, np.ndarray):
-        return data.view(np.uint8).reshape(-1)
-    if isinstance(data, (list, tuple)):
-        return np.asarray(data, dtype=np.uint8)
-    return np.frombuffer(data, dtype=np.uint8)
-
+from mm_fusion_ros.geometry import rot_to_quat
+from mm_fusion_ros.messages import (  # noqa: F401  (re-exported decoders)
+    cdr_typestore,
+    cloud_dtype,
+    cloud_to_array,
+    cloud_to_structured,
+    compressed_image_to_array,
+    decode_cdr,
+    FLOAT32,
+    image_to_array,
+    imu_to_arrays,
+    ns_to_stamp,
+    odometry_to_pose,
+    stamp_to_ns,
+)
 
 # ------------------------------------------------------------------- point clouds
-
-def cloud_dtype(msg) -> np.dtype:
-    """Structured dtype of one point from the PointField list, point_step and is_bigendian."""
-    order = '>' if msg.is_bigendian else '<'
-    names, formats, offsets = [], [], []
-    for f in msg.fields:
-        if f.datatype not in POINT_FIELD_DTYPES:
-            raise ValueError(f'PointCloud2 field {f.name!r}: unknown datatype {f.datatype}')
-        count = int(getattr(f, 'count', 1) or 1)
-        base = order + POINT_FIELD_DTYPES[f.datatype]
-        names.append(f.name)
-        formats.append(base if count == 1 else (base, (count,)))
-        offsets.append(int(f.offset))
-    try:
-        return np.dtype({'names': names, 'formats': formats, 'offsets': offsets,
-                         'itemsize': int(msg.point_step)})
-    except ValueError as e:
-        raise ValueError(f'PointCloud2 fields {names} at offsets {offsets} do not fit '
-                         f'point_step {msg.point_step}: {e}') from e
-
-
-def cloud_to_array(msg, names=('x', 'y', 'z', 'intensity')) -> np.ndarray:
-    """PointCloud2 -> (width*height, len(names)) float32.
-
-    A missing 'intensity' falls back to 'reflectance' or 'i', else zeros; other missing fields
-    raise ValueError naming the fields present. Rows padded beyond width*point_step (row_step)
-    are honoured.
-    """
-    dtype = cloud_dtype(msg)
-    width, height = int(msg.width), int(msg.height)
-    count = width * height
-    raw = _byte_view(msg.data)
-    row_bytes = width * int(msg.point_step)
-    row_step = int(getattr(msg, 'row_step', 0) or row_bytes)
-    if height > 1 and row_step != row_bytes:
-        if raw.size < row_step * (height - 1) + row_bytes:
-            raise ValueError(f'PointCloud2 data has {raw.size} bytes, {height} rows of row_step '
-                             f'{row_step} need {row_step * (height - 1) + row_bytes}')
-        raw = np.concatenate([raw[r * row_step:r * row_step + row_bytes] for r in range(height)])
-    if raw.size < count * dtype.itemsize:
-        raise ValueError(f'PointCloud2 data has {raw.size} bytes, {width}x{height} points of '
-                         f'point_step {msg.point_step} need {count * dtype.itemsize}')
-    points = np.frombuffer(raw, dtype=dtype, count=count)
-    out = np.empty((count, len(names)), dtype=np.float32)
-    present = dtype.names
-    for col, name in enumerate(names):
-        field_name = _resolve_field(name, present)
-        if field_name is None:
-            if name in INTENSITY_ALIASES:
-                out[:, col] = 0.0
-                continue
-            raise ValueError(f'PointCloud2 has no field {name!r}; fields: {list(present)}')
-        if dtype[field_name].shape:
-            raise ValueError(f'PointCloud2 field {field_name!r} has count '
-                             f'{dtype[field_name].shape[0]}; only scalar fields convert')
-        out[:, col] = points[field_name]
-    return out
-
-
-def _resolve_field(name, present):
-    if name in present:
-        return name
-    if name in INTENSITY_ALIASES:
-        return next((a for a in INTENSITY_ALIASES if a in present), None)
-    return None
-
 
 def cloud_msg_fields(points, names=('x', 'y', 'z', 'intensity')) -> dict:
     """(N, C) array -> the PointCloud2 attributes (unorganised, float32, little-endian).
@@ -159,48 +54,6 @@ def array_to_cloud(points, stamp_ns: int, frame_id: str,
 
 # ------------------------------------------------------------------------ images
 
-def image_to_array(msg) -> np.ndarray:
-    """sensor_msgs/Image -> (H, W, 3) uint8 RGB (a new array); honours step and is_bigendian."""
-    encoding = str(msg.encoding)
-    if encoding not in IMAGE_ENCODINGS:
-        raise ValueError(f'image encoding {encoding!r} not supported; supported: '
-                         f'{", ".join(IMAGE_ENCODINGS)}')
-    base, channels, rgb = IMAGE_ENCODINGS[encoding]
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
-    itemsize = np.dtype(base).itemsize
-    row_bytes = width * channels * itemsize
-    if step < row_bytes:
-        raise ValueError(f'image {encoding} {width}x{height}: step {step} < {row_bytes} bytes '
-                         'per row')
-    raw = _byte_view(msg.data)
-    if raw.size < step * (height - 1) + row_bytes:
-        raise ValueError(f'image {encoding} {width}x{height}: data has {raw.size} bytes, needs '
-                         f'{step * (height - 1) + row_bytes} (step {step})')
-    rows = np.lib.stride_tricks.as_strided(raw, shape=(height, row_bytes),
-                                           strides=(step, 1), writeable=False)
-    order = '>' if getattr(msg, 'is_bigendian', False) else '<'
-    pixels = rows.view(order + base if itemsize > 1 else base).reshape(height, width, channels)
-    if itemsize > 1:
-        pixels = np.round(pixels.astype(np.float32) / 257.0).astype(np.uint8)
-    if rgb is None:
-        return np.repeat(pixels, 3, axis=2)
-    if channels == 3 and rgb == (0, 1, 2):
-        return pixels.copy()
-    if channels == 3 and rgb == (2, 1, 0):
-        return pixels[:, :, ::-1].copy()
-    return np.ascontiguousarray(pixels[:, :, list(rgb)])
-
-
-def compressed_image_to_array(msg) -> np.ndarray:
-    """sensor_msgs/CompressedImage (png, jpeg, ...) -> (H, W, 3) uint8 RGB via PIL."""
-    fmt = str(getattr(msg, 'format', ''))
-    try:
-        with Image.open(BytesIO(_byte_view(msg.data).tobytes())) as img:
-            return np.asarray(img.convert('RGB'))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f'compressed image (format {fmt!r}) could not be decoded: {e}') from e
-
-
 def image_msg_fields(image, encoding='rgb8') -> dict:
     """(H, W, 3) uint8 RGB -> the sensor_msgs/Image attributes (rgb8 or bgr8, no padding)."""
     image = np.asarray(image)
@@ -225,26 +78,6 @@ def array_to_image(image, stamp_ns: int, frame_id: str, encoding='rgb8'):
 
 
 # ------------------------------------------------------------------ IMU and poses
-
-def imu_to_arrays(msg):
-    """sensor_msgs/Imu -> (accel (3,), gyro (3,)) float64 [m/s^2], [rad/s]."""
-    a, w = msg.linear_acceleration, msg.angular_velocity
-    return (np.array([a.x, a.y, a.z], dtype=np.float64),
-            np.array([w.x, w.y, w.z], dtype=np.float64))
-
-
-def odometry_to_pose(msg) -> np.ndarray:
-    """nav_msgs/Odometry (or anything with .pose.pose) -> 4x4 pose (parent <- child)."""
-    pose = msg.pose.pose
-    p, q = pose.position, pose.orientation
-    quat = np.array([q.x, q.y, q.z, q.w], dtype=np.float64)
-    if not np.linalg.norm(quat) > 1e-9:
-        raise ValueError(f'odometry orientation is not a quaternion: {quat.tolist()}')
-    out = np.eye(4)
-    out[:3, :3] = quat_to_rot(quat)
-    out[:3, 3] = [p.x, p.y, p.z]
-    return out
-
 
 def pose_to_odometry_fields(pose, log_var=None):
     """4x4 pose (+ 6-vector log-variance of x y z rx ry rz) -> (position (3,) tuple,

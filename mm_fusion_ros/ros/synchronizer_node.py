@@ -1,15 +1,22 @@
 """Synchronizer node: DESIGN §4 sensor topics -> aligned DESIGN §5 samples -> replay buffer.
 
 A thin shell over mm_fusion_ros.sync: callbacks convert messages at the edge (conversions.py),
-hand numpy arrays to the Synchronizer and return. A dispatch thread of its own takes the ready
-samples to the ReplayBuffer or to `on_sample` (the trainer's prediction, when both run in one
-process), so no subscription callback ever waits for a prediction: a sensor stream delayed
-behind another would count as missing once the scans ran `*_timeout_s` of sensor time ahead.
+hand numpy arrays to the Synchronizer and return. The subscriptions are raw: each callback gets
+the serialized message and decodes it with conversions.decode_cdr into views of those bytes.
+rclpy's own deserialization copies a 2 MB cloud twice into Python objects while holding the GIL,
+and on 2 cores that GIL time was what limited a 5x full-size replay (bench/online.py).
+A message that does not decode is logged, counted ('bad_message') and skipped.
+
+A dispatch thread of its own takes the ready samples to the ReplayBuffer or to `on_sample`
+(the trainer's prediction, when both run in one process), so no subscription callback ever
+waits for a prediction: a sensor stream delayed behind another would count as missing once the
+scans ran `*_timeout_s` of sensor time ahead.
 Publishes /diagnostics at 1 Hz (received, dropped and masked counts).
 
 Run alone (`synchronizer` executable) it fills the buffer and saves it at shutdown
 (`buffer_path`), e.g. to collect data from a robot for later training.
 """
+from contextlib import contextmanager
 import threading
 import time
 
@@ -69,6 +76,7 @@ class SynchronizerNode(Node):
         self.emitted = 0
         self.dispatch_errors = 0
 
+        conversions.cdr_typestore()   # built now rather than in the first callback
         qos = QOS_PROFILES[qos_name]
         small_qos = qos
         if qos_name == 'replay':
@@ -85,16 +93,16 @@ class SynchronizerNode(Node):
         gt_group = MutuallyExclusiveCallbackGroup()
         if self.compressed:
             self.create_subscription(CompressedImage, self.image_topic, self._on_compressed,
-                                     qos, callback_group=camera_group)
+                                     qos, callback_group=camera_group, raw=True)
         else:
             self.create_subscription(Image, self.image_topic, self._on_image, qos,
-                                     callback_group=camera_group)
+                                     callback_group=camera_group, raw=True)
         self.create_subscription(PointCloud2, self.cloud_topic, self._on_cloud, qos,
-                                 callback_group=cloud_group)
+                                 callback_group=cloud_group, raw=True)
         self.create_subscription(Imu, self.imu_topic, self._on_imu, small_qos,
-                                 callback_group=imu_group)
+                                 callback_group=imu_group, raw=True)
         self.create_subscription(Odometry, self.gt_topic, self._on_gt, small_qos,
-                                 callback_group=gt_group)
+                                 callback_group=gt_group, raw=True)
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._rates = {'image': 0, 'cloud': 0, 'imu': 0}
         self._rate_t0 = time.monotonic()
@@ -106,40 +114,57 @@ class SynchronizerNode(Node):
             f'synchronizing {self.image_topic}, {self.cloud_topic}, {self.imu_topic}, '
             f'{self.gt_topic} ({qos_name} QoS); buffer {len(self.buffer)} samples')
 
-    # --- callbacks: convert at the edge, then hand numpy to the core ---------------------
-    def _on_image(self, msg):
-        self.sync.add_image(conversions.stamp_to_ns(msg.header.stamp),
-                            conversions.image_to_array(msg))
-        self._seen('image')
-        self._work.set()
+    # --- callbacks: decode at the edge, then hand numpy to the core ------------------------
+    # A message that does not decode (or has the wrong fields/encoding) is logged, counted as a
+    # 'bad_message' drop and skipped: one bad message must not stop the node.
+    def _on_image(self, raw):
+        with self._reading('image', self.image_topic):
+            msg = conversions.decode_cdr(raw, topics.IMAGE_TYPE)
+            self.sync.add_image(conversions.stamp_to_ns(msg.header.stamp),
+                                conversions.image_to_array(msg))
+            self._seen('image')
 
-    def _on_compressed(self, msg):
-        self.sync.add_image(conversions.stamp_to_ns(msg.header.stamp),
-                            conversions.compressed_image_to_array(msg))
-        self._seen('image')
-        self._work.set()
+    def _on_compressed(self, raw):
+        with self._reading('image', self.image_topic):
+            msg = conversions.decode_cdr(raw, topics.COMPRESSED_IMAGE_TYPE)
+            self.sync.add_image(conversions.stamp_to_ns(msg.header.stamp),
+                                conversions.compressed_image_to_array(msg))
+            self._seen('image')
 
-    def _on_cloud(self, msg):
-        self.sync.add_cloud(conversions.stamp_to_ns(msg.header.stamp),
-                            conversions.cloud_to_array(msg))
-        self._seen('cloud')
-        self._work.set()
+    def _on_cloud(self, raw):
+        with self._reading('cloud', self.cloud_topic):
+            msg = conversions.decode_cdr(raw, topics.CLOUD_TYPE)
+            self.sync.add_cloud(conversions.stamp_to_ns(msg.header.stamp),
+                                conversions.cloud_to_array(msg))
+            self._seen('cloud')
 
-    def _on_imu(self, msg):
-        accel, gyro = conversions.imu_to_arrays(msg)
-        self.sync.add_imu(conversions.stamp_to_ns(msg.header.stamp), accel, gyro)
-        self._seen('imu')
-        self._work.set()
+    def _on_imu(self, raw):
+        with self._reading('imu', self.imu_topic):
+            msg = conversions.decode_cdr(raw, topics.IMU_TYPE)
+            accel, gyro = conversions.imu_to_arrays(msg)
+            self.sync.add_imu(conversions.stamp_to_ns(msg.header.stamp), accel, gyro)
+            self._seen('imu')
 
-    def _on_gt(self, msg):
-        self.sync.add_ground_truth(conversions.stamp_to_ns(msg.header.stamp),
-                                   conversions.odometry_to_pose(msg))
-        self._work.set()
+    def _on_gt(self, raw):
+        with self._reading('ground_truth', self.gt_topic):
+            msg = conversions.decode_cdr(raw, topics.ODOMETRY_TYPE)
+            self.sync.add_ground_truth(conversions.stamp_to_ns(msg.header.stamp),
+                                       conversions.odometry_to_pose(msg))
+            self._work.set()
+
+    @contextmanager
+    def _reading(self, kind, topic):
+        try:
+            yield
+        except ValueError as e:
+            self.sync.reject(kind)
+            self.get_logger().error(f'{topic}: message skipped: {e}', throttle_duration_sec=5.0)
 
     def _seen(self, kind):
         self._rates[kind] += 1
         self._last_sensor_wall = time.monotonic()
         self._flushed = False
+        self._work.set()
 
     def _dispatch_loop(self):
         while not self._stop.is_set():

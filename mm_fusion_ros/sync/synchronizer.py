@@ -246,6 +246,12 @@ class Synchronizer:
                 self._dropped['queue_full'] += 1
             self._advance()
 
+    def reject(self, kind: str, reason: str = 'bad_message') -> None:
+        """Count an input of `kind` (one of INPUTS) that could not be read, as a drop."""
+        with self._lock:
+            self._received[kind] += 1
+            self._dropped[reason] += 1
+
     # ---------------------------------------------------------------- outputs
 
     def pop_ready(self) -> list:
