@@ -16,7 +16,6 @@ Publishes /diagnostics at 1 Hz (received, dropped and masked counts).
 Run alone (`synchronizer` executable) it fills the buffer and saves it at shutdown
 (`buffer_path`), e.g. to collect data from a robot for later training.
 """
-from contextlib import contextmanager
 import threading
 import time
 
@@ -75,6 +74,7 @@ class SynchronizerNode(Node):
         self._flushed = True
         self.emitted = 0
         self.dispatch_errors = 0
+        self._callbacks = {}
 
         conversions.cdr_typestore()   # built now rather than in the first callback
         qos = QOS_PROFILES[qos_name]
@@ -91,18 +91,19 @@ class SynchronizerNode(Node):
         # ground truth one more, so it is never queued behind a burst of IMU messages.
         imu_group = MutuallyExclusiveCallbackGroup()
         gt_group = MutuallyExclusiveCallbackGroup()
-        if self.compressed:
-            self.create_subscription(CompressedImage, self.image_topic, self._on_compressed,
-                                     qos, callback_group=camera_group, raw=True)
-        else:
-            self.create_subscription(Image, self.image_topic, self._on_image, qos,
-                                     callback_group=camera_group, raw=True)
-        self.create_subscription(PointCloud2, self.cloud_topic, self._on_cloud, qos,
-                                 callback_group=cloud_group, raw=True)
-        self.create_subscription(Imu, self.imu_topic, self._on_imu, small_qos,
-                                 callback_group=imu_group, raw=True)
-        self.create_subscription(Odometry, self.gt_topic, self._on_gt, small_qos,
-                                 callback_group=gt_group, raw=True)
+        image = (CompressedImage, topics.COMPRESSED_IMAGE_TYPE,
+                 conversions.compressed_image_to_array) if self.compressed else \
+            (Image, topics.IMAGE_TYPE, conversions.image_to_array)
+        self._subscribe('image', self.image_topic, *image, self.sync.add_image, qos,
+                        camera_group)
+        self._subscribe('cloud', self.cloud_topic, PointCloud2, topics.CLOUD_TYPE,
+                        conversions.cloud_to_array, self.sync.add_cloud, qos, cloud_group)
+        self._subscribe('imu', self.imu_topic, Imu, topics.IMU_TYPE, conversions.imu_to_arrays,
+                        lambda stamp, arrays: self.sync.add_imu(stamp, *arrays), small_qos,
+                        imu_group)
+        self._subscribe('ground_truth', self.gt_topic, Odometry, topics.ODOMETRY_TYPE,
+                        conversions.odometry_to_pose, self.sync.add_ground_truth, small_qos,
+                        gt_group)
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._rates = {'image': 0, 'cloud': 0, 'imu': 0}
         self._rate_t0 = time.monotonic()
@@ -115,56 +116,32 @@ class SynchronizerNode(Node):
             f'{self.gt_topic} ({qos_name} QoS); buffer {len(self.buffer)} samples')
 
     # --- callbacks: decode at the edge, then hand numpy to the core ------------------------
-    # A message that does not decode (or has the wrong fields/encoding) is logged, counted as a
-    # 'bad_message' drop and skipped: one bad message must not stop the node.
-    def _on_image(self, raw):
-        with self._reading('image', self.image_topic):
-            msg = conversions.decode_cdr(raw, topics.IMAGE_TYPE)
-            self.sync.add_image(conversions.stamp_to_ns(msg.header.stamp),
-                                conversions.image_to_array(msg))
-            self._seen('image')
+    def _subscribe(self, kind, topic, msg_class, msgtype, to_numpy, add, qos, group):
+        """A raw subscription whose callback decodes, converts and calls `add(stamp_ns, data)`.
+        A message that does not decode (or has the wrong fields or encoding) is logged,
+        counted as a 'bad_message' drop and skipped: one bad message must not stop the node."""
+        def callback(raw):
+            try:
+                msg = conversions.decode_cdr(raw, msgtype)
+                add(conversions.stamp_to_ns(msg.header.stamp), to_numpy(msg))
+            except ValueError as e:
+                self.sync.reject(kind)
+                self.get_logger().error(f'{topic}: message skipped: {e}',
+                                        throttle_duration_sec=5.0)
+                return
+            self._seen(kind)
 
-    def _on_compressed(self, raw):
-        with self._reading('image', self.image_topic):
-            msg = conversions.decode_cdr(raw, topics.COMPRESSED_IMAGE_TYPE)
-            self.sync.add_image(conversions.stamp_to_ns(msg.header.stamp),
-                                conversions.compressed_image_to_array(msg))
-            self._seen('image')
-
-    def _on_cloud(self, raw):
-        with self._reading('cloud', self.cloud_topic):
-            msg = conversions.decode_cdr(raw, topics.CLOUD_TYPE)
-            self.sync.add_cloud(conversions.stamp_to_ns(msg.header.stamp),
-                                conversions.cloud_to_array(msg))
-            self._seen('cloud')
-
-    def _on_imu(self, raw):
-        with self._reading('imu', self.imu_topic):
-            msg = conversions.decode_cdr(raw, topics.IMU_TYPE)
-            accel, gyro = conversions.imu_to_arrays(msg)
-            self.sync.add_imu(conversions.stamp_to_ns(msg.header.stamp), accel, gyro)
-            self._seen('imu')
-
-    def _on_gt(self, raw):
-        with self._reading('ground_truth', self.gt_topic):
-            msg = conversions.decode_cdr(raw, topics.ODOMETRY_TYPE)
-            self.sync.add_ground_truth(conversions.stamp_to_ns(msg.header.stamp),
-                                       conversions.odometry_to_pose(msg))
-            self._work.set()
-
-    @contextmanager
-    def _reading(self, kind, topic):
-        try:
-            yield
-        except ValueError as e:
-            self.sync.reject(kind)
-            self.get_logger().error(f'{topic}: message skipped: {e}', throttle_duration_sec=5.0)
+        self._callbacks[kind] = callback   # for tests
+        self.create_subscription(msg_class, topic, callback, qos, callback_group=group,
+                                 raw=True)
 
     def _seen(self, kind):
+        self._work.set()
+        if kind == 'ground_truth':   # not a sensor: no rate, and it does not end an idle spell
+            return
         self._rates[kind] += 1
         self._last_sensor_wall = time.monotonic()
         self._flushed = False
-        self._work.set()
 
     def _dispatch_loop(self):
         while not self._stop.is_set():
