@@ -110,6 +110,23 @@ def test_step_debt_honours_updates_per_sample_and_cap(data, tmp_path):
         assert torch.equal(v, after[k]), k
 
 
+def test_no_step_starts_while_samples_wait_for_their_prediction(data, tmp_path):
+    trainer = make_trainer(tmp_path, updates_per_sample=2.0, min_buffer=1)
+    for sample in data['samples'][:3]:
+        trainer.on_sample(sample)
+    assert trainer.pending_steps() == 6
+    trainer.set_backlog(2)                          # two samples still to predict
+    assert trainer.pending_steps() == 0 and trainer.train_pending() == 0
+    woke = threading.Event()
+    waiter = threading.Thread(target=lambda: (trainer.wait_for_work(5.0), woke.set()))
+    waiter.start()
+    assert not woke.wait(0.3)                       # the training thread keeps waiting ...
+    trainer.set_backlog(0)                          # ... until the predictions are done
+    assert woke.wait(5.0)
+    waiter.join()
+    assert trainer.train_pending() == 6 and trainer.core.step_count == 6
+
+
 def test_set_training_false_stops_steps(data, tmp_path):
     trainer = make_trainer(tmp_path, updates_per_sample=2.0, min_buffer=1)
     s = data['samples']

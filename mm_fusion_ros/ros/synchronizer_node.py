@@ -46,7 +46,10 @@ class SynchronizerNode(Node):
     """Subscribes to camera, LiDAR, IMU and ground truth; emits samples in stamp order."""
 
     def __init__(self, sample_cfg: SampleConfig = None, buffer: ReplayBuffer = None,
-                 on_sample=None, name='mm_fusion_synchronizer'):
+                 on_sample=None, on_backlog=None, name='mm_fusion_synchronizer'):
+        """on_sample(sample): instead of adding to `buffer` (the trainer's prediction).
+        on_backlog(n): told how many samples wait for on_sample, the one in progress
+        included, before each call and 0 when all are done (the trainer's set_backlog)."""
         super().__init__(name)
         p = self.declare_parameter
         self.image_topic = p('image_topic', topics.IMAGE_TOPIC).value
@@ -67,6 +70,7 @@ class SynchronizerNode(Node):
                                  self.sample_cfg)
         self.buffer = buffer
         self.on_sample = on_sample
+        self.on_backlog = on_backlog
         self.sync = Synchronizer(self.sample_cfg, self.sync_cfg)
         self._work = threading.Event()        # set by callbacks: samples may be ready
         self._stop = threading.Event()
@@ -152,7 +156,10 @@ class SynchronizerNode(Node):
     def _dispatch(self):
         """Hand ready samples on, in stamp order (only the dispatch thread calls this while it
         runs; shutdown calls it after the thread ended)."""
-        for sample in self.sync.pop_ready():
+        ready = self.sync.pop_ready()
+        for i, sample in enumerate(ready):
+            if self.on_backlog is not None:
+                self.on_backlog(len(ready) - i)
             self.emitted += 1
             try:
                 if self.on_sample is not None:
@@ -164,6 +171,8 @@ class SynchronizerNode(Node):
                 self.dispatch_errors += 1
                 self.get_logger().error(f'sample {sample["meta"].get("frame")} not handled: '
                                         f'{e}', throttle_duration_sec=5.0)
+        if ready and self.on_backlog is not None:
+            self.on_backlog(0)
 
     def _on_timer(self):
         # End of a bag (or a stalled robot): release scans still waiting for a timeout.
