@@ -4,8 +4,9 @@ The default of finetune.launch.py. Threads: each node spins in a single-threaded
 own (the synchronizer's sensor callbacks only convert and enqueue, so one thread keeps up with a
 5x replay, and a checkpoint written by a trainer service never holds the sensors back); the
 synchronizer's dispatch thread predicts and publishes each sample; the trainer's thread runs the
-gradient steps. Measured on 2 cores, rclpy's MultiThreadedExecutor took fewer IMU messages per
-second than a SingleThreadedExecutor.
+gradient steps at idle priority and starts none while samples wait for their prediction
+(OnlineTrainer.set_backlog). Measured on 2 cores, rclpy's MultiThreadedExecutor took fewer IMU
+messages per second than a SingleThreadedExecutor.
 
 The two-process form (synchronizer and trainer in separate processes) is not supported: samples
 are ~0.5-1 MB each and would have to cross DDS a second time; run `synchronizer` alone only to
