@@ -124,6 +124,38 @@ def test_player_plays_the_requested_window_and_topics(bag, ros_env, monkeypatch,
     assert elapsed >= 0.9 * 0.49 / 2, 'paced: 0.49 s of bag time at rate 2'
 
 
+def test_a_slow_first_read_does_not_send_the_first_messages_at_once(bag, ros_env, monkeypatch):
+    """The schedule starts with the first message in hand: had it started before a slow
+    first read, every message due meanwhile would go out in one burst."""
+    for key in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_LOCALHOST_ONLY'):
+        monkeypatch.setenv(key, ros_env[key])
+
+    class SlowFirstRead(BagSource):
+        def messages(self, names, start_ns, stop_ns):
+            time.sleep(0.4)   # e.g. reading a large bag's chunk indexes
+            yield from super().messages(names, start_ns, stop_ns)
+
+    sent = []
+
+    class Recording(bag_player.BagPlayer):
+        def _publish(self, topic, publisher, raw):
+            sent.append(time.monotonic())
+            return super()._publish(topic, publisher, raw)
+
+    rclpy.init()
+    try:
+        with SlowFirstRead(bag) as src:
+            player = Recording(src, [topics.CLOUD_TOPIC])
+            start = src.start_ns
+            player.play(start, start + 600_000_000, rate=2.0, loop=False)
+            player.destroy_node()
+    finally:
+        rclpy.shutdown()
+    # scans 0.1 s apart at rate 2: 50 ms apart on the wall clock, from the first one on
+    gaps = np.diff(sent)
+    assert len(sent) == 6 and gaps.min() > 0.035, gaps
+
+
 def test_player_in_one_process_feeds_a_subscriber_in_another(bag, ros_env, monkeypatch):
     for key in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_LOCALHOST_ONLY'):
         monkeypatch.setenv(key, ros_env[key])

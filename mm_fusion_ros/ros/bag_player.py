@@ -160,9 +160,12 @@ class BagPlayer(Node):
         return self.report
 
     def _play_once(self, names, start_ns, stop_ns, pacer):
-        pacer.start(start_ns, time.monotonic())
         first_ns = last_ns = None
         for topic, stamp_ns, raw in self.source.messages(names, start_ns, stop_ns):
+            if pacer.start_wall is None:
+                # The clock starts with the first message in hand: opening the bag's indexes
+                # must not put the schedule behind and make the first messages go out at once.
+                pacer.start(start_ns, time.monotonic())
             if not self._sleep_until(pacer.due(stamp_ns)):
                 raise ExternalShutdownException()
             first_ns = stamp_ns if first_ns is None else first_ns
