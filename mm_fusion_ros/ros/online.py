@@ -22,6 +22,7 @@ import logging
 import platform
 import signal
 import threading
+import time
 
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
@@ -38,22 +39,30 @@ from mm_fusion_ros.training.online import sample_config_for
 log = logging.getLogger(__name__)
 
 
-def keep_freed_memory() -> bool:
+# Every this many seconds the main thread hands the heap's free pages back (malloc_trim, ~5 ms):
+# with keep_freed_memory alone RSS crept ~0.4 MB/s over a long replay (fragments of MB-sized
+# blocks); with the trim it stays flat (bench/online.py, 60 s at 1x: +0.6 %).
+TRIM_PERIOD_S = 5.0
+
+
+def keep_freed_memory():
     """glibc malloc: serve blocks below 64 MB from the heap and keep what is freed (trim only
     past 256 MB), instead of mapping each MB-sized tensor and message buffer afresh: a new
     mapping is page-faulted and zeroed by the kernel on first touch, which made inference ~2x
     slower and predictions fall behind a 5x replay (bench/online.py: p95 321 -> 64 ms with
-    training off). RSS stays at its high-water mark, which is flat once the buffer is full.
-    A no-op (False) off glibc."""
+    training off). Returns the function that gives the free pages back (call it now and then,
+    see TRIM_PERIOD_S), or None off glibc."""
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
-        return False
+        return None
     try:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:
-        return False
+        return None
     m_trim_threshold, m_mmap_threshold = -1, -3    # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, 64 << 20)) and \
-        bool(libc.mallopt(m_trim_threshold, 256 << 20))
+    if not (libc.mallopt(m_mmap_threshold, 64 << 20) and
+            libc.mallopt(m_trim_threshold, 256 << 20)):
+        return None
+    return lambda: libc.malloc_trim(0)
 
 
 def spin_nodes(make_nodes, args=None) -> int:
@@ -63,7 +72,7 @@ def spin_nodes(make_nodes, args=None) -> int:
     stderr here. Returns 1 when the nodes cannot be built (bad parameter, missing checkpoint)
     or a callback raised, else 0."""
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] [%(name)s]: %(message)s')
-    keep_freed_memory()
+    trim_memory = keep_freed_memory()
     # SIGINT/SIGTERM only set an event: rclpy's own handler would shut the context down at once,
     # under threads that are still publishing (a use-after-free seen as an exit by SIGSEGV).
     # Instead: stop the executors, shut the nodes down (final files, last poses) while the
@@ -80,8 +89,12 @@ def spin_nodes(make_nodes, args=None) -> int:
         gc.collect()
         gc.freeze()
         spinners = [_Spinner(node) for node in nodes]
+        trimmed = time.monotonic()
         while not stop.is_set() and all(s.thread.is_alive() for s in spinners):
             stop.wait(0.5)
+            if trim_memory is not None and time.monotonic() - trimmed >= TRIM_PERIOD_S:
+                trim_memory()
+                trimmed = time.monotonic()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ValueError, FileNotFoundError) as e:
