@@ -127,6 +127,21 @@ def test_no_step_starts_while_samples_wait_for_their_prediction(data, tmp_path):
     assert trainer.train_pending() == 6 and trainer.core.step_count == 6
 
 
+def test_the_imu_window_comes_from_the_initial_checkpoint(data, tmp_path, caplog):
+    trainer = make_trainer(tmp_path)
+    trainer.sample_cfg = data['sample_cfg'].replace(imu_window_s=0.5)
+    path = trainer.save_checkpoint(tmp_path / 'window.pth')
+    resumed = make_trainer(tmp_path, initial_checkpoint=str(path))
+    assert resumed.checkpoint_imu_window_s == 0.5
+    # the node's default (0) takes the checkpoint's window; another one is used, and logged
+    assert sample_config_for(MODEL, SampleConfig(), resumed.checkpoint_imu_window_s) \
+        .imu_window_s == 0.5
+    with caplog.at_level('WARNING'):
+        assert sample_config_for(MODEL, SampleConfig(imu_window_s=1.0), 0.5).imu_window_s == 1.0
+    assert 'trained with IMU windows of 0.5 s' in caplog.text
+    assert make_trainer(tmp_path).checkpoint_imu_window_s is None   # a fresh model
+
+
 def test_set_training_false_stops_steps(data, tmp_path):
     trainer = make_trainer(tmp_path, updates_per_sample=2.0, min_buffer=1)
     s = data['samples']

@@ -312,3 +312,15 @@ def test_train_config_validation():
         TrainConfig(aug_point_dropout=1.5)
     assert TrainConfig(freeze_imu=True, freeze_visual=True).frozen == ('visual', 'imu')
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
+
+
+def test_fine_tuning_keeps_the_checkpoints_imu_window_unless_told(caplog):
+    from mm_fusion_ros.training.offline import imu_window_for
+    ckpt = {'config': {'sample': SampleConfig(imu_window_s=1.0).to_dict()}}
+    assert imu_window_for(None, ckpt, 'a.pth') == 1.0
+    assert imu_window_for(None, None, None) == 0.0
+    assert imu_window_for(None, {'config': {}}, 'old.pth') == 0.0   # recorded no sample config
+    with caplog.at_level(logging.WARNING):
+        assert imu_window_for(0.5, ckpt, 'a.pth') == 0.5
+    assert 'a.pth was trained with IMU windows of 1 s; fine-tuning with 0.5 s' in caplog.text
+

@@ -153,7 +153,8 @@ def build_online_nodes():
     finally:
         holder.destroy_node()
     trainer = TrainerNode(buffer=None)
-    sample_cfg = sample_config_for(trainer.model_cfg, base_sample)
+    sample_cfg = sample_config_for(trainer.model_cfg, base_sample,
+                                   trainer.trainer.checkpoint_imu_window_s)
     buffer = open_buffer(trainer.online_cfg.buffer_path, buffer_cfg, sample_cfg)  # logs a resume
     trainer.trainer.set_buffer(buffer)
     trainer.trainer.sample_cfg = sample_cfg

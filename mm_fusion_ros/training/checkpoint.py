@@ -131,3 +131,10 @@ def epoch_checkpoint_path(output, epoch: int) -> Path:
     """pretrain_models/x.pth, 3 -> pretrain_models/x_epoch3.pth (beside the output)."""
     output = Path(output)
     return output.with_name(f'{output.stem}_epoch{epoch}{output.suffix or ".pth"}')
+
+
+def checkpoint_imu_window(payload):
+    """imu_window_s of a checkpoint's sample config, or None when it records none."""
+    sample = ((payload or {}).get('config') or {}).get('sample') or {}
+    value = sample.get('imu_window_s')
+    return None if value is None else float(value)

@@ -23,6 +23,7 @@ from mm_fusion_ros.kitti.odometry import parse_sequences
 from mm_fusion_ros.model.config import ModelConfig, REAL_ENCODER
 from mm_fusion_ros.model.normalization import sequence_statistics
 from mm_fusion_ros.training.checkpoint import (
+    checkpoint_imu_window,
     epoch_checkpoint_path,
     load_checkpoint,
     save_checkpoint,
@@ -70,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help='inputs used, a subset of camera,lidar,imu; the rest are masked off')
     data.add_argument('--max_points', type=int, default=16384,
                       help='points per scan after subsampling/padding (0 = all; batch size 1)')
-    data.add_argument('--imu_window_s', type=float, default=0.0,
+    data.add_argument('--imu_window_s', type=float, default=None,
                       help='IMU history per sample [s] ending at the current scan (0 = the '
-                           'interval between scans); stored in the checkpoint')
+                           'interval between scans); stored in the checkpoint, and by default '
+                           "a fine-tuning run uses its checkpoint's (else 0)")
     data.add_argument('--max_samples_per_sequence', type=int, default=0,
                       help='keep at most N evenly spaced samples of each sequence, training and '
                            'validation (0 = all); for quick runs')
@@ -194,14 +196,28 @@ def train_config(args) -> TrainConfig:
         aug_brightness=args.aug_brightness, aug_contrast=args.aug_contrast)
 
 
-def sample_config(args, model_cfg: ModelConfig) -> SampleConfig:
+def sample_config(args, model_cfg: ModelConfig, ckpt=None) -> SampleConfig:
     if args.max_points == 0 and args.batch_size > 1:
         raise ValueError('--max_points 0 keeps every point, so scans differ in size: use '
                          '--batch_size 1')
     return SampleConfig(image_height=model_cfg.image_height, image_width=model_cfg.image_width,
                         max_points=args.max_points, imu_steps=model_cfg.imu_steps,
-                        imu_window_s=args.imu_window_s,
+                        imu_window_s=imu_window_for(args.imu_window_s, ckpt,
+                                                    args.finetune_checkpoint),
                         modalities=parse_modalities(args.modalities), seed=args.seed)
+
+
+def imu_window_for(requested, ckpt, source) -> float:
+    """The IMU window of a run: `requested` when given, else the checkpoint's (the model
+    learned on windows of that length), else 0. A requested window unlike the checkpoint's is
+    allowed but logged."""
+    saved = checkpoint_imu_window(ckpt)
+    if requested is None:
+        return saved if saved is not None else 0.0
+    if saved is not None and requested != saved:
+        log.warning('%s was trained with IMU windows of %g s; fine-tuning with %g s', source,
+                    saved, requested)
+    return float(requested)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -334,7 +350,7 @@ def build_core(args, dist_info: DistInfo):
     ckpt = load_checkpoint(args.finetune_checkpoint) if args.finetune_checkpoint else None
     model_cfg = resolve_model_config(args, ckpt, args.finetune_checkpoint)
     train_cfg = train_config(args)
-    sample_cfg = sample_config(args, model_cfg)
+    sample_cfg = sample_config(args, model_cfg, ckpt)
     train_set = make_dataset(args, args.train_sequences, sample_cfg)
     if len(train_set) == 0:
         raise ValueError(f'no training samples in sequences {args.train_sequences} under '
@@ -414,7 +430,7 @@ def fill_defaults(args) -> None:
         args.log_csv = Path('logs') / f'{args.output_checkpoint.stem}.csv'
     for name in ('num_epochs', 'batch_size', 'save_every_epoch', 'num_workers', 'threads',
                  'max_points', 'max_samples_per_sequence', 'imu_window_s'):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ValueError(f'--{name} must be >= 0, got {getattr(args, name)}')
     if args.batch_size == 0:
         raise ValueError('--batch_size must be >= 1')

@@ -23,7 +23,11 @@ from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import BevPointEncoder, ScanCache
 from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
-from mm_fusion_ros.training.checkpoint import load_checkpoint, save_checkpoint
+from mm_fusion_ros.training.checkpoint import (
+    checkpoint_imu_window,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.core import TrainerCore
 
@@ -80,10 +84,20 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def sample_config_for(model_cfg: ModelConfig, base: SampleConfig) -> SampleConfig:
-    """The sample shape the model expects (image size and K come from the model)."""
+def sample_config_for(model_cfg: ModelConfig, base: SampleConfig,
+                      checkpoint_window_s: float = None) -> SampleConfig:
+    """The sample shape the model expects (image size and K come from the model). The IMU
+    window is the checkpoint's (the model learned on windows of that length) unless `base`
+    asks for another one (> 0), which is logged."""
+    window = base.imu_window_s
+    if checkpoint_window_s is not None:
+        if window > 0 and window != checkpoint_window_s:
+            log.warning('the checkpoint was trained with IMU windows of %g s; using %g s as '
+                        'configured', checkpoint_window_s, window)
+        else:
+            window = checkpoint_window_s
     return base.replace(image_height=model_cfg.image_height, image_width=model_cfg.image_width,
-                        imu_steps=model_cfg.imu_steps)
+                        imu_steps=model_cfg.imu_steps, imu_window_s=window)
 
 
 @dataclass
@@ -118,6 +132,7 @@ class OnlineTrainer:
         if online_cfg.initial_checkpoint:
             payload = load_checkpoint(online_cfg.initial_checkpoint)
             model_cfg = ModelConfig.from_dict(payload['config']['model'])
+        self.checkpoint_imu_window_s = checkpoint_imu_window(payload)   # None: not recorded
         model_cfg = model_cfg or ModelConfig()
         self.core = TrainerCore(model_cfg, train_cfg, device=device,
                                 normalization=payload.get('normalization') if payload else None)
