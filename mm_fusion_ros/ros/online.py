@@ -49,9 +49,9 @@ def keep_freed_memory():
     """glibc malloc: serve blocks below 64 MB from the heap and keep what is freed (trim only
     past 256 MB), instead of mapping each MB-sized tensor and message buffer afresh: a new
     mapping is page-faulted and zeroed by the kernel on first touch, which made inference ~2x
-    slower and predictions fall behind a 5x replay (bench/online.py: p95 321 -> 64 ms with
-    training off). Returns the function that gives the free pages back (call it now and then,
-    see TRIM_PERIOD_S), or None off glibc."""
+    slower and predictions fall behind a 5x replay (bench/online.py, one run each: p95 321 ->
+    64 ms with training off). Returns the function that gives the free pages back (call it
+    now and then, see TRIM_PERIOD_S), or None off glibc."""
     if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
         return None
     try:
