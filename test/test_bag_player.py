@@ -156,6 +156,25 @@ def test_a_slow_first_read_does_not_send_the_first_messages_at_once(bag, ros_env
     assert len(sent) == 6 and gaps.min() > 0.035, gaps
 
 
+def test_sigint_while_playing_ends_the_player_cleanly(bag, ros_env):
+    """As `ros2 launch` stops it: one SIGINT mid-replay -> the report, exit 0, no traceback."""
+    import signal
+    proc = subprocess.Popen([sys.executable, '-m', 'mm_fusion_ros.ros.bag_player', str(bag),
+                             '--loop', '--topics', topics.IMU_TOPIC],
+                            env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4.0)   # imports and the first loops; it plays until told to stop
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    assert 'Traceback' not in err, err
+    assert '(interrupted)' in out, out
+
+
 def test_player_in_one_process_feeds_a_subscriber_in_another(bag, ros_env, monkeypatch):
     for key in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_LOCALHOST_ONLY'):
         monkeypatch.setenv(key, ros_env[key])

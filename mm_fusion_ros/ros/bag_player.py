@@ -24,6 +24,7 @@ from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
 from mm_fusion_ros.bag.playback import BagSource, NS_PER_S, Pacer
@@ -281,7 +282,10 @@ def main(argv=None) -> int:
         source.close()
         print(f'bag_player: error: {e}', file=sys.stderr)
         return 1
-    rclpy.init(args=['bag_player', *argv])
+    # Ctrl-C / `ros2 launch` shutdown: only Python's KeyboardInterrupt, raised once where the
+    # player is. rclpy's own handler also shut the context down at once, and the interrupt then
+    # landed in the cleanup below (a traceback and exit code -2 under `ros2 launch`).
+    rclpy.init(args=['bag_player', *argv], signal_handler_options=SignalHandlerOptions.NO)
     node = None
     try:
         node = BagPlayer(source, names, publish_clock=args.clock)
