@@ -195,14 +195,10 @@ def imu_to_arrays(msg):
 def odometry_to_pose(msg) -> np.ndarray:
     """nav_msgs/Odometry (or anything with .pose.pose) -> 4x4 pose (parent <- child)."""
     pose = msg.pose.pose
-    p, q = pose.position, pose.orientation
-    quat = np.array([q.x, q.y, q.z, q.w], dtype=np.float64)
-    if not np.linalg.norm(quat) > 1e-9:
-        raise ValueError(f'odometry orientation is not a quaternion: {quat.tolist()}')
-    out = np.eye(4)
-    out[:3, :3] = quat_to_rot(quat)
-    out[:3, 3] = [p.x, p.y, p.z]
-    return out
+    q = pose.orientation
+    if not np.linalg.norm([q.x, q.y, q.z, q.w]) > 1e-9:
+        raise ValueError(f'odometry orientation is not a quaternion: {[q.x, q.y, q.z, q.w]}')
+    return pose_to_matrix(pose.position, q)
 
 
 def imu_orientation(msg):

@@ -409,7 +409,8 @@ def test_synchronizer_node_skips_and_counts_messages_that_do_not_decode():
             node = SynchronizerNode(sample_cfg=SampleConfig(image_height=8, image_width=8),
                                     buffer=ReplayBuffer(), on_sample=lambda sample: None)
             points = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
-            on_cloud, on_imu = node._callbacks['cloud'], node._callbacks['imu']
+            callbacks = {sub.topic_name: sub.callback for sub in node.subscriptions}
+            on_cloud, on_imu = callbacks[topics.CLOUD_TOPIC], callbacks[topics.IMU_TOPIC]
             on_cloud(serialize_message(array_to_cloud(points[:, :2], 10**9, 'velodyne',
                                                       names=('x', 'y'))))   # no z
             on_cloud(b'\x00\x01\x00\x00 not a cloud')

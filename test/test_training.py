@@ -315,12 +315,12 @@ def test_train_config_validation():
 
 
 def test_fine_tuning_keeps_the_checkpoints_imu_window_unless_told(caplog):
-    from mm_fusion_ros.training.offline import imu_window_for
+    from mm_fusion_ros.training.checkpoint import checkpoint_imu_window, resolve_imu_window
     ckpt = {'config': {'sample': SampleConfig(imu_window_s=1.0).to_dict()}}
-    assert imu_window_for(None, ckpt, 'a.pth') == 1.0
-    assert imu_window_for(None, None, None) == 0.0
-    assert imu_window_for(None, {'config': {}}, 'old.pth') == 0.0   # recorded no sample config
+    assert resolve_imu_window(None, checkpoint_imu_window(ckpt), 'a.pth') == 1.0
+    assert resolve_imu_window(None, checkpoint_imu_window(None), None) == 0.0
+    # a checkpoint that recorded no sample config
+    assert resolve_imu_window(None, checkpoint_imu_window({'config': {}}), 'old.pth') == 0.0
     with caplog.at_level(logging.WARNING):
-        assert imu_window_for(0.5, ckpt, 'a.pth') == 0.5
-    assert 'a.pth was trained with IMU windows of 1 s; fine-tuning with 0.5 s' in caplog.text
-
+        assert resolve_imu_window(0.5, checkpoint_imu_window(ckpt), 'a.pth') == 0.5
+    assert 'a.pth was trained with IMU windows of 1 s; using 0.5 s' in caplog.text

@@ -79,7 +79,6 @@ class SynchronizerNode(Node):
         self._flushed = True
         self.emitted = 0
         self.dispatch_errors = 0
-        self._callbacks = {}
 
         conversions.cdr_typestore()   # built now rather than in the first callback
         qos = QOS_PROFILES[qos_name]
@@ -136,7 +135,6 @@ class SynchronizerNode(Node):
                 return
             self._seen(kind)
 
-        self._callbacks[kind] = callback   # for tests
         self.create_subscription(msg_class, topic, callback, qos, callback_group=group,
                                  raw=True)
 

@@ -138,3 +138,16 @@ def checkpoint_imu_window(payload):
     sample = ((payload or {}).get('config') or {}).get('sample') or {}
     value = sample.get('imu_window_s')
     return None if value is None else float(value)
+
+
+def resolve_imu_window(requested, saved, source) -> float:
+    """The IMU window [s] of a run on a trained model: `requested` when given (not None), else
+    the window the model was trained with (`saved`, from checkpoint_imu_window), else 0 (the
+    interval between scans). A requested window unlike the trained one is used, and logged."""
+    if requested is None:
+        return saved if saved is not None else 0.0
+    if saved is not None and requested != saved:
+        log.warning('%s was trained with IMU windows of %g s; using %g s', source, saved,
+                    requested)
+    return float(requested)
+

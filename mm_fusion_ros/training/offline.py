@@ -26,6 +26,7 @@ from mm_fusion_ros.training.checkpoint import (
     checkpoint_imu_window,
     epoch_checkpoint_path,
     load_checkpoint,
+    resolve_imu_window,
     save_checkpoint,
 )
 from mm_fusion_ros.training.config import TrainConfig
@@ -202,22 +203,10 @@ def sample_config(args, model_cfg: ModelConfig, ckpt=None) -> SampleConfig:
                          '--batch_size 1')
     return SampleConfig(image_height=model_cfg.image_height, image_width=model_cfg.image_width,
                         max_points=args.max_points, imu_steps=model_cfg.imu_steps,
-                        imu_window_s=imu_window_for(args.imu_window_s, ckpt,
-                                                    args.finetune_checkpoint),
+                        imu_window_s=resolve_imu_window(args.imu_window_s,
+                                                        checkpoint_imu_window(ckpt),
+                                                        args.finetune_checkpoint),
                         modalities=parse_modalities(args.modalities), seed=args.seed)
-
-
-def imu_window_for(requested, ckpt, source) -> float:
-    """The IMU window of a run: `requested` when given, else the checkpoint's (the model
-    learned on windows of that length), else 0. A requested window unlike the checkpoint's is
-    allowed but logged."""
-    saved = checkpoint_imu_window(ckpt)
-    if requested is None:
-        return saved if saved is not None else 0.0
-    if saved is not None and requested != saved:
-        log.warning('%s was trained with IMU windows of %g s; fine-tuning with %g s', source,
-                    saved, requested)
-    return float(requested)
 
 
 # --- data ------------------------------------------------------------------------------------

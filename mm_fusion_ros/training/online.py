@@ -26,6 +26,7 @@ from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
 from mm_fusion_ros.training.checkpoint import (
     checkpoint_imu_window,
     load_checkpoint,
+    resolve_imu_window,
     save_checkpoint,
 )
 from mm_fusion_ros.training.config import TrainConfig
@@ -87,15 +88,10 @@ def resolve_device(name: str) -> str:
 def sample_config_for(model_cfg: ModelConfig, base: SampleConfig,
                       checkpoint_window_s: float = None) -> SampleConfig:
     """The sample shape the model expects (image size and K come from the model). The IMU
-    window is the checkpoint's (the model learned on windows of that length) unless `base`
-    asks for another one (> 0), which is logged."""
-    window = base.imu_window_s
-    if checkpoint_window_s is not None:
-        if window > 0 and window != checkpoint_window_s:
-            log.warning('the checkpoint was trained with IMU windows of %g s; using %g s as '
-                        'configured', checkpoint_window_s, window)
-        else:
-            window = checkpoint_window_s
+    window is the one the checkpoint was trained with unless `base` asks for another (> 0;
+    0 is the parameter's default, so it means "the checkpoint's")."""
+    window = resolve_imu_window(base.imu_window_s or None, checkpoint_window_s,
+                                'the initial checkpoint')
     return base.replace(image_height=model_cfg.image_height, image_width=model_cfg.image_width,
                         imu_steps=model_cfg.imu_steps, imu_window_s=window)
 
@@ -236,12 +232,14 @@ class OnlineTrainer:
             if not self._backlog:
                 self._wakeup.notify_all()
 
+    def _may_train(self) -> bool:
+        """Training is on, the buffer holds enough and no prediction waits (under _state_lock)."""
+        return self.training_enabled and len(self.buffer) >= self.cfg.min_buffer and \
+            not self._backlog
+
     def pending_steps(self) -> int:
         with self._state_lock:
-            if not self.training_enabled or len(self.buffer) < self.cfg.min_buffer or \
-                    self._backlog:
-                return 0
-            return int(math.floor(self.step_debt))
+            return int(math.floor(self.step_debt)) if self._may_train() else 0
 
     def train_pending(self, max_steps: int = None) -> int:
         """Run the owed gradient steps (at most max_steps); returns how many ran.
@@ -277,8 +275,7 @@ class OnlineTrainer:
     def _take_step(self) -> bool:
         """Pay one owed step off if training may run now (called under _step_lock)."""
         with self._state_lock:
-            if not self.training_enabled or len(self.buffer) < self.cfg.min_buffer or \
-                    self.step_debt < 1.0 or self._backlog:
+            if not self._may_train() or self.step_debt < 1.0:
                 return False
             self.step_debt -= 1.0
             return True
