@@ -7,7 +7,8 @@ import argparse
 import sys
 
 from mm_fusion_ros.kitti.checks import check_sequence
-from mm_fusion_ros.kitti.odometry import KittiSequence, parse_sequences
+from mm_fusion_ros.kitti.ids import parse_sequences
+from mm_fusion_ros.kitti.odometry import KittiSequence
 
 
 def build_parser():

@@ -22,7 +22,8 @@ from mm_fusion_ros.eval.trajectory_io import (
     read_kitti_poses,
 )
 from mm_fusion_ros.geometry import cam0_to_base_link
-from mm_fusion_ros.kitti.odometry import KittiSequence, parse_sequences, read_calib
+from mm_fusion_ros.kitti.ids import parse_sequences
+from mm_fusion_ros.kitti.odometry import KittiSequence, read_calib
 
 log = logging.getLogger(__name__)
 

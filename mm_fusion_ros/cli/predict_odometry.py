@@ -21,7 +21,7 @@ from mm_fusion_ros.config import parse_modalities, SampleConfig
 from mm_fusion_ros.eval.trajectory_io import base_link_poses_to_cam0, write_kitti_poses
 from mm_fusion_ros.geometry import chain_relative, vec6_to_pose
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
-from mm_fusion_ros.kitti.odometry import parse_sequences
+from mm_fusion_ros.kitti.ids import parse_sequences
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.training.checkpoint import load_checkpoint
 from mm_fusion_ros.training.config import TrainConfig

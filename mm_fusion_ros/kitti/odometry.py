@@ -1,6 +1,8 @@
 """KITTI odometry layout (DESIGN §2): calib, times, poses, Velodyne scans, images; read and write.
 
 Real KITTI and the synthetic world share this code, so every path and format lives here once.
+The sequence-id helpers live in kitti/ids.py (below raw.py and imu.py, which this module uses);
+they are re-exported here, where the dataset, the synthetic writer and some CLIs import them.
 """
 from dataclasses import dataclass
 from functools import cached_property
@@ -11,32 +13,13 @@ import numpy as np
 from PIL import Image
 
 from mm_fusion_ros.geometry import cam0_to_base_link, make_pose
+from mm_fusion_ros.kitti.ids import normalize_sequence_id, parse_sequences  # noqa: F401
+from mm_fusion_ros.kitti.imu import load_sequence_imu
+from mm_fusion_ros.kitti.raw import read_calib_imu_to_velo
 
 log = logging.getLogger(__name__)
 
 CALIB_KEYS = ('P0', 'P1', 'P2', 'P3', 'Tr')
-
-
-def normalize_sequence_id(seq) -> str:
-    """'0' -> '00', 7 -> '07', '10' -> '10'; anything but digits is a ValueError."""
-    text = str(seq).strip()
-    if not text.isdigit():
-        raise ValueError(f'sequence id {seq!r} is not a number (expected e.g. 00, 7, 10)')
-    return f'{int(text):02d}'
-
-
-def parse_sequences(text) -> list:
-    """'00,1, 8' -> ['00', '01', '08'] (order kept, duplicates removed)."""
-    items = text.split(',') if isinstance(text, str) else list(text)
-    out = []
-    for item in items:
-        if str(item).strip():
-            seq = normalize_sequence_id(item)
-            if seq not in out:
-                out.append(seq)
-    if not out:
-        raise ValueError(f'no sequence ids in {text!r}')
-    return out
 
 
 @dataclass(frozen=True)
@@ -292,13 +275,11 @@ class KittiSequence:
     @cached_property
     def imu(self):
         """ImuData on the sequence clock, or None when no IMU source exists (see kitti.imu)."""
-        from mm_fusion_ros.kitti.imu import load_sequence_imu
         return load_sequence_imu(self)
 
     @cached_property
     def T_base_imu(self):
         """imu_link -> base_link (= velodyne) from calib_imu_to_velo.txt, else None."""
-        from mm_fusion_ros.kitti.raw import read_calib_imu_to_velo
         path = self.seq_dir / 'calib_imu_to_velo.txt'
         return read_calib_imu_to_velo(path) if path.is_file() else None
 

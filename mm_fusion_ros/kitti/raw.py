@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mm_fusion_ros.geometry import make_pose
-from mm_fusion_ros.kitti.odometry import normalize_sequence_id
+from mm_fusion_ros.kitti.ids import normalize_sequence_id
 
 log = logging.getLogger(__name__)
 

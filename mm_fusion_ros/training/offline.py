@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from mm_fusion_ros.config import MODALITIES, parse_modalities, SampleConfig
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
-from mm_fusion_ros.kitti.odometry import parse_sequences
+from mm_fusion_ros.kitti.ids import parse_sequences
 from mm_fusion_ros.model.config import ModelConfig, REAL_ENCODER
 from mm_fusion_ros.model.normalization import sequence_statistics
 from mm_fusion_ros.training.checkpoint import (
