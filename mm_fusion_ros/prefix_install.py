@@ -24,7 +24,7 @@ ENTRY_POINTS = {
     'predict_odometry': 'mm_fusion_ros.cli.predict_odometry:main',
     'evaluate_odometry': 'mm_fusion_ros.cli.evaluate_odometry:main',
     'online_finetune': 'mm_fusion_ros.ros.online:main',
-    'synchronizer': 'mm_fusion_ros.ros.synchronizer_node:main',
+    'synchronizer': 'mm_fusion_ros.ros.online:synchronizer_main',
     'mm_fusion_run': 'mm_fusion_ros.ros.runner:main',
 }
 

@@ -167,5 +167,10 @@ def main(args=None) -> int:
     return spin_nodes(build_online_nodes, args)
 
 
+def synchronizer_main(args=None) -> int:
+    """The `synchronizer` executable: the synchronizer node alone, filling its buffer."""
+    return spin_nodes(lambda: [SynchronizerNode()], args)
+
+
 if __name__ == '__main__':
     raise SystemExit(main())

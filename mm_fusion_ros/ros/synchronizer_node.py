@@ -218,12 +218,3 @@ class SynchronizerNode(Node):
         if self.buffer_path:
             self.buffer.save(self.buffer_path)
             self.get_logger().info(f'saved {len(self.buffer)} samples to {self.buffer_path}')
-
-
-def main(args=None) -> int:
-    from mm_fusion_ros.ros.online import spin_nodes
-    return spin_nodes(lambda: [SynchronizerNode()], args)
-
-
-if __name__ == '__main__':
-    raise SystemExit(main())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mm_fusion_ros.config import ConfigBase, MODALITIES, SampleConfig
+from mm_fusion_ros.eval.trajectory_io import write_kitti_poses
 from mm_fusion_ros.geometry import chain_relative, vec6_to_pose
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
@@ -379,7 +380,6 @@ class OnlineTrainer:
         if self.cfg.buffer_path:
             written['buffer'] = str(self.buffer.save(self.cfg.buffer_path))
         if self.cfg.trajectory_dir:
-            from mm_fusion_ros.eval.trajectory_io import write_kitti_poses
             pred, gt = self.trajectories()
             out = Path(self.cfg.trajectory_dir)
             out.mkdir(parents=True, exist_ok=True)
