@@ -17,8 +17,7 @@ from rosbags.serde import SerdeError
 from rosbags.typesys import get_typestore, Stores
 
 from mm_fusion_ros.geometry import make_pose, quat_to_rot
-
-NS_PER_S = 1_000_000_000
+from mm_fusion_ros.stamps import NS_PER_S
 
 # sensor_msgs/PointField datatypes.
 POINT_FIELD_DTYPES = {1: 'i1', 2: 'u1', 3: 'i2', 4: 'u2', 5: 'i4', 6: 'u4', 7: 'f4', 8: 'f8'}

@@ -14,9 +14,7 @@ perfectly known value):
 import numpy as np
 
 from mm_fusion_ros.geometry import rot_to_quat
-from mm_fusion_ros.messages import POINT_FIELD_DTYPES
-
-NS_PER_S = 1_000_000_000
+from mm_fusion_ros.messages import ns_to_stamp, POINT_FIELD_DTYPES
 
 IMU_ORIENTATION_VAR = np.array([np.deg2rad(0.03), np.deg2rad(0.03), np.deg2rad(0.1)]) ** 2
 IMU_GYRO_VAR = np.full(3, 0.01 ** 2)
@@ -28,11 +26,6 @@ GT_TWIST_VAR = np.concatenate([np.full(3, 0.1 ** 2), np.full(3, 0.01 ** 2)])
 POINTFIELD_CODES = {np.dtype(code).str[1:]: dt for dt, code in POINT_FIELD_DTYPES.items()}
 
 XYZI_FIELDS = (('x', 'f4'), ('y', 'f4'), ('z', 'f4'), ('intensity', 'f4'))
-
-
-def split_stamp(stamp_ns: int):
-    """Integer nanoseconds -> (sec, nanosec) with 0 <= nanosec < 1e9."""
-    return divmod(int(stamp_ns), NS_PER_S)
 
 
 def diag(values, size: int) -> np.ndarray:
@@ -53,7 +46,7 @@ class MessageFactory:
         return self.store.serialize_cdr(msg, msgtype)
 
     def header(self, stamp_ns: int, frame_id: str):
-        sec, nanosec = split_stamp(stamp_ns)
+        sec, nanosec = ns_to_stamp(stamp_ns)
         return self._t['std_msgs/msg/Header'](
             stamp=self._t['builtin_interfaces/msg/Time'](sec=sec, nanosec=nanosec),
             frame_id=frame_id)

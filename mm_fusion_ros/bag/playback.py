@@ -10,7 +10,7 @@ from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.interfaces import QosDurability, QosReliability
 from rosbags.rosbag2 import ReaderError
 
-NS_PER_S = 1_000_000_000
+from mm_fusion_ros.stamps import NS_PER_S
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from mm_fusion_ros.config import parse_modalities, SampleConfig
@@ -26,6 +25,7 @@ from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.training.checkpoint import load_checkpoint
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.core import TrainerCore
+from mm_fusion_ros.training.distributed import resolve_device
 
 log = logging.getLogger('predict_odometry')
 
@@ -92,9 +92,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    device = 'cuda' if args.device == 'auto' and torch.cuda.is_available() else \
-        ('cpu' if args.device == 'auto' else args.device)
     try:
+        device = resolve_device(args.device)
         sequences = parse_sequences(args.sequences)
         core, sample_cfg = load_predictor(args.checkpoint, device)
         changes = {}

@@ -13,6 +13,7 @@ import numpy as np
 
 from mm_fusion_ros.geometry import make_pose
 from mm_fusion_ros.kitti.ids import normalize_sequence_id
+from mm_fusion_ros.stamps import NS_PER_S
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,11 @@ def parse_oxts_timestamp(text: str) -> int:
     if frac and not frac.isdigit():
         raise ValueError(f'bad fractional seconds in {text!r}')
     nanos = int((frac + '000000000')[:9]) if frac else 0
-    return int(base.timestamp()) * 1_000_000_000 + nanos
+    return int(base.timestamp()) * NS_PER_S + nanos
 
 
 def format_oxts_timestamp(ns: int) -> str:
-    sec, nanos = divmod(int(ns), 1_000_000_000)
+    sec, nanos = divmod(int(ns), NS_PER_S)
     base = dt.datetime.fromtimestamp(sec, tz=dt.timezone.utc)
     return f'{base:%Y-%m-%d %H:%M:%S}.{nanos:09d}'
 

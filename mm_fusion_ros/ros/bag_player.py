@@ -27,8 +27,9 @@ from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
-from mm_fusion_ros.bag.playback import BagSource, NS_PER_S, Pacer
+from mm_fusion_ros.bag.playback import BagSource, Pacer
 from mm_fusion_ros.ros.qos import CLOCK_QOS, replay_qos
+from mm_fusion_ros.stamps import NS_PER_S
 
 RCLError = _rclpy.RCLError
 PUBLISH_RETRIES = 50          # a reliable writer whose history is full of unacked samples

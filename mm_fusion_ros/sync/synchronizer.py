@@ -27,11 +27,11 @@ import numpy as np
 
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.kitti.sample import build_sample, ImuData, resize_image, subsample_scan
+from mm_fusion_ros.stamps import NS_PER_S
 from mm_fusion_ros.sync.config import SyncConfig
 
 log = logging.getLogger(__name__)
 
-NS_PER_S = 1_000_000_000
 # IMU kept before the oldest window start: resample_imu looks 0.05 s beyond the window.
 IMU_MARGIN_NS = 100_000_000
 INPUTS = ('image', 'cloud', 'imu', 'ground_truth')

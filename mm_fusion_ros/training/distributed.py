@@ -28,11 +28,12 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' -> torch.device; ValueError when CUDA is asked for but absent."""
+    """'auto' | 'cpu' | 'cuda' -> torch.device (the offline trainer, prediction and the online
+    node); ValueError when CUDA is asked for but absent."""
     if name not in ('auto', 'cpu', 'cuda'):
-        raise ValueError(f'--device {name!r} not understood; choose auto, cpu or cuda')
+        raise ValueError(f'device {name!r} not understood; choose auto, cpu or cuda')
     if name == 'cuda' and not torch.cuda.is_available():
-        raise ValueError('--device cuda requested but torch sees no CUDA device')
+        raise ValueError('device cuda requested but torch sees no CUDA device')
     if name == 'cpu' or (name == 'auto' and not torch.cuda.is_available()):
         return torch.device('cpu')
     return torch.device('cuda', local_rank % torch.cuda.device_count())

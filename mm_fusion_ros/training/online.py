@@ -32,6 +32,7 @@ from mm_fusion_ros.training.checkpoint import (
 )
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.core import TrainerCore
+from mm_fusion_ros.training.distributed import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,6 @@ class OnlineConfig(ConfigBase):
             raise ValueError('OnlineConfig needs autosave_interval_s >= 0 and log_every >= 1')
         if self.device not in ('cpu', 'cuda', 'auto'):
             raise ValueError(f'OnlineConfig.device={self.device!r}; choose cpu, cuda or auto')
-
-
-def resolve_device(name: str) -> str:
-    if name == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name == 'cuda' and not torch.cuda.is_available():
-        raise ValueError('device cuda requested but torch sees no CUDA device')
-    return name
 
 
 def sample_config_for(model_cfg: ModelConfig, base: SampleConfig,
