@@ -3,9 +3,13 @@
 Every config derives from ConfigBase: `to_dict()` gives a dict of plain Python values that
 `torch.load(weights_only=True)` accepts, and `from_dict()` refuses unknown or missing keys with a
 message that names them, so an incompatible checkpoint fails loudly instead of half-loading.
+`ConfigFlags` makes command-line flags from the same fields (ros/params.py makes ROS
+parameters), so each default and each help text is written once, in the dataclass.
 """
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
+import types
 import typing
 
 MODALITIES = ('camera', 'lidar', 'imu')
@@ -41,6 +45,128 @@ class ConfigBase:
 def _has_no_default(cls, name):
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+class ConfigFlags:
+    """argparse flags generated from the fields of a frozen dataclass config, and the config
+    built back from the parsed arguments (range checks stay in the class's __post_init__).
+
+    Each field becomes `--<prefix><name>` with the field's help and default:
+    int / float / str take a value of that type; a bool that defaults to False is a switch
+    (`--freeze_visual`), one that defaults to True takes on|off (`--shift_prior off`);
+    a tuple takes a comma list (`--visual_channels 16,32,64`).
+
+    exclude: fields without a flag (set by the caller from elsewhere);
+    aliases: {field: other flag name(s)}, e.g. names a published command already uses;
+    types: {field: callable} parsing the text instead of the field's type;
+    unset: True, or the fields, whose flags default to None = not given: `values()` leaves
+      them out, so a config loaded from a checkpoint keeps its own; bools there take on|off.
+      unset_help says what happens then ('{default}' = the field's default).
+    """
+
+    def __init__(self, cls, *, prefix='', exclude=(), aliases=None, types=None, unset=(),
+                 unset_help='default: {default}'):
+        self.cls, self.prefix = cls, prefix
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted((set(exclude) | set(aliases or {}) | set(types or {}) |
+                          (set() if unset is True else set(unset))) - set(names))
+        if unknown:
+            raise ValueError(f'{cls.__name__} has no fields {unknown}')
+        self.fields = [f for f in dataclasses.fields(cls) if f.name not in exclude]
+        self.aliases = {k: (v,) if isinstance(v, str) else tuple(v)
+                        for k, v in (aliases or {}).items()}
+        self.types = dict(types or {})
+        self.unset = set(names) if unset is True else set(unset)
+        self.unset_help = unset_help
+        self._hints = typing.get_type_hints(cls)
+
+    def dest(self, name: str) -> str:
+        return self.prefix + name
+
+    def flag(self, name: str) -> str:
+        return '--' + self.prefix + name
+
+    def add(self, parser) -> None:
+        """Add one flag per field to `parser` (an ArgumentParser or an argument group)."""
+        for f in self.fields:
+            default = _field_default(self.cls, f)
+            flags = [self.flag(f.name)] + ['--' + self.prefix + a
+                                           for a in self.aliases.get(f.name, ())]
+            shown = _show(default)
+            note = (self.unset_help.format(default=shown) if f.name in self.unset
+                    else f'default: {shown}')
+            kwargs = {'dest': self.dest(f.name), 'help': f"{f.metadata.get('help', '')} ({note})",
+                      'default': None if f.name in self.unset else default}
+            kind = self._kind(f, default)
+            if f.name in self.types:
+                kwargs.update(type=self.types[f.name], metavar=f.name.upper())
+            elif kind is bool and default is False and f.name not in self.unset:
+                kwargs.update(action='store_true')
+            elif kind is bool:
+                kwargs.update(type=_on_off, metavar='on|off')
+            elif kind is tuple:
+                elem = type(default[0]) if default else str
+                kwargs.update(type=_comma_list(elem),
+                              metavar='A,B,...' if elem is str else 'N,N,...')
+            else:
+                kwargs.update(type=kind, metavar=f.name.upper())
+            parser.add_argument(*flags, **kwargs)
+
+    def values(self, args) -> dict:
+        """{field: value} of the parsed flags, leaving out the unset ones not given."""
+        out = {}
+        for f in self.fields:
+            value = getattr(args, self.dest(f.name))
+            if value is None and f.name in self.unset:
+                continue
+            out[f.name] = value
+        return out
+
+    def build(self, args, **fixed):
+        """The config from the parsed flags; `fixed` sets the excluded (or any) fields."""
+        return self.cls(**{**self.values(args), **fixed})
+
+    def _kind(self, f, default):
+        hint = self._hints.get(f.name)
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(inner) == 1:
+            hint = inner[0]                      # Optional[X]
+        hint = typing.get_origin(hint) or hint   # tuple[int, ...] -> tuple
+        if hint in (bool, int, float, str, tuple):
+            return hint
+        if default is not None and type(default) in (bool, int, float, str, tuple):
+            return type(default)
+        raise ValueError(f'{self.cls.__name__}.{f.name}: no flag for type {hint!r}; pass '
+                         'types={name: parser}')
+
+
+def _field_default(cls, f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise ValueError(f'{cls.__name__}.{f.name} has no default: cannot be a flag')
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return 'on' if value else 'off'
+    if isinstance(value, tuple):
+        return ','.join(str(v) for v in value)
+    return repr(value) if value == '' else str(value)
+
+
+def _on_off(text: str) -> bool:
+    if text not in ('on', 'off'):
+        raise argparse.ArgumentTypeError(f'expected on or off, got {text!r}')
+    return text == 'on'
+
+
+def _comma_list(elem):
+    def parse(text):
+        return tuple(elem(t.strip()) for t in text.split(',') if t.strip())
+    parse.__name__ = f'comma-separated {elem.__name__}'
+    return parse
 
 
 def parse_modalities(text) -> tuple:
