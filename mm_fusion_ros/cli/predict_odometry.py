@@ -16,7 +16,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from mm_fusion_ros.config import parse_modalities, SampleConfig
+from mm_fusion_ros.config import ConfigFlags, SampleConfig
 from mm_fusion_ros.eval.trajectory_io import base_link_poses_to_cam0, write_kitti_poses
 from mm_fusion_ros.geometry import chain_relative, vec6_to_pose
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
@@ -28,6 +28,9 @@ from mm_fusion_ros.training.core import TrainerCore
 from mm_fusion_ros.training.distributed import resolve_device
 
 log = logging.getLogger('predict_odometry')
+# Sample settings the checkpoint's may be overridden with; image size and K belong to the model.
+SAMPLE_FLAGS = ConfigFlags(SampleConfig, exclude=('image_height', 'image_width', 'imu_steps'),
+                           unset=True, unset_help="default: the checkpoint's")
 
 
 def build_parser():
@@ -39,15 +42,10 @@ def build_parser():
     p.add_argument('--imu_path', type=Path, default=None, help='folder of NN.mat IMU files')
     p.add_argument('--sequences', required=True, help='comma-separated ids, e.g. 07 or 7,9,10')
     p.add_argument('--out_dir', type=Path, required=True, help='writes OUT_DIR/NN.txt (cam0)')
-    p.add_argument('--modalities', default=None,
-                   help="subset of camera,lidar,imu (default: the checkpoint's)")
-    p.add_argument('--max_points', type=int, default=None,
-                   help="points per scan (default: the checkpoint's)")
-    p.add_argument('--imu_window_s', type=float, default=None,
-                   help="IMU history per sample [s] (default: the checkpoint's)")
     p.add_argument('--batch_size', type=int, default=8, help='samples per forward pass')
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
                    help='where the model runs')
+    SAMPLE_FLAGS.add(p.add_argument_group('sample settings'))
     return p
 
 
@@ -96,14 +94,7 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
         sequences = parse_sequences(args.sequences)
         core, sample_cfg = load_predictor(args.checkpoint, device)
-        changes = {}
-        if args.modalities:
-            changes['modalities'] = parse_modalities(args.modalities)
-        if args.max_points is not None:
-            changes['max_points'] = args.max_points
-        if args.imu_window_s is not None:
-            changes['imu_window_s'] = args.imu_window_s
-        sample_cfg = sample_cfg.replace(**changes)
+        sample_cfg = sample_cfg.replace(**SAMPLE_FLAGS.values(args))
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     args.out_dir.mkdir(parents=True, exist_ok=True)

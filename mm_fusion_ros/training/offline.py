@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from mm_fusion_ros.config import MODALITIES, parse_modalities, SampleConfig
+from mm_fusion_ros.config import ConfigFlags, SampleConfig
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
 from mm_fusion_ros.kitti.ids import parse_sequences
 from mm_fusion_ros.model.config import ModelConfig, REAL_ENCODER
@@ -44,10 +44,29 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INITIAL = 'pretrain_models/multimodal_initial.pth'
 DEFAULT_FINETUNED = 'pretrain_models/multimodal_finetuned.pth'
-# CLI flag -> ModelConfig field, for flags that shape the network (default None = unset).
-MODEL_FLAGS = ('image_height', 'image_width', 'imu_steps', 'visual_encoder', 'point_encoder',
-               'imu_encoder', 'bev_cells', 'bev_range_m', 'bev_max_shift_cells', 'shift_prior')
-ON_OFF = {'on': True, 'off': False}
+FROM_CHECKPOINT = "default {default} for a new model; fine-tuning takes the checkpoint's"
+
+
+def _encoder(slot):
+    """An encoder flag's parser: 'real' is the slot's real encoder (cnn, bev, conv)."""
+    def parse(text):
+        return REAL_ENCODER[slot] if text == 'real' else text
+    parse.__name__ = f'{slot} name'
+    return parse
+
+
+# Every TrainConfig / ModelConfig / SampleConfig field is a flag of the same name, with the
+# field's default and help. Model flags are unset unless given: a fine-tuning run takes the
+# checkpoint's model, and a given flag must agree with it. The sample's image size and K come
+# from the model, its subsampling seed from --seed.
+TRAIN_FLAGS = ConfigFlags(TrainConfig, aliases={
+    # The names the training plan and earlier releases used for these fields.
+    'aug_point_jitter_m': 'aug_point_jitter', 'aug_yaw_max_deg': 'aug_yaw_deg'})
+MODEL_FLAGS = ConfigFlags(ModelConfig, unset=True,
+                          types={slot: _encoder(slot) for slot in REAL_ENCODER})
+SAMPLE_FLAGS = ConfigFlags(SampleConfig, exclude=('image_height', 'image_width', 'imu_steps',
+                                                  'seed'),
+                           unset=('imu_window_s',), unset_help=FROM_CHECKPOINT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,37 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help='comma-separated training sequence ids (0,1,8 = 00,01,08)')
     data.add_argument('--val_sequences', default='',
                       help='comma-separated validation sequence ids (default: none)')
-    data.add_argument('--modalities', default=','.join(MODALITIES),
-                      help='inputs used, a subset of camera,lidar,imu; the rest are masked off')
-    data.add_argument('--max_points', type=int, default=16384,
-                      help='points per scan after subsampling/padding (0 = all; batch size 1)')
-    data.add_argument('--imu_window_s', type=float, default=None,
-                      help='IMU history per sample [s] ending at the current scan (0 = the '
-                           'interval between scans); stored in the checkpoint, and by default '
-                           "a fine-tuning run uses its checkpoint's (else 0)")
     data.add_argument('--max_samples_per_sequence', type=int, default=0,
                       help='keep at most N evenly spaced samples of each sequence, training and '
                            'validation (0 = all); for quick runs')
     data.add_argument('--num_workers', type=int, default=0,
                       help='DataLoader worker processes per training process')
+    SAMPLE_FLAGS.add(data)
 
-    model = p.add_argument_group('model (from the checkpoint when fine-tuning)')
-    model.add_argument('--image_height', type=int, default=None, help='image height [px] (96)')
-    model.add_argument('--image_width', type=int, default=None, help='image width [px] (320)')
-    model.add_argument('--imu_steps', type=int, default=None, help='IMU steps K (11)')
-    model.add_argument('--visual_encoder', default=None,
-                       help='real | dummy | cnn (real = cnn)')
-    model.add_argument('--point_encoder', default=None,
-                       help='real | dummy | bev | pointnet (real = bev)')
-    model.add_argument('--imu_encoder', default=None, help='real | dummy | conv (real = conv)')
-    model.add_argument('--bev_cells', type=int, default=None, help='BEV grid cells per side (128)')
-    model.add_argument('--bev_range_m', type=float, default=None,
-                       help='BEV half extent [m] (25.6)')
-    model.add_argument('--bev_max_shift_cells', type=int, default=None,
-                       help='largest BEV shift matched [cells] (10)')
-    model.add_argument('--shift_prior', choices=sorted(ON_OFF), default=None,
-                       help='BEV: forward translation = correlation estimate + learned '
-                            'correction (on) or learned alone (off); default on')
+    MODEL_FLAGS.add(p.add_argument_group(
+        'model', "the network's shape; fine-tuning takes the checkpoint's, and a flag that "
+                 "disagrees with it is an error. An encoder flag's 'real' means cnn, bev, conv"))
 
     train = p.add_argument_group('training')
     train.add_argument('--finetune_checkpoint', type=Path, default=None,
@@ -111,37 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f'{DEFAULT_FINETUNED} when fine-tuning)')
     train.add_argument('--save_every_epoch', type=int, default=0,
                        help='also write <output stem>_epochN.pth every N epochs (0 = off)')
-    train.add_argument('--num_epochs', type=int, default=3, help='number of epochs')
-    train.add_argument('--batch_size', type=int, default=2, help='samples per step per process')
-    train.add_argument('--learning_rate', type=float, default=1e-4, help='AdamW learning rate')
-    train.add_argument('--lr_schedule', default='cosine',
-                       help='constant | cosine (per step, down to --lr_min_ratio at the end)')
-    train.add_argument('--lr_min_ratio', type=float, default=0.05,
-                       help='final cosine learning rate as a fraction of --learning_rate')
-    train.add_argument('--weight_decay', type=float, default=1e-4, help='AdamW weight decay')
-    train.add_argument('--grad_clip', type=float, default=5.0,
-                       help='global gradient-norm clip (0 = off)')
-    train.add_argument('--loss', default='l1', help='l1 | l2 | gaussian_nll | laplace_nll')
-    train.add_argument('--rotation_weight', type=float, default=1.0,
-                       help='weight of rotation vs translation dims (normalised units)')
-    for branch in ('visual', 'point', 'imu'):
-        train.add_argument(f'--freeze_{branch}', action='store_true',
-                           help=f'freeze the {branch} encoder (weights and BatchNorm statistics)')
-    train.add_argument('--aug_point_jitter', type=float, default=0.0,
-                       help='Gaussian jitter on point xyz [m]')
-    train.add_argument('--aug_point_dropout', type=float, default=0.0,
-                       help='probability of dropping each point')
-    train.add_argument('--aug_yaw_deg', type=float, default=0.0,
-                       help='max random yaw of both scans; target conjugated, camera masked')
-    train.add_argument('--aug_brightness', type=float, default=0.0,
-                       help='max brightness shift (fraction of 255)')
-    train.add_argument('--aug_contrast', type=float, default=0.0, help='max contrast change')
-    train.add_argument('--seed', type=int, default=0, help='seed of init, data order, dropout')
+    TRAIN_FLAGS.add(train)
 
     run = p.add_argument_group('run')
     run.add_argument('--device', default='auto', help='auto | cpu | cuda')
-    run.add_argument('--amp', action='store_true',
-                     help='mixed precision on CUDA (warned and ignored on CPU)')
     run.add_argument('--threads', type=int, default=0,
                      help='torch CPU threads per process (0 = $OMP_NUM_THREADS if set, else '
                           'cores / processes)')
@@ -153,31 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- configuration ---------------------------------------------------------------------------
-def model_overrides(args) -> dict:
-    """Model fields given on the command line ('real' mapped to each slot's real encoder)."""
-    out = {}
-    for name in MODEL_FLAGS:
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if name == 'shift_prior':
-            value = ON_OFF[value]
-        elif value == 'real' and name in REAL_ENCODER:
-            value = REAL_ENCODER[name]
-        out[name] = value
-    return out
-
-
 def resolve_model_config(args, ckpt, source) -> ModelConfig:
     """A fresh config from the flags, or the checkpoint's; conflicting flags are an error."""
-    overrides = model_overrides(args)
+    overrides = MODEL_FLAGS.values(args)
     if ckpt is None:
         return ModelConfig(**overrides)
     try:
         saved = ModelConfig.from_dict(ckpt['config']['model'])
     except (ValueError, TypeError) as e:
         raise ValueError(f'{source}: model config not understood: {e}') from e
-    conflicts = [f'--{k} {v!r} (checkpoint has {getattr(saved, k)!r})'
+    conflicts = [f'{MODEL_FLAGS.flag(k)} {v!r} (checkpoint has {getattr(saved, k)!r})'
                  for k, v in overrides.items() if getattr(saved, k) != v]
     if conflicts:
         raise ValueError(f'{source}: the model config comes from the checkpoint; conflicting '
@@ -185,28 +141,16 @@ def resolve_model_config(args, ckpt, source) -> ModelConfig:
     return saved
 
 
-def train_config(args) -> TrainConfig:
-    return TrainConfig(
-        learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
-        lr_min_ratio=args.lr_min_ratio, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, loss=args.loss, rotation_weight=args.rotation_weight,
-        batch_size=args.batch_size, num_epochs=args.num_epochs, seed=args.seed, amp=args.amp,
-        freeze_visual=args.freeze_visual, freeze_point=args.freeze_point,
-        freeze_imu=args.freeze_imu, aug_point_jitter_m=args.aug_point_jitter,
-        aug_point_dropout=args.aug_point_dropout, aug_yaw_max_deg=args.aug_yaw_deg,
-        aug_brightness=args.aug_brightness, aug_contrast=args.aug_contrast)
-
-
-def sample_config(args, model_cfg: ModelConfig, ckpt=None) -> SampleConfig:
-    if args.max_points == 0 and args.batch_size > 1:
+def sample_config(args, model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt=None) -> SampleConfig:
+    values = SAMPLE_FLAGS.values(args)
+    if values['max_points'] == 0 and train_cfg.batch_size > 1:
         raise ValueError('--max_points 0 keeps every point, so scans differ in size: use '
                          '--batch_size 1')
-    return SampleConfig(image_height=model_cfg.image_height, image_width=model_cfg.image_width,
-                        max_points=args.max_points, imu_steps=model_cfg.imu_steps,
-                        imu_window_s=resolve_imu_window(args.imu_window_s,
-                                                        checkpoint_imu_window(ckpt),
-                                                        args.finetune_checkpoint),
-                        modalities=parse_modalities(args.modalities), seed=args.seed)
+    window = resolve_imu_window(values.pop('imu_window_s', None), checkpoint_imu_window(ckpt),
+                                args.finetune_checkpoint)
+    return SampleConfig(**values, image_height=model_cfg.image_height,
+                        image_width=model_cfg.image_width, imu_steps=model_cfg.imu_steps,
+                        imu_window_s=window, seed=train_cfg.seed)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -338,8 +282,8 @@ def build_core(args, dist_info: DistInfo):
     """Configs, datasets and the TrainerCore (weights/optimiser from a checkpoint if given)."""
     ckpt = load_checkpoint(args.finetune_checkpoint) if args.finetune_checkpoint else None
     model_cfg = resolve_model_config(args, ckpt, args.finetune_checkpoint)
-    train_cfg = train_config(args)
-    sample_cfg = sample_config(args, model_cfg, ckpt)
+    train_cfg = TRAIN_FLAGS.build(args)
+    sample_cfg = sample_config(args, model_cfg, train_cfg, ckpt)
     train_set = make_dataset(args, args.train_sequences, sample_cfg)
     if len(train_set) == 0:
         raise ValueError(f'no training samples in sequences {args.train_sequences} under '
@@ -417,12 +361,9 @@ def fill_defaults(args) -> None:
                                       else DEFAULT_INITIAL)
     if args.log_csv is None:
         args.log_csv = Path('logs') / f'{args.output_checkpoint.stem}.csv'
-    for name in ('num_epochs', 'batch_size', 'save_every_epoch', 'num_workers', 'threads',
-                 'max_points', 'max_samples_per_sequence', 'imu_window_s'):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
+    for name in ('save_every_epoch', 'num_workers', 'threads', 'max_samples_per_sequence'):
+        if getattr(args, name) < 0:
             raise ValueError(f'--{name} must be >= 0, got {getattr(args, name)}')
-    if args.batch_size == 0:
-        raise ValueError('--batch_size must be >= 1')
 
 
 def main(argv=None) -> int:
