@@ -174,12 +174,6 @@ def base_link_to_cam0(poses_base, tr_velo_to_cam):
     return tr @ np.asarray(poses_base, dtype=np.float64) @ invert_pose(tr)
 
 
-def orthonormality_error(rot):
-    """max |R R^T - I| over a batch: how far (..., 3, 3) matrices are from rotations."""
-    rot = np.asarray(rot, dtype=np.float64)
-    return float(np.max(np.abs(rot @ np.swapaxes(rot, -1, -2) - np.eye(3)))) if rot.size else 0.0
-
-
 def chain_relative(rel_poses, first=None):
     """Chain (N, 4, 4) relative poses into N+1 absolute poses from `first` (default I)."""
     rel = np.asarray(rel_poses, dtype=np.float64)

@@ -18,17 +18,6 @@ CLOUD_TYPE = 'sensor_msgs/msg/PointCloud2'
 IMU_TYPE = 'sensor_msgs/msg/Imu'
 ODOMETRY_TYPE = 'nav_msgs/msg/Odometry'
 TF_TYPE = 'tf2_msgs/msg/TFMessage'
-CLOCK_TYPE = 'rosgraph_msgs/msg/Clock'
-
-TOPIC_TYPES = {
-    IMAGE_TOPIC: IMAGE_TYPE,
-    COMPRESSED_IMAGE_TOPIC: COMPRESSED_IMAGE_TYPE,
-    CAMERA_INFO_TOPIC: CAMERA_INFO_TYPE,
-    CLOUD_TOPIC: CLOUD_TYPE,
-    IMU_TOPIC: IMU_TYPE,
-    GT_ODOM_TOPIC: ODOMETRY_TYPE,
-    TF_STATIC_TOPIC: TF_TYPE,
-}
 
 # REP 105 / DESIGN §3 frames.
 ODOM_FRAME = 'odom'

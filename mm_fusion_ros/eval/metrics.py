@@ -129,17 +129,6 @@ def umeyama(src, dst, with_scale=False):
     return rot, trans, scale
 
 
-def align_poses(gt, pred, with_scale=False):
-    """Pred poses after the Umeyama SE(3)/Sim(3) alignment of their positions onto gt (evo's)."""
-    gt, pred = _check_pair(gt, pred)
-    rot, trans, scale = umeyama(pred[:, :3, 3], gt[:, :3, 3], with_scale)
-    out = pred.copy()
-    out[:, :3, 3] = scale * pred[:, :3, 3]
-    align = np.eye(4)
-    align[:3, :3], align[:3, 3] = rot, trans
-    return align @ out
-
-
 def ate(gt, pred, with_scale=False) -> float:
     """RMSE [m] of position errors after SE(3) (or Sim(3) with_scale) Umeyama alignment."""
     gt, pred = _check_pair(gt, pred)

@@ -106,14 +106,6 @@ def check_same_length(gt_path, gt, pred_path, pred) -> None:
                          f'{pred_path} has {len(pred)}; they must match frame for frame')
 
 
-def read_pair(gt_path, pred_path):
-    """Read GT and prediction strictly and check they have the same number of poses."""
-    gt = read_kitti_poses(gt_path)
-    pred = read_kitti_poses(pred_path)
-    check_same_length(gt_path, gt, pred_path, pred)
-    return gt, pred
-
-
 def base_link_poses_to_cam0(poses_base, tr_velo_to_cam):
     """Predictions in odom/base_link -> KITTI cam0 poses, with the sequence's Tr (DESIGN §3)."""
     tr = np.asarray(tr_velo_to_cam, dtype=np.float64)

@@ -138,12 +138,3 @@ def check_scan_file(path, frame, *, read=True):
             return Problem(str(path), 'scan contains NaN or Inf values', frame)
     return None
 
-
-def check_image_file(path, frame):
-    """Cheap image check (exists, PNG signature); a full decode happens when loading."""
-    if not path.is_file():
-        return Problem(str(path), 'missing', frame)
-    with open(path, 'rb') as f:
-        if f.read(8) != b'\x89PNG\r\n\x1a\n':
-            return Problem(str(path), 'not a PNG file', frame)
-    return None

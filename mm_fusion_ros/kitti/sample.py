@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from mm_fusion_ros.config import MODALITIES, SampleConfig
+from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.geometry import pose_to_vec6, relative_pose
 
 SAMPLE_KEYS = ('image', 'points', 'points_mask', 'imu', 'dt', 'target', 'target_valid',
@@ -172,8 +172,3 @@ def build_sample(cfg: SampleConfig, *, stamps, images=None, scans=None, imu=None
         'meta': {'sequence': str(sequence), 'frame': int(frame),
                  'stamp_prev': t_prev, 'stamp_cur': t_cur},
     }
-
-
-def modality_index(name: str) -> int:
-    """Position of a modality in modality_mask (camera 0, lidar 1, imu 2)."""
-    return MODALITIES.index(name)

@@ -23,10 +23,6 @@ REPLAY_IMU_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=IMU_QUEUE_DEP
                             reliability=ReliabilityPolicy.RELIABLE,
                             durability=DurabilityPolicy.VOLATILE)
 LIVE_SENSOR_QOS = qos_profile_sensor_data
-# /tf_static and other latched topics: a late subscriber still gets the last message(s).
-LATCHED_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                         reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
 PATH_QOS = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)  # late RViz sees it
 # /clock: only the newest time matters; RELIABLE still matches rclpy's best-effort clock reader.
 CLOCK_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
