@@ -69,8 +69,8 @@ def make_tiny_kitti(root, sequence='00', frames=6, speed=10.0, yaw_rate=0.1, see
     fields[:, OXTS_INDEX['wz']] = yaw_rate
     fields[:, OXTS_INDEX['vf']] = speed
     write_oxts_folder(seq_dir / 'oxts', T0_NS + np.round(imu_t * 1e9).astype(np.int64), fields)
-    write_calib_imu_to_velo(seq_dir / 'calib_imu_to_velo.txt', make_pose(np.eye(3),
-                                                                          [-0.81, 0.32, -0.8]))
+    write_calib_imu_to_velo(seq_dir / 'calib_imu_to_velo.txt',
+                            make_pose(np.eye(3), [-0.81, 0.32, -0.8]))
     return root
 
 
@@ -95,4 +95,3 @@ def ros_env():
                PYTHONUNBUFFERED='1')
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
     return env
-

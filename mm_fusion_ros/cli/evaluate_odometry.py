@@ -254,13 +254,13 @@ def format_table(results: dict, args) -> str:
              f'alignment', header, '-' * len(header)]
     for name, per_seq in results.items():
         for seq_id, m in per_seq.items():
-            lines.append(f'{seq_id:<9} {name:<12}' + ''.join(f' {_fmt(m[k]):>16}'
-                                                               for k, _ in COLUMNS))
+            cells = ''.join(f' {_fmt(m[k]):>16}' for k, _ in COLUMNS)
+            lines.append(f'{seq_id:<9} {name:<12}' + cells)
     if len(next(iter(results.values()))) > 1:
         for name, per_seq in results.items():
             avg = average(per_seq)
-            lines.append(f'{"average":<9} {name:<12}' + ''.join(f' {_fmt(avg[k]):>16}'
-                                                                 for k, _ in COLUMNS))
+            cells = ''.join(f' {_fmt(avg[k]):>16}' for k, _ in COLUMNS)
+            lines.append(f'{"average":<9} {name:<12}' + cells)
     for seq_id, m in results.get('imu', {}).items():
         lines.append(f'imu baseline, sequence {seq_id}: gyro heading drift '
                      f'{m["gyro_heading_error_final_deg"]:+.3f} deg at the end, '

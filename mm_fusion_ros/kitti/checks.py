@@ -137,4 +137,3 @@ def check_scan_file(path, frame, *, read=True):
         if not np.isfinite(data).all():
             return Problem(str(path), 'scan contains NaN or Inf values', frame)
     return None
-

@@ -22,6 +22,7 @@ from mm_fusion_ros.messages import (  # noqa: F401  (re-exported decoders)
 
 # ------------------------------------------------------------------- point clouds
 
+
 def cloud_msg_fields(points, names=('x', 'y', 'z', 'intensity')) -> dict:
     """(N, C) array -> the PointCloud2 attributes (unorganised, float32, little-endian).
 
@@ -103,4 +104,3 @@ def pose_to_odometry_fields(pose, log_var=None):
 def _fill_header(header, stamp_ns, frame_id):
     header.stamp.sec, header.stamp.nanosec = ns_to_stamp(stamp_ns)
     header.frame_id = frame_id
-

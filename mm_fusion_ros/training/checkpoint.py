@@ -28,6 +28,7 @@ PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
+
 def check_plain(value, where='checkpoint'):
     """Raise ValueError naming the first value that weights_only loading would refuse."""
     if isinstance(value, dict):
@@ -150,4 +151,3 @@ def resolve_imu_window(requested, saved, source) -> float:
         log.warning('%s was trained with IMU windows of %g s; using %g s', source, saved,
                     requested)
     return float(requested)
-
