@@ -1,15 +1,26 @@
 """Both installs put executables where `ros2 run/launch` look (DESIGN §1): the editable pip
-install this suite runs in (dev.sh), a regular pip install into a prefix, and colcon build."""
+install this suite runs in (dev.sh), a regular pip install into a prefix, and colcon build; and
+`pip install .` alone, into a fresh venv, brings every dependency the commands need."""
+import base64
+from concurrent.futures import ThreadPoolExecutor
+import hashlib
+import importlib.metadata as md
 import os
 from pathlib import Path
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+import pytest
 
 from mm_fusion_ros.prefix_install import ENTRY_POINTS
 
 REPO = Path(__file__).resolve().parents[1]
+ROS_SCRIPTS = ('bag_player', 'online_finetune', 'synchronizer', 'mm_fusion_run')
 
 
 def _run_exe(exe, env=None):
@@ -46,16 +57,22 @@ def test_ament_index_finds_the_package():
     assert Path(out.stdout.strip(), 'package.xml').is_file()
 
 
-def test_regular_pip_install_places_data_files(tmp_path):
-    """A wheel's .data/data/ tree is what pip installs under PREFIX (without touching this env)."""
-    src = tmp_path / 'src'
+@pytest.fixture(scope='module')
+def wheel(tmp_path_factory):
+    """This package's wheel, built from a copy of the source tree (without touching this env)."""
+    tmp = tmp_path_factory.mktemp('wheel')
+    src = tmp / 'src'
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
         '.venv', '.git', 'build', 'data', 'data_*', '*.egg-info', '__pycache__', 'bags',
         'logs', 'results', 'pretrain_models', 'runs', 'demo_out'))
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
-                    '--no-build-isolation', '-w', str(tmp_path / 'wheel'), str(src)],
+                    '--no-build-isolation', '-w', str(tmp / 'out'), str(src)],
                    check=True, capture_output=True, timeout=300)
-    wheel = next((tmp_path / 'wheel').glob('mm_fusion_ros-*.whl'))
+    return next((tmp / 'out').glob('mm_fusion_ros-*.whl'))
+
+
+def test_regular_pip_install_places_data_files(wheel):
+    """A wheel's .data/data/ tree is what pip installs under PREFIX."""
     with zipfile.ZipFile(wheel) as zf:
         data = {n.split('.data/data/', 1)[1]: zf.getinfo(n) for n in zf.namelist()
                 if '.data/data/' in n}
@@ -82,3 +99,125 @@ def test_colcon_build(tmp_path):
     env = {'PATH': f'{Path(sys.executable).parent}:/usr/bin:/bin', 'PYTHONPATH': str(site)}
     for name in ('check_kitti', 'evaluate_odometry'):
         assert f'usage: {name}' in _run_exe(install / 'lib' / 'mm_fusion_ros' / name, env=env)
+
+
+# --- pip install . into a fresh venv, offline ---------------------------------------------------
+def _installed_closure(requirements, extras):
+    """The distributions of this env that `requirements` (texts, markers evaluated with
+    `extras`) need, recursively; fails naming a requirement this env does not satisfy."""
+    found, todo = {}, [(Requirement(t), ('',) + tuple(extras)) for t in requirements]
+    while todo:
+        req, marker_extras = todo.pop()
+        if req.marker and not any(req.marker.evaluate({'extra': e}) for e in marker_extras):
+            continue
+        name = canonicalize_name(req.name)
+        try:
+            dist = md.distribution(req.name)
+        except md.PackageNotFoundError:
+            pytest.fail(f'{req} is needed but not installed in {sys.prefix}')
+        assert req.specifier.contains(dist.version, prereleases=True), (str(req), dist.version)
+        known = found.get(name, (None, set()))[1]
+        if name in found and set(req.extras) <= known:
+            continue
+        found[name] = (dist, known | set(req.extras))
+        todo += [(Requirement(t), ('',) + tuple(req.extras)) for t in dist.requires or []]
+    return [dist for dist, _ in found.values()]
+
+
+def _wheel_of_installed(dist, out_dir) -> Path:
+    """Pack an installed distribution back into a wheel, from the files its RECORD lists.
+
+    The wheels this env was installed from are not kept on disk (pip's cache may be empty), so
+    this is how the fresh venv gets exactly this env's versions without a network: files under
+    site-packages go to the wheel's root, other files under the prefix to <name>.data/data/, and
+    console scripts are left to pip, which writes them from entry_points.txt. Stored, not
+    compressed: torch is ~750 MB and deflating it would dominate the test's time.
+    """
+    assert dist.files, f'{dist.name}: no RECORD, so its files are unknown (not installed by pip)'
+    site, prefix = Path(dist.locate_file('')), Path(sys.prefix)
+    info = next(f.parts[0] for f in dist.files
+                if f.parts[0].endswith('.dist-info') and f.name == 'METADATA')
+    data = info[:-len('.dist-info')] + '.data'
+    scripts = {e.name for e in dist.entry_points if e.group in ('console_scripts', 'gui_scripts')}
+    skip = {f'{info}/{n}' for n in ('RECORD', 'INSTALLER', 'REQUESTED', 'direct_url.json')}
+    path = Path(out_dir) / f'{info[:-len(".dist-info")]}-py3-none-any.whl'
+    record = []
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as zf:
+        for f in dist.files:
+            src = Path(os.path.normpath(dist.locate_file(f)))
+            if str(f) in skip or '__pycache__' in f.parts or f.suffix == '.pyc' or \
+                    not src.is_file():
+                continue
+            if src.is_relative_to(site):
+                arc = src.relative_to(site).as_posix()
+            elif src.is_relative_to(prefix / 'bin'):
+                if src.name in scripts:
+                    continue
+                arc = f'{data}/scripts/{src.name}'
+            elif src.is_relative_to(prefix):
+                arc = f'{data}/data/{src.relative_to(prefix).as_posix()}'
+            else:
+                raise AssertionError(f'{dist.name}: {src} is outside {prefix}')
+            digest, size = hashlib.sha256(), 0
+            with open(src, 'rb') as fin, zf.open(zipfile.ZipInfo.from_file(src, arc), 'w') as out:
+                while chunk := fin.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            b64 = base64.urlsafe_b64encode(digest.digest()).rstrip(b'=').decode()
+            record.append(f'{arc},sha256={b64},{size}')
+        zf.writestr(f'{info}/RECORD', '\n'.join(record + [f'{info}/RECORD,,']) + '\n')
+    return path
+
+
+def _pip_install(venv, house, target):
+    """pip install `target` into `venv` from the wheels in `house` only: no index, no config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith('PIP_')}
+    env.update(PIP_CONFIG_FILE=os.devnull, PYTHONNOUSERSITE='1')
+    out = subprocess.run([sys.executable, '-m', 'pip', '--python', str(venv / 'bin' / 'python'),
+                          'install', '-q', '--no-index', '--find-links', str(house),
+                          '--no-compile', '--no-cache-dir', target],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_pip_install_alone_gives_runnable_commands(wheel, tmp_path):
+    """`pip install .` into a fresh venv brings all that the commands need (each answers --help)
+    and resolves torch to the locked CPU build; `.[ros]` then adds the nodes."""
+    t0 = time.monotonic()
+    house = tmp_path / 'wheels'
+    house.mkdir()
+    requires = md.metadata('mm_fusion_ros').get_all('Requires-Dist')
+    with ThreadPoolExecutor(2) as pool:   # hashing and zip CRCs release the GIL
+        list(pool.map(lambda d: _wheel_of_installed(d, house),
+                      _installed_closure(requires, extras=('ros',))))
+    venv = tmp_path / 'venv'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True,
+                   timeout=120)
+    python = str(venv / 'bin' / 'python')
+
+    _pip_install(venv, house, str(wheel))
+    site = next((venv / 'lib').glob('python3*/site-packages'))
+    assert [p.name for p in site.glob('torch-*.dist-info')] == ['torch-2.13.0+cpu.dist-info']
+    _all_answer(venv, [[name, '--help'] for name in sorted(set(ENTRY_POINTS) - set(ROS_SCRIPTS))])
+
+    _pip_install(venv, house, f'{wheel}[ros]')
+    # The node executables take --ros-args, not --help (they would start a node): their
+    # modules, and with them rclpy, the interfaces and torch, must import.
+    modules = sorted({ENTRY_POINTS[name].split(':')[0] for name in ROS_SCRIPTS})
+    _all_answer(venv, [['bag_player', '--help'], ['mm_fusion_run', '--help'],
+                       [python, '-c', ';'.join(f'import {m}' for m in modules)]])
+    print(f'fresh venv: wheels, installs and {len(ENTRY_POINTS)} commands in '
+          f'{time.monotonic() - t0:.0f} s')
+
+
+def _all_answer(venv, commands):
+    """Run the commands at once (each imports torch: seconds of CPU), outside the source tree
+    and this env; each must exit 0, a console script printing its usage."""
+    env = {'PATH': f'{venv / "bin"}:/usr/bin:/bin', 'HOME': str(venv), 'ROS_DOMAIN_ID': '0'}
+    procs = [(cmd, subprocess.Popen(cmd, env=env, cwd='/', stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)) for cmd in commands]
+    for cmd, proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f'{cmd}: {err}'
+        assert cmd[1] != '--help' or f'usage: {cmd[0]}' in out, (cmd, out)
