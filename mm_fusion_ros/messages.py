@@ -233,7 +233,8 @@ def tf_to_dict(msg) -> dict:
 @lru_cache(maxsize=1)
 def cdr_typestore():
     """The typestore of decode_cdr: these layouts are the same in every ROS 2 distro since
-    Humble. Built on first use (~0.1 s); a node calls it at start so no message waits."""
+    Humble. Built on first use, which takes a noticeable moment (docs/measured_figures.md):
+    a node calls it at start so no message waits."""
     return get_typestore(Stores.ROS2_HUMBLE)
 
 

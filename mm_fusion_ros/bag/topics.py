@@ -27,8 +27,7 @@ IMU_FRAME = 'imu_link'
 CAMERA_FRAME = 'camera2'
 
 # Queue depths of replayed topics (bag metadata, bag player, replay subscribers): ~10 s of data,
-# so a busy consumer does not drop samples (STYLE §4: replay feeds training). Measured here on
-# 2 loaded cores: a depth-100 IMU subscriber beside image and cloud subscriptions in one
-# executor lost 1 of 500 IMU messages in 2 of 10 runs, a depth-1000 one none in 10 runs.
+# so a busy consumer does not drop samples (STYLE §4: replay feeds training); the drops measured
+# at smaller depths are in docs/measured_figures.md.
 SENSOR_QUEUE_DEPTH = 100     # 10 Hz images, clouds, camera_info, ground truth
 IMU_QUEUE_DEPTH = 1000       # 100 Hz IMU

@@ -269,7 +269,7 @@ def save_epoch(core, args, sample_cfg, row) -> None:
 
 def thread_count(requested: int, world_size: int) -> int:
     """Threads per process: never more than the cores, since an oversubscribed OpenMP pool
-    spins and can run 10-100x slower (measured, docs/stage2_tracking.md)."""
+    spins and runs many times slower (docs/stage2_tracking.md, Threads)."""
     if requested > 0:
         return requested
     env = os.environ.get('OMP_NUM_THREADS', '')
