@@ -10,6 +10,7 @@ from pathlib import Path
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 
@@ -181,10 +182,22 @@ def _pip_install(venv, house, target):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_pip_install_alone_gives_runnable_commands(wheel, tmp_path):
+@pytest.fixture
+def scratch(tmp_path):
+    """A folder for ~2.7 GB of wheels and venv, removed afterwards (pytest keeps the folders of
+    its last runs). On tmpfs when it has room: on disk, writing and deleting it took minutes
+    on the shared development machine."""
+    shm = Path('/dev/shm')
+    base = shm if shm.is_dir() and shutil.disk_usage(shm).free > 6 << 30 else tmp_path
+    folder = Path(tempfile.mkdtemp(prefix='mm_fusion_ros_install_', dir=base))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_pip_install_alone_gives_runnable_commands(wheel, scratch):
     """`pip install .` into a fresh venv brings all that the commands need (each answers --help)
     and resolves torch to the locked CPU build; `.[ros]` then adds the nodes."""
-    t0 = time.monotonic()
+    t0, tmp_path = time.monotonic(), scratch
     house = tmp_path / 'wheels'
     house.mkdir()
     requires = md.metadata('mm_fusion_ros').get_all('Requires-Dist')
