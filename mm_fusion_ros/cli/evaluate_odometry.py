@@ -21,6 +21,7 @@ from mm_fusion_ros.eval.trajectory_io import (
     check_same_length,
     read_kitti_poses,
 )
+from mm_fusion_ros.fileio import atomic_write_text
 from mm_fusion_ros.geometry import cam0_to_base_link
 from mm_fusion_ros.kitti.odometry import KittiSequence, parse_sequences, read_calib
 
@@ -293,8 +294,7 @@ def build_report(results: dict, args) -> dict:
 
 
 def write_json(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, allow_nan=False) + '\n')
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + '\n')
 
 
 def main(argv=None) -> int:

@@ -5,11 +5,11 @@ frame 0 (DESIGN §2). The reader refuses anything else and names the file and li
 silently mis-parsed trajectory yields plausible but wrong metrics.
 """
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
+from mm_fusion_ros.fileio import atomic_write_text
 from mm_fusion_ros.geometry import base_link_to_cam0
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,10 @@ def format_kitti_poses(poses, fmt='%.12e') -> str:
 
 
 def write_kitti_poses(path, poses, fmt='%.12e') -> Path:
-    """Write poses in KITTI format atomically (temporary file + rename); returns the path."""
+    """Write poses in KITTI format atomically (fileio); returns the path."""
     path = Path(path)
     text = format_kitti_poses(poses, fmt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text, encoding='ascii')
-    os.replace(tmp, path)
+    atomic_write_text(path, text, encoding='ascii')
     log.debug('wrote %d poses to %s', len(text.splitlines()), path)
     return path
 
