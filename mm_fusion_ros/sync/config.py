@@ -51,10 +51,17 @@ class SyncConfig(ConfigBase):
                 'entry is dropped when full'})
     max_imu_samples: int = field(default=4000, metadata={
         'help': 'IMU ring buffer size [samples]; must cover the longest IMU window plus lateness'})
+    imu_keep_s: float = field(default=2.5, metadata={
+        'help': 'IMU kept behind the newest scan, so a hole in the scans can be bridged with '
+                'the gyro (see trajectory.max_bridge_s) [s]'})
+    rewind_s: float = field(default=1.0, metadata={
+        'help': 'a stream whose stamps go back by more than this starts a new run (a looped '
+                'bag): pending data is flushed and forgotten, the samples carry a new '
+                "meta['run'] [s]"})
 
     def __post_init__(self):
         for name in ('slop_s', 'gt_slop_s', 'max_lateness_s', 'reorder_window_s',
-                     'camera_timeout_s', 'imu_timeout_s', 'gt_timeout_s'):
+                     'camera_timeout_s', 'imu_timeout_s', 'gt_timeout_s', 'imu_keep_s'):
             if not getattr(self, name) >= 0:
                 raise ValueError(f'SyncConfig.{name} must be >= 0, got {getattr(self, name)}')
         if not self.max_scan_gap_s > 0:
@@ -65,6 +72,9 @@ class SyncConfig(ConfigBase):
             raise ValueError(f'SyncConfig.max_lateness_s ({self.max_lateness_s}) must be >= '
                              f'every timeout and reorder_window_s ({longest_wait}): a message '
                              'still waited for is not late')
+        if not self.rewind_s > self.reorder_window_s:
+            raise ValueError(f'SyncConfig.rewind_s ({self.rewind_s}) must be > reorder_window_s '
+                             f'({self.reorder_window_s}): reordered scans are not a rewind')
         if self.missing_policy not in MISSING_POLICIES:
             raise ValueError(f'SyncConfig.missing_policy must be one of {MISSING_POLICIES}, got '
                              f'{self.missing_policy!r}')

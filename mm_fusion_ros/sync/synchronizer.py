@@ -16,6 +16,14 @@ Per scan, in stamp order:
   window itself is cut and resampled by build_sample from the ring buffer.
 A missing camera/IMU either masks the modality off or drops the sample (`missing_policy`).
 Scans further apart than `max_scan_gap_s` restart the chain. Every drop is counted by reason.
+
+Time going back: a stream whose stamps jump back by more than `rewind_s` (a looped bag, a
+restarted player) starts a new run: what is pending is flushed (emitted as far as it can be),
+then forgotten, and the samples of the new run carry meta['run'] + 1, so the trajectory starts
+a new segment. Until another stream has come round too, its messages of the old run are dropped
+as 'before_rewind'. `rewind(stamp)` does the same when the clock (/clock) jumps back.
+The IMU is kept `imu_keep_s` behind the newest scan: imu_between() hands it to the trajectory
+to bridge a hole in the scans with the gyro.
 """
 import bisect
 from collections import Counter, deque
@@ -125,7 +133,14 @@ class Synchronizer:
         self._camera_timeout = ns(self.cfg.camera_timeout_s)
         self._imu_timeout = ns(self.cfg.imu_timeout_s)
         self._gt_timeout = ns(self.cfg.gt_timeout_s)
-        self._imu_history = ns(self.sample_cfg.imu_window_s) + IMU_MARGIN_NS
+        self._imu_history = max(ns(self.sample_cfg.imu_window_s) + IMU_MARGIN_NS,
+                                ns(self.cfg.imu_keep_s))
+        self._rewind = ns(self.cfg.rewind_s)
+        self._run = 0
+        self._rewinds = 0
+        self._newest = {}           # newest stamp of each input stream in this run
+        self._awaiting = set()      # streams whose messages of the old run may still come
+        self._run_ref = None        # newest stamp of a run started by a rewind
         self._received = Counter()
         self._dropped = Counter()
         self._masked = Counter()
@@ -275,6 +290,33 @@ class Synchronizer:
         with self._lock:
             self._clear_streams()
             self._imu.clear()
+            self._newest, self._awaiting, self._run_ref = {}, set(), None
+
+    def rewind(self, stamp_ns: int) -> bool:
+        """The clock jumped back to stamp_ns: start a new run unless the streams are there
+        already (a stream came round first). Returns whether a new run started."""
+        with self._lock:
+            newest = max(self._newest.values(), default=None)
+            if newest is None or newest <= int(stamp_ns) + self._rewind:
+                return False
+            self._start_run(int(stamp_ns), 'clock')
+            return True
+
+    def imu_between(self, t0_ns: int, t1_ns: int):
+        """(stamps_ns, gyro (M, 3)) copies of the IMU held over [t0, t1] plus IMU_MARGIN_NS on
+        either side, or None when fewer than two samples are held there."""
+        with self._lock:
+            stamps = self._imu.stamps[:self._imu.n]
+            lo = int(np.searchsorted(stamps, int(t0_ns) - IMU_MARGIN_NS, side='left'))
+            hi = int(np.searchsorted(stamps, int(t1_ns) + IMU_MARGIN_NS, side='right'))
+            if hi - lo < 2:
+                return None
+            return stamps[lo:hi].copy(), self._imu.data[lo:hi, 3:].copy()
+
+    @property
+    def run(self) -> int:
+        """meta['run'] of the samples being built now (0, +1 at every rewind)."""
+        return self._run
 
     @property
     def origin_ns(self):
@@ -294,6 +336,8 @@ class Synchronizer:
                             'ready': len(self._ready)},
                 'nonfinite_points': self._nonfinite_points,
                 'watermark_ns': self._watermark,
+                'run': self._run,
+                'rewinds': self._rewinds,
             }
 
     # --------------------------------------------------------------- internal
@@ -310,15 +354,43 @@ class Synchronizer:
         self._flushing = False
 
     def _accept(self, kind: str, stamp_ns) -> int:
-        """Count the input; the stamp as int, or None when it is too late (counted)."""
+        """Count the input; the stamp as int, or None when it is too late or left over from
+        the run before a rewind (counted). A stamp far behind its stream starts a new run."""
         stamp = int(stamp_ns)
         self._received[kind] += 1
         if self._origin is None:
             self._origin = stamp
+        newest = self._newest.get(kind)
+        if newest is not None and stamp < newest - self._rewind:
+            self._start_run(stamp, kind)
+        elif kind in self._awaiting and abs(stamp - self._run_ref) > self._rewind:
+            self._dropped['before_rewind'] += 1
+            return None
+        self._awaiting.discard(kind)
+        self._newest[kind] = max(self._newest.get(kind, stamp), stamp)
+        if self._run_ref is not None:
+            self._run_ref = max(self._run_ref, stamp)
         if self._watermark is not None and stamp < self._watermark - self._lateness:
             self._dropped['late'] += 1
             return None
         return stamp
+
+    def _start_run(self, stamp: int, cause: str) -> None:
+        """Time went back to `stamp` (seen on `cause`): finish what the old run can still
+        emit, forget it, and count a new run."""
+        self._flushing = True
+        try:
+            self._advance()
+        finally:
+            self._flushing = False
+        self._awaiting = set(self._newest) - {cause}
+        self._clear_streams()
+        self._imu.clear()
+        self._newest = {}
+        self._run += 1
+        self._rewinds += 1
+        self._run_ref = stamp
+        log.info('time went back on %s (to %d ns): run %d starts', cause, stamp, self._run)
 
     def _waited(self, stamp: int, timeout: int) -> bool:
         return self._flushing or self._watermark >= stamp + timeout
@@ -432,6 +504,7 @@ class Synchronizer:
         self._masked['target'] += int(poses is None)
         sample['meta']['stamp_prev_ns'] = prev.stamp
         sample['meta']['stamp_cur_ns'] = scan.stamp
+        sample['meta']['run'] = self._run
         self._ready.append(sample)
         self._emitted += 1
         if len(self._ready) > self.cfg.max_pending:
