@@ -407,7 +407,7 @@ def test_synchronizer_node_skips_and_counts_messages_that_do_not_decode():
         rclpy.init(domain_id=int(env['ROS_DOMAIN_ID']))
         try:
             node = SynchronizerNode(sample_cfg=SampleConfig(image_height=8, image_width=8),
-                                    buffer=ReplayBuffer(), on_sample=lambda sample: None)
+                                    buffer=ReplayBuffer())
             points = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
             callbacks = {sub.topic_name: sub.callback for sub in node.subscriptions}
             on_cloud, on_imu = callbacks[topics.CLOUD_TOPIC], callbacks[topics.IMU_TOPIC]
@@ -415,39 +415,16 @@ def test_synchronizer_node_skips_and_counts_messages_that_do_not_decode():
                                                       names=('x', 'y'))))   # no z
             on_cloud(b'\x00\x01\x00\x00 not a cloud')
             on_imu(serialize_message(array_to_cloud(points, 10**9, 'velodyne')))
+            on_cloud(serialize_message(array_to_cloud(points, 10**9, 'lidar_top')))
             on_cloud(serialize_message(array_to_cloud(points, 10**9, 'velodyne')))
             stats = node.sync.stats
             node.shutdown()
             node.destroy_node()
         finally:
             rclpy.shutdown()
-    assert stats['received']['cloud'] == 3 and stats['received']['imu'] == 1
-    assert stats['dropped'] == {'bad_message': 3}
+    assert stats['received']['cloud'] == 4 and stats['received']['imu'] == 1
+    assert stats['dropped'] == {'bad_message': 3, 'wrong_frame': 1}
     assert stats['pending']['scans'] == 1     # the good cloud went on to the synchronizer
-
-
-def test_synchronizer_node_reports_the_prediction_backlog():
-    """Before each on_sample the dispatch says how many samples wait (the trainer starts no
-    step meanwhile), and 0 once they are done."""
-    from mm_fusion_ros.ros.synchronizer_node import SynchronizerNode
-    env = fresh_env()
-    calls = []
-    with ros_domain(env):
-        rclpy.init(domain_id=int(env['ROS_DOMAIN_ID']))
-        try:
-            node = SynchronizerNode(sample_cfg=SampleConfig(image_height=8, image_width=8),
-                                    buffer=ReplayBuffer(),
-                                    on_sample=lambda s: calls.append(('sample', s['meta'])),
-                                    on_backlog=lambda n: calls.append(('backlog', n)))
-            node.shutdown()   # stop the dispatch thread; _dispatch is then called directly
-            node.sync.pop_ready = lambda: [{'meta': {'frame': k}} for k in (1, 2, 3)]
-            node._dispatch()
-            node.destroy_node()
-        finally:
-            rclpy.shutdown()
-    assert calls[-7:] == [('backlog', 3), ('sample', {'frame': 1}), ('backlog', 2),
-                          ('sample', {'frame': 2}), ('backlog', 1), ('sample', {'frame': 3}),
-                          ('backlog', 0)]
 
 
 def test_restart_resumes_from_saved_buffer_and_checkpoint(world, scenario, tmp_path):

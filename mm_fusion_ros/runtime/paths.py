@@ -5,7 +5,28 @@ the node keeps the newest `max_poses` of the current segment and publishes at mo
 `period_s` (a timer publishes what came after the last publication, e.g. the end of a bag).
 """
 from collections import deque
+from dataclasses import dataclass, field
 import time
+
+from mm_fusion_ros.config import ConfigBase
+
+
+@dataclass(frozen=True)
+class PublishConfig(ConfigBase):
+    """What the trainer node publishes besides /mm_fusion/odom."""
+
+    path_publish_period_s: float = field(default=0.5, metadata={
+        'help': 'publish /mm_fusion/path and /mm_fusion/gt_path at most this often [s]'})
+    path_max_poses: int = field(default=10000, metadata={
+        'help': 'the paths hold the newest this many poses of the current segment'})
+    publish_gt_tf: bool = field(default=True, metadata={
+        'help': 'publish odom -> base_link from ground truth on /tf (with tf2_msgs), so RViz '
+                "places the bag's clouds"})
+
+    def __post_init__(self):
+        if not self.path_publish_period_s > 0 or self.path_max_poses < 1:
+            raise ValueError('PublishConfig needs path_publish_period_s > 0 and '
+                             'path_max_poses >= 1')
 
 
 class PathThrottle:

@@ -105,3 +105,19 @@ class Worker:
         except BaseException as e:  # noqa: BLE001 - recorded with traceback; the node exits 1
             self.failed = True
             self.faults.record(self.name, e, 'worker ended')
+
+
+class LogThrottle:
+    """At most one log line per key (e.g. (topic, reason)) every `period_s`; -> whether to log.
+    Keyed, unlike rclpy's throttle (one per call site), so each bad topic is named."""
+
+    def __init__(self, period_s: float = 5.0, clock=time.monotonic):
+        self.period_s, self.clock = period_s, clock
+        self._last = {}
+
+    def ready(self, key) -> bool:
+        now = self.clock()
+        if key in self._last and now - self._last[key] < self.period_s:
+            return False
+        self._last[key] = now
+        return True

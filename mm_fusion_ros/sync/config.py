@@ -5,11 +5,13 @@ parameters straight from these dataclasses; range checks live in __post_init__.
 """
 from dataclasses import dataclass, field
 
+from mm_fusion_ros.bag import topics
 from mm_fusion_ros.config import ConfigBase
 
 MISSING_POLICIES = ('mask', 'drop')
 GROUND_TRUTH_MODES = ('auto', 'require', 'ignore')
 BUFFER_POLICIES = ('fifo', 'reservoir')
+SENSOR_QOS = ('replay', 'live')
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,33 @@ class SyncConfig(ConfigBase):
         if self.max_imu_samples < 2:
             raise ValueError(f'SyncConfig.max_imu_samples must be >= 2, got '
                              f'{self.max_imu_samples}')
+
+
+@dataclass(frozen=True)
+class InputConfig(ConfigBase):
+    """What the synchronizer node subscribes to, and how."""
+
+    image_topic: str = field(default=topics.IMAGE_TOPIC, metadata={'help': 'camera images'})
+    compressed_image: bool = field(default=False, metadata={
+        'help': 'subscribe to sensor_msgs/CompressedImage (png, jpeg) on image_topic'})
+    cloud_topic: str = field(default=topics.CLOUD_TOPIC, metadata={'help': 'LiDAR scans'})
+    imu_topic: str = field(default=topics.IMU_TOPIC, metadata={'help': 'IMU samples'})
+    ground_truth_topic: str = field(default=topics.GT_ODOM_TOPIC, metadata={
+        'help': 'ground-truth nav_msgs/Odometry (bags carry it; robots do not)'})
+    sensor_qos: str = field(default='replay', metadata={
+        'help': "'replay': RELIABLE with deep queues; 'live': sensor-data QoS"})
+    idle_flush_s: float = field(default=1.0, metadata={
+        'help': 'release the scans waiting for a timeout after this long without a sensor '
+                'message (the end of a bag) [s]'})
+    buffer_path: str = field(default='', metadata={
+        'help': 'synchronizer alone: replay buffer file loaded at start and saved at shutdown'})
+
+    def __post_init__(self):
+        if self.sensor_qos not in SENSOR_QOS:
+            raise ValueError(f'InputConfig.sensor_qos must be one of {SENSOR_QOS}, got '
+                             f'{self.sensor_qos!r}')
+        if not self.idle_flush_s > 0:
+            raise ValueError(f'InputConfig.idle_flush_s must be > 0, got {self.idle_flush_s}')
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,10 @@ class FrameConfig(ConfigBase):
     imu_frame: str = field(default='imu_link', metadata={
         'help': 'frame the synchronizer takes IMU samples in; others are rotated into it '
                 'with a known static transform, else dropped as wrong_frame'})
-    static_transforms: tuple = field(default=(), metadata={
+    static_transforms: tuple = field(default=('base_link velodyne 0 0 0 0 0 0 1',), metadata={
         'help': "static transforms, each 'parent child x y z qx qy qz qw' (T_parent_child), "
-                "used where the bag's /tf_static cannot be read (no tf2_msgs)"})
+                "used where the bag's /tf_static cannot be read (no tf2_msgs); the default is "
+                'DESIGN §3 base_link = velodyne'})
 
     def __post_init__(self):
         StaticTransforms.parse(self.static_transforms)   # a clear error now, not at first use

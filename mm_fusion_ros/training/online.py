@@ -30,7 +30,7 @@ from mm_fusion_ros.fileio import remove_stale_temps
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import BevPointEncoder, ScanCache
-from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
+from mm_fusion_ros.sync.replay_buffer import open_buffer, ReplayBuffer
 from mm_fusion_ros.training.checkpoint import (
     checkpoint_imu_window,
     load_checkpoint,
@@ -235,12 +235,11 @@ class OnlineTrainer:
 
     def use_imu(self, imu, rot_base_imu=None) -> None:
         """Give the trajectory's bridge the IMU the synchronizer holds (imu_between) and
-        R_base_imu; a bridge without these attributes (e.g. a filter) is left alone."""
+        R_base_imu (an array, or a function returning one or None); a bridge without these
+        attributes (e.g. a filter) is left alone."""
         bridge = self.trajectory.bridge
         if bridge is not None and hasattr(bridge, 'imu'):
-            bridge.imu = imu
-            if rot_base_imu is not None:
-                bridge.rot_base_imu = np.asarray(rot_base_imu, dtype=np.float64)
+            bridge.imu, bridge.rot_base_imu = imu, rot_base_imu
 
     # --- samples -------------------------------------------------------------------------
     def on_sample(self, sample: dict) -> Prediction:
@@ -526,3 +525,19 @@ def _clone_tensors(value):
 
 def _percentile(values, q) -> float:
     return float(np.percentile(values, q)) if values else math.nan
+
+
+def build_online_trainer(online_cfg: OnlineConfig, train_cfg: TrainConfig,
+                         model_cfg: ModelConfig, base_sample: SampleConfig,
+                         buffer_cfg, trajectory_cfg) -> OnlineTrainer:
+    """Everything in its order: the initial checkpoint, the sample shape it implies, the
+    replay buffer (resumed from buffer_path when it exists), the trajectory, then the trainer.
+    Nothing runs yet: the training thread is the caller's (ros/trainer_node.py)."""
+    initial = initial_payload(online_cfg)
+    payload = initial[0]
+    if payload is not None:
+        model_cfg = ModelConfig.from_dict(payload['config']['model'])
+    sample_cfg = sample_config_for(model_cfg, base_sample, checkpoint_imu_window(payload))
+    buffer = open_buffer(online_cfg.buffer_path, buffer_cfg, sample_cfg)   # logs a resume
+    return OnlineTrainer(online_cfg, train_cfg, model_cfg, buffer=buffer, sample_cfg=sample_cfg,
+                         trajectory=OnlineTrajectory(trajectory_cfg), initial=initial)

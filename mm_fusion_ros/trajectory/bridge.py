@@ -73,8 +73,9 @@ class ConstantVelocityBridge:
     """Constant body twist of the last `history` steps; gyro rotation where the IMU covers it.
 
     imu(t0_ns, t1_ns) -> (stamps_ns, gyro) or None: the IMU samples held for that interval (the
-    synchronizer's Synchronizer.imu_between). rot_base_imu: R_base_imu, so gyro rates (in
-    imu_link) are turned into base_link; None takes the frames as aligned.
+    synchronizer's Synchronizer.imu_between). rot_base_imu: R_base_imu (or a function returning
+    it or None, asked at each bridge: /tf_static may come late), so gyro rates (in imu_link)
+    are turned into base_link; None takes the frames as aligned.
     """
 
     def __init__(self, history: int = 3, variance_scale: float = 4.0, imu=None,
@@ -85,7 +86,7 @@ class ConstantVelocityBridge:
         self.history = history
         self.variance_scale = variance_scale
         self.imu = imu
-        self.rot_base_imu = None if rot_base_imu is None else np.asarray(rot_base_imu, float)
+        self.rot_base_imu = rot_base_imu
 
     def bridge(self, t0_ns: int, t1_ns: int, recent) -> BridgedStep:
         use = list(recent)[-self.history:]
@@ -97,8 +98,10 @@ class ConstantVelocityBridge:
         held = self.imu(t0_ns, t1_ns) if self.imu is not None else None
         rot = integrate_gyro(*held, t0_ns, t1_ns) if held is not None else None
         if rot is not None:
-            if self.rot_base_imu is not None:
-                rot = self.rot_base_imu @ rot @ self.rot_base_imu.T
+            r_bi = self.rot_base_imu() if callable(self.rot_base_imu) else self.rot_base_imu
+            if r_bi is not None:
+                r_bi = np.asarray(r_bi, dtype=np.float64)
+                rot = r_bi @ rot @ r_bi.T
             phi, source = so3_log(rot), 'imu'
         mean6 = pose_to_vec6(se3_exp(np.concatenate([twist[:3] * gap_s, phi])))
         scale = (gap_s / np.mean([s.dt for s in use])) ** 2 * self.variance_scale
