@@ -17,7 +17,7 @@ Run alone (`synchronizer` executable) it fills the buffer and saves it at shutdo
 from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Odometry
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.clock import JumpThreshold
+from rclpy.clock import Clock, ClockType, JumpThreshold
 from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
@@ -73,7 +73,8 @@ class SynchronizerNode(Node):
         conversions.cdr_typestore()   # built now rather than in the first callback
         self._subscribe_inputs()
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self.create_timer(1.0, self._on_timer, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(1.0, self._on_timer, callback_group=MutuallyExclusiveCallbackGroup(),
+                          clock=Clock(clock_type=ClockType.STEADY_TIME))   # not the bag's
         if self.get_parameter('use_sim_time').value:   # a looped bag's /clock jumps back
             self._jump = self.get_clock().create_jump_callback(
                 JumpThreshold(min_forward=None, on_clock_change=False,

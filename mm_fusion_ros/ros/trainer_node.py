@@ -17,6 +17,7 @@ from geometry_msgs.msg import PoseStamped, TransformStamped
 from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.parameter import Parameter
@@ -80,8 +81,9 @@ class TrainerNode(Node):
         self.create_service(Trigger, '~/save_checkpoint', self._on_save, callback_group=services)
         self.create_service(SetBool, '~/set_training', self._on_set_training,
                             callback_group=services)
-        self.create_timer(self.pub_cfg.path_publish_period_s, self._on_path_timer)
-        self.create_timer(1.0, self._on_diagnostics, callback_group=services)
+        steady = Clock(clock_type=ClockType.STEADY_TIME)   # runs on when a bag's /clock stops
+        self.create_timer(self.pub_cfg.path_publish_period_s, self._on_path_timer, clock=steady)
+        self.create_timer(1.0, self._on_diagnostics, callback_group=services, clock=steady)
         self.get_logger().info(f'online fine-tuning from {self.trainer.source or "a fresh model"}'
                                f'; training {"on" if self.trainer.training_enabled else "off"}'
                                f'{"" if TFMessage else "; no tf2_msgs: no /tf"}')
@@ -181,8 +183,7 @@ class TrainerNode(Node):
 
 
 def _as_declared_types(params):
-    """`ros2 param set ... train.learning_rate 1e-5` sends a string (YAML reads 1e-5 without a
-    dot as text) and `... 1` an integer: pass them on as the declared double."""
+    """`ros2 param set` sends 1e-5 as a string and 1 as an integer: make them doubles."""
     out = []
     for param in params:
         if param.name == 'train.learning_rate' and isinstance(as_number(param.value), float) \

@@ -419,9 +419,9 @@ class OnlineTrainer:
             path = self.save_checkpoint(self.checkpoint_path('autosave.pth'))
             if self.cfg.buffer_path and self.cfg.autosave_buffer:
                 self.buffer.save(self.cfg.buffer_path)
-        except (OSError, ValueError, RuntimeError):
+        except (OSError, ValueError, RuntimeError) as e:
             self.autosave_failures += 1
-            raise
+            raise OSError(f'autosave into {self.cfg.checkpoint_dir} failed: {e}') from e
         self.autosaves += 1
         log.info('autosaved %s', path)
 
