@@ -92,14 +92,14 @@ class BagPlayer(Node):
     def play(self, start_ns: int, stop_ns: int, rate: float, loop: bool, loops=0) -> PlayReport:
         """Play once, or with `loop` until stopped (`loops` > 0: that many passes)."""
         names = list(self.publishers_by_topic) + list(self.report.skipped_topics)
-        began = time.monotonic()
+        began, passes = time.monotonic(), 0
         try:
-            while not self.report.loops or (loop and self.report.loops != loops):
+            while not passes or (loop and passes != loops):
                 self.last_clock_ns = None     # a new pass: /clock goes back with the stamps
                 self._play_once(names, start_ns, stop_ns, Pacer(rate))
-                self.report.loops += 1
+                passes, self.report.loops = passes + 1, self.report.loops + 1
         finally:
-            self.report.wall_s = time.monotonic() - began
+            self.report.wall_s += time.monotonic() - began
         return self.report
 
     def _play_once(self, names, start_ns, stop_ns, pacer):
