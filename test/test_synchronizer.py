@@ -354,16 +354,23 @@ def play(sync, t0_ms, t1_ms):
 
 def test_time_going_back_starts_a_new_run_with_the_same_samples():
     """A looped bag: the second pass is not dropped as late; it is a new run whose samples are
-    those of the first pass."""
+    those of the first pass. The IMU leads the second pass; it is held until the scans go back,
+    so the first pass's last frame, coming late on the other streams, still makes its sample."""
     sync = make(ground_truth='require', rewind_s=0.5)
     play(sync, 0, 600)
+    feed_imu(sync, 610, 750)
     first = sync.pop_ready()
-    sync.add_image(700 * MS, image(7))     # pass one's last frame; its scan never comes
-    sync.add_imu(0, [0.0, 0.0, 9.81], [0.0, 0.0, 0.0])   # 0.6 s back (> rewind_s): pass two
-    sync.add_ground_truth(700 * MS, np.eye(4))   # pass one's, late: GT has not come round
-    play(sync, 0, 600)
+    sync.add_imu(0, [0.0, 0.0, 9.81], [0.0, 0.0, 0.0])   # 0.75 s back (> rewind_s): held
+    sync.add_image(700 * MS, image(7))                     # pass one's last frame, late
+    sync.add_ground_truth(700 * MS, np.eye(4))
+    sync.add_cloud(700 * MS, scan(7))
+    last = sync.pop_ready()
+    sync.add_cloud(0, scan(0))                # the scans go back: run 1 starts
+    sync.add_ground_truth(800 * MS, np.eye(4))   # pass one's, after that: not used
+    play(sync, 0, 600)                        # (IMU and scan at 0 come a second time)
     second = sync.pop_ready()
     assert pairs(first) == pairs(second) == [(k, k + 100) for k in range(0, 600, 100)]
+    assert pairs(last) == [(600, 700)] and last[0]['meta']['run'] == 0
     assert {s['meta']['run'] for s in first} == {0} and {s['meta']['run'] for s in second} == {1}
     for a, b in zip(first, second):
         for key in SAMPLE_KEYS:
@@ -371,10 +378,18 @@ def test_time_going_back_starts_a_new_run_with_the_same_samples():
                 np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     stats = sync.stats
     assert (stats['run'], stats['rewinds']) == (1, 1)
-    # pass one's late GT was not used; the IMU at 0 ms came twice
-    assert stats['dropped'] == {'before_rewind': 1, 'duplicate': 1}
+    assert stats['dropped'] == {'before_rewind': 1, 'duplicate': 1, 'late': 1}
     # the clock jumping back to where the streams already are starts nothing
     assert not sync.rewind(200 * MS) and sync.rewind(-5 * S) and sync.stats['run'] == 2
+
+
+def test_a_stream_that_goes_back_alone_starts_the_run_after_max_lateness():
+    sync = make(rewind_s=0.5, max_lateness_s=1.0)
+    play(sync, 0, 2000)
+    feed_imu(sync, 0, 990)                    # the scans do not follow (a lost LiDAR)
+    assert sync.stats['rewinds'] == 0
+    feed_imu(sync, 1000, 1020)                # more than 1 s of held IMU: the run changes
+    assert sync.stats['rewinds'] == 1 and sync.stats['pending']['imu'] == 103
 
 
 def test_imu_is_held_for_bridging_a_hole():

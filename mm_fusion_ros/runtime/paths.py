@@ -1,8 +1,9 @@
 """The published paths: bounded, one per trajectory segment, and throttled.
 
-A nav_msgs/Path of the whole run grows with it (a 4541-pose Path took 12.7 ms to publish), so
-the node keeps the newest `max_poses` of the current segment and publishes at most every
-`period_s` (a timer publishes what came after the last publication, e.g. the end of a bag).
+A nav_msgs/Path of the whole run grows with it, and so does the time to publish it
+(docs/online_runtime.md), so the node keeps the newest `max_poses` of the current segment and
+publishes at most every `period_s` (a timer publishes what came after the last publication, e.g.
+the end of a bag).
 """
 from collections import deque
 from dataclasses import dataclass, field

@@ -278,8 +278,8 @@ class OnlineTrainer:
     def set_backlog(self, samples: int) -> None:
         """Samples received but not yet predicted (the caller's queue, the one in flight
         included). While there are any, no gradient step starts: predictions come first and
-        training takes the time between them. On 2 cores a step started beside a 5x replay
-        (50 samples/s) made predictions fall behind by ~0.5 s (bench/online.py)."""
+        training takes the time between them (a step started beside a fast replay made the
+        predictions fall behind: docs/online_runtime.md)."""
         with self._wakeup:
             self._backlog = int(samples)
             if not self._backlog:
