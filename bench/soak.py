@@ -133,12 +133,15 @@ class Listener:
 
 
 def latencies(published_at, arrivals, t0, t1) -> np.ndarray:
-    """Publish-to-pose latency [ms] of the poses that arrived in [t0, t1): the k-th pose of a
-    stamp belongs to the k-th publication of that scan (one per pass)."""
+    """Publish-to-pose latency [ms] of the poses that arrived in [t0, t1): a pose belongs to
+    the last publication of its scan before it arrived (a pass earlier is a bag length ago)."""
     out = []
     for stamp, arrived in list(arrivals.items()):
-        sent = published_at.get(stamp, [])
-        out += [(a - s) * 1e3 for s, a in zip(sent, arrived) if t0 <= a < t1]
+        sent = np.array(published_at.get(stamp, []))
+        for a in arrived:
+            before = sent[sent <= a]
+            if t0 <= a < t1 and len(before):
+                out.append((a - before[-1]) * 1e3)
     return np.array(out)
 
 

@@ -84,11 +84,12 @@ def unbridged_rmse(traj_dir, seg, bridged) -> float:
 
 
 def test_a_looped_bag_goes_on_in_a_new_segment_and_keeps_training(online_world, tmp_path):
+    # With use_sim_time the bag's /clock jumps back too: counted, the scans start the run.
     params = {'initial_checkpoint': online_world['checkpoint'], 'trajectory_dir': tmp_path / 't',
               'checkpoint_dir': tmp_path / 'ckpt', 'updates_per_sample': 2.0,
-              'save_on_shutdown': 'false'}
+              'save_on_shutdown': 'false', 'use_sim_time': 'true'}
     with online_session(tmp_path, 'loop.log', **params) as (env, node, probe):
-        player = start_player(env, online_world['bag'], 2.0, '--loop', '--loops', '2')
+        player = start_player(env, online_world['bag'], 2.0, '--loop', '--loops', '2', '--clock')
         probe.wait_odoms(FRAMES - 1, node)
         first = load_checkpoint(probe.save(node))
         probe.wait_odoms(2 * (FRAMES - 1), node)
@@ -102,6 +103,7 @@ def test_a_looped_bag_goes_on_in_a_new_segment_and_keeps_training(online_world, 
     scans = online_world['scans']
     assert [s for s, _ in probe.odoms] == scans[1:] + scans[1:], 'poses of both passes'
     assert diagnostics['rewinds'] == '1' and diagnostics['run'] == '1'
+    assert diagnostics['clock_jumps_back'] == '1'
     assert not [k for k in diagnostics if k.startswith('dropped_')], diagnostics
     # training went on over the second pass, with the same model and optimiser
     assert second['metrics']['online_samples'] == 2 * (FRAMES - 1)

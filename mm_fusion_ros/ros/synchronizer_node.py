@@ -8,8 +8,9 @@ decode is counted as 'bad_message', one in an unknown frame as 'wrong_frame'; bo
 naming the topic (once per topic and reason every 5 s) and skipped.
 The dispatch worker (runtime/dispatch.py) takes the ready samples to `sink.on_sample` (the
 trainer's prediction) or, alone, to the replay buffer; the recorded ground truth also goes to
-`sink.on_ground_truth` (the trajectory's ground truth). Time going back on a stream, or on the
-clock under use_sim_time, starts a new synchronizer run (a looped bag). /diagnostics at 1 Hz.
+`sink.on_ground_truth` (the trajectory's ground truth). Scans going back in time start a new
+synchronizer run (a looped bag; a /clock jump back under use_sim_time is counted and reported).
+/diagnostics at 1 Hz.
 
 Run alone (`synchronizer` executable) it fills the buffer and saves it at shutdown
 (`buffer_path`), e.g. to collect data from a robot for later training.
@@ -75,11 +76,12 @@ class SynchronizerNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self.create_timer(1.0, self._on_timer, callback_group=MutuallyExclusiveCallbackGroup(),
                           clock=Clock(clock_type=ClockType.STEADY_TIME))   # not the bag's
+        self.clock_jumps_back = 0
         if self.get_parameter('use_sim_time').value:   # a looped bag's /clock jumps back
             self._jump = self.get_clock().create_jump_callback(
                 JumpThreshold(min_forward=None, on_clock_change=False,
                               min_backward=Duration(nanoseconds=-int(sync_cfg.rewind_s * 1e9))),
-                post_callback=lambda jump: self.sync.rewind(self.get_clock().now().nanoseconds))
+                post_callback=self._on_clock_jump)
         self.get_logger().info(
             f'synchronizing {self.inputs.image_topic}, {self.inputs.cloud_topic}, '
             f'{self.inputs.imu_topic}, {self.inputs.ground_truth_topic} ({self.inputs.sensor_qos}'
@@ -147,11 +149,18 @@ class SynchronizerNode(Node):
                                    conversions.pose_to_matrix(tf.transform.translation,
                                                               tf.transform.rotation))
 
+    def _on_clock_jump(self, jump):
+        """Counted and reported only: the scans' own stamps start the new run when they go
+        back too. Starting it here would race the old run's messages still queued."""
+        self.clock_jumps_back += 1
+        self.get_logger().info(f'/clock went back by {-jump.delta.nanoseconds / 1e9:.3f} s')
+
     def _on_timer(self):
         self.dispatcher.check_idle()   # the end of a bag: release scans waiting for a timeout
         status = diagnostics.synchronizer_status(
             self.get_name(), self.sync.stats, self.buffer.stats(), dict(self._rates),
-            self.dispatcher.emitted, self.dispatcher.failed_samples, self.faults.snapshot())
+            self.dispatcher.emitted, self.dispatcher.failed_samples, self.faults.snapshot(),
+            {'clock_jumps_back': str(self.clock_jumps_back)})
         self._rates = dict.fromkeys(self._rates, 0)
         self.diag_pub.publish(conversions.status_to_msg(status, self.get_clock().now().to_msg()))
 

@@ -32,8 +32,10 @@ def fault_part(faults_snapshot: dict, hold_s: float = ERROR_HOLD_S):
 
 
 def synchronizer_status(node_name: str, stats: dict, buffer: dict, rates_hz: dict,
-                        emitted: int, failed_samples: int, faults_snapshot: dict) -> Status:
+                        emitted: int, failed_samples: int, faults_snapshot: dict,
+                        extra: dict = None) -> Status:
     values = {f'rate_{k}_hz': f'{v:.1f}' for k, v in rates_hz.items()}
+    values.update(extra or {})
     values.update({f'received_{k}': str(v) for k, v in stats['received'].items()})
     values.update({f'dropped_{k}': str(v) for k, v in stats['dropped'].items()})
     values.update({f'masked_{k}': str(v) for k, v in stats['masked'].items()})

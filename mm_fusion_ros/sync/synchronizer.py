@@ -23,7 +23,7 @@ forgotten, and the samples of the new run carry meta['run'] + 1, so the trajecto
 segment. Another stream that jumps back first (the IMU leads a bag) is held until the scans
 follow, so the old run still gets what comes late on the other streams; messages of the old run
 that come after the new run started are dropped as 'before_rewind'. `rewind(stamp)` starts a new
-run at once when the clock (/clock) jumps back.
+run at once.
 The IMU is kept `imu_keep_s` behind the newest scan: imu_between() hands it to the trajectory
 to bridge a hole in the scans with the gyro.
 """
@@ -245,8 +245,9 @@ class Synchronizer:
             self._held, self._held_streams = [], set()
 
     def rewind(self, stamp_ns: int) -> bool:
-        """The clock jumped back to stamp_ns: start a new run unless the streams are there
-        already (a stream came round first). Returns whether a new run started."""
+        """Start a new run at stamp_ns now, unless the streams are there already (they came
+        round first), for a caller that knows the data restarted. Returns whether a new run
+        started. (The nodes let the scans decide: a reset here races old messages in flight.)"""
         with self._lock:
             newest = max(self._newest.values(), default=None)
             if newest is None or newest <= int(stamp_ns) + self._rewind:
