@@ -51,7 +51,7 @@ DRIVES = {'00': (PRETRAIN_FRAMES, 6.0, 0.05), '01': (PRETRAIN_FRAMES, 8.0, -0.08
           ONLINE_SEQ: (FRAMES, 16.0, 0.06)}
 IMAGE_SIZE = (320, 96)
 PRETRAIN_STEPS = 150
-SENSOR_TOPICS = (topics.IMAGE_TOPIC, topics.CLOUD_TOPIC, topics.IMU_TOPIC, topics.GT_ODOM_TOPIC)
+SENSOR_TOPICS = topics.SYNC_TOPICS
 MODEL = ModelConfig(visual_encoder='dummy', bev_cells=64, bev_max_shift_cells=6,
                     bev_channels=(8, 16, 32), point_dim=64, imu_channels=32, imu_dim=32,
                     visual_dim=16, fusion_dim=64, head_hidden=64)
