@@ -11,6 +11,7 @@ trajectory.*, buffer.*, sample.*; train.learning_rate and training_enabled chang
 (a request is applied whole or refused whole).
 """
 import logging
+import threading
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, TransformStamped
@@ -20,17 +21,16 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
-from rclpy.parameter import Parameter
 from std_srvs.srv import SetBool, Trigger
 
 from mm_fusion_ros.bag import topics
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.ros import conversions
-from mm_fusion_ros.ros.params import declare_config
+from mm_fusion_ros.ros.params import as_doubles, declare_config
 from mm_fusion_ros.ros.qos import PATH_QOS
 from mm_fusion_ros.runtime import diagnostics
-from mm_fusion_ros.runtime.params import as_number, TrainerParameters
+from mm_fusion_ros.runtime.params import TrainerParameters
 from mm_fusion_ros.runtime.paths import PathThrottle, PoseTrail, PublishConfig
 from mm_fusion_ros.runtime.process import lower_thread_priority
 from mm_fusion_ros.runtime.workers import FaultLog, Worker
@@ -65,7 +65,7 @@ class TrainerNode(Node):
         self.on_backlog = self.trainer.set_backlog
         self.on_ground_truth = self.trainer.trajectory.add_ground_truth
         self.params = TrainerParameters(self.trainer)
-        self.add_pre_set_parameters_callback(_as_declared_types)
+        self.add_pre_set_parameters_callback(as_doubles('train.learning_rate'))
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.faults = FaultLog()
         self.worker = Worker('trainer', self._train_step, self.faults,
@@ -75,6 +75,7 @@ class TrainerNode(Node):
                           for t in (topics.PATH_TOPIC, topics.GT_PATH_TOPIC)]
         self.trails = [PoseTrail(self.pub_cfg.path_max_poses) for _ in self.path_pubs]
         self.throttle = PathThrottle(self.pub_cfg.path_publish_period_s)
+        self._paths_lock = threading.Lock()
         self.tf_pub = self.create_publisher(TFMessage, '/tf', 50) if TFMessage else None
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         services = MutuallyExclusiveCallbackGroup()
@@ -98,7 +99,8 @@ class TrainerNode(Node):
             if not self.context.ok():   # shutting down: the sample counts, nothing to publish
                 return
             try:
-                self._publish(record)
+                with self._paths_lock:   # the trails are also read by the path timer
+                    self._publish(record)
             except _rclpy.RCLError as e:
                 if self.context.ok():
                     raise
@@ -123,8 +125,9 @@ class TrainerNode(Node):
             self.publish_paths()
 
     def _on_path_timer(self):
-        if self.throttle.pending:
-            self.publish_paths()
+        with self._paths_lock:
+            if self.throttle.pending:
+                self.publish_paths()
 
     def publish_paths(self):
         self.throttle.published()
@@ -180,17 +183,6 @@ class TrainerNode(Node):
                  'wrote %s', m['online_samples'], m['online_steps'], self.trainer.core.step_count,
                  m['trajectory_bridged'], m['trajectory_segments'], written)
         return written
-
-
-def _as_declared_types(params):
-    """`ros2 param set` sends 1e-5 as a string and 1 as an integer: make them doubles."""
-    out = []
-    for param in params:
-        if param.name == 'train.learning_rate' and isinstance(as_number(param.value), float) \
-                and param.type_ != Parameter.Type.DOUBLE:
-            param = Parameter(param.name, Parameter.Type.DOUBLE, as_number(param.value))
-        out.append(param)
-    return out
 
 
 def _transform(header, child, pose):
