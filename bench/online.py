@@ -54,7 +54,7 @@ from mm_fusion_ros.synthetic.writer import generate_sequence  # noqa: E402
 from mm_fusion_ros.training.checkpoint import load_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SENSOR_TOPICS = (topics.IMAGE_TOPIC, topics.CLOUD_TOPIC, topics.IMU_TOPIC, topics.GT_ODOM_TOPIC)
+SENSOR_TOPICS = topics.SYNC_TOPICS
 DIAG_KEY = {topics.IMAGE_TOPIC: 'received_image', topics.CLOUD_TOPIC: 'received_cloud',
             topics.IMU_TOPIC: 'received_imu', topics.GT_ODOM_TOPIC: 'received_ground_truth'}
 TARGET_P95_MS = 100.0
@@ -169,10 +169,10 @@ class Probe:
         self.odom_arrival = {}
         self.diag = {}
         self.odom_sub = self.node.create_subscription(
-            Odometry, '/mm_fusion/odom', self._on_odom,
+            Odometry, topics.ODOM_OUT_TOPIC, self._on_odom,
             QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
-        self.save = self.node.create_client(Trigger, '/mm_fusion_trainer/save_checkpoint')
+        self.save = self.node.create_client(Trigger, topics.SAVE_SERVICE)
         self.executor = SingleThreadedExecutor()
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)

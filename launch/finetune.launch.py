@@ -4,27 +4,35 @@
       checkpoint:=pretrain_models/multimodal_initial.pth rate:=1.0 rviz:=true
 
 The bag is played by `ros2 bag play` where the ROS 2 CLI has rosbag2, else by this package's
-bag_player. Without `bag:=` only the online node starts (e.g. for a live robot or an external
-player). Without the launch package (pip-only installs), `mm_fusion_run finetune` starts the same
-processes from the same config. The player and the online node get config/fastdds_replay.xml as
-FASTDDS_DEFAULT_PROFILES_FILE unless it is set (see that file). The online node keeps its own node
-names (mm_fusion_trainer, mm_fusion_synchronizer): a launch `name=` would rename every node of
-the process to one name.
+bag_player. Either starts only once the online node printed that it is ready (topics.READY_LINE;
+torch and the model load first): an event handler on the node's output starts it. bag_player then
+also waits for its subscribers to be matched; `ros2 bag play` gets `--delay play_delay` seconds
+for that discovery. Without `bag:=` only the online node starts (e.g. for a live robot or an
+external player). Without the launch package (pip-only installs), `mm_fusion_run finetune`
+starts the same processes from the same config. The player and the online node get
+config/fastdds_replay.xml as FASTDDS_DEFAULT_PROFILES_FILE unless it is set (see that file). The
+online node keeps its own node names (mm_fusion_trainer, mm_fusion_synchronizer): a launch
+`name=` would rename every node of the process to one name.
 """
 import importlib.util
 import os
 import shutil
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
+from launch.actions import (
+    DeclareLaunchArgument,
+    ExecuteProcess,
+    LogInfo,
+    OpaqueFunction,
+    RegisterEventHandler,
+)
 from launch.conditions import IfCondition
+from launch.event_handlers import OnProcessIO
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from launch import LaunchDescription
-
-SENSOR_TOPICS = ['/kitti/camera/image_raw', '/kitti/velodyne/points', '/kitti/imu/data',
-                 '/kitti/ground_truth/odom', '/tf_static', '/kitti/camera/camera_info']
+from mm_fusion_ros.bag import topics
 
 
 def dds_env():
@@ -41,25 +49,24 @@ def _has_ros2_bag():
 
 
 def _player(context):
+    """The player action for bag:=, or None."""
     bag = LaunchConfiguration('bag').perform(context)
     if not bag:
-        return []
+        return None
     rate = LaunchConfiguration('rate').perform(context)
     clock = LaunchConfiguration('use_sim_time').perform(context).lower() == 'true'
     if _has_ros2_bag():
-        cmd = ['ros2', 'bag', 'play', bag, '--rate', rate]
-        if clock:
-            cmd.append('--clock')
-        return [ExecuteProcess(cmd=cmd, output='screen', name='ros2_bag_play',
-                               additional_env=dds_env())]
-    args = [bag, '--rate', rate, '--wait_for_subscribers', '--topics', *SENSOR_TOPICS[:4]]
-    if clock:
-        args.append('--clock')
-    return [Node(package='mm_fusion_ros', executable='bag_player', name='bag_player',
-                 arguments=args, output='screen', additional_env=dds_env())]
+        cmd = ['ros2', 'bag', 'play', bag, '--rate', rate,
+               '--delay', LaunchConfiguration('play_delay').perform(context)]
+        return ExecuteProcess(cmd=cmd + (['--clock'] if clock else []), output='screen',
+                              name='ros2_bag_play', additional_env=dds_env())
+    args = [bag, '--rate', rate, '--topics', *topics.SYNC_TOPICS] + (['--clock'] if clock else [])
+    return Node(package='mm_fusion_ros', executable='bag_player', name='bag_player',
+                arguments=args, output='screen', additional_env=dds_env())
 
 
 def _online(context):
+    """online_finetune, and the player started by the first ready line on its output."""
     share = get_package_share_directory('mm_fusion_ros')
     config = LaunchConfiguration('config').perform(context) or \
         os.path.join(share, 'config', 'finetune.yaml')
@@ -67,9 +74,22 @@ def _online(context):
     checkpoint = LaunchConfiguration('checkpoint').perform(context)
     if checkpoint:
         overrides['initial_checkpoint'] = checkpoint
-    return [Node(package='mm_fusion_ros', executable='online_finetune',
-                 parameters=[config, overrides], output='screen', emulate_tty=True,
-                 additional_env=dds_env())]
+    online = Node(package='mm_fusion_ros', executable='online_finetune',
+                  parameters=[config, overrides], output='screen', emulate_tty=True,
+                  additional_env=dds_env())
+    player = _player(context)
+    if player is None:
+        return [online]
+    started = []
+
+    def on_output(event):
+        if not started and topics.READY_LINE.encode() in event.text:
+            started.append(True)
+            return [LogInfo(msg='online node ready: starting the player'), player]
+        return None
+
+    return [online, RegisterEventHandler(OnProcessIO(target_action=online, on_stdout=on_output,
+                                                     on_stderr=on_output))]
 
 
 def generate_launch_description():
@@ -84,8 +104,10 @@ def generate_launch_description():
         DeclareLaunchArgument('use_sim_time', default_value='false',
                               description='use the bag clock (/clock) instead of wall time'),
         DeclareLaunchArgument('rviz', default_value='true', description='start RViz'),
+        DeclareLaunchArgument('play_delay', default_value='1.0',
+                              description='ros2 bag play only: seconds between its start and '
+                                          'its first message, for DDS discovery'),
         OpaqueFunction(function=_online),
-        OpaqueFunction(function=_player),
         Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
              arguments=['-d', os.path.join(share, 'config', 'mm_fusion.rviz')],
              condition=IfCondition(LaunchConfiguration('rviz'))),

@@ -1,6 +1,6 @@
 """Replay a KITTI bag: `ros2 bag play` where rosbag2 is installed, else this package's bag_player.
 
-  ros2 launch mm_fusion_ros replay.launch.py bag:=bags/kitti_00 rate:=1.0 loop:=false
+  ros2 launch mm_fusion_ros replay.launch.py bag:=bags/kitti_00 rate:=1.0 loop:=false wait:=true
 
 The player gets config/fastdds_replay.xml as FASTDDS_DEFAULT_PROFILES_FILE unless it is set.
 """
@@ -34,9 +34,10 @@ def _player(context):
     if shutil.which('ros2') and importlib.util.find_spec('ros2bag') is not None:
         return [ExecuteProcess(cmd=['ros2', 'bag', 'play', bag, '--rate', rate, *extra],
                                output='screen', name='ros2_bag_play', additional_env=dds_env())]
+    wait = LaunchConfiguration('wait').perform(context).lower() == 'true'
     return [Node(package='mm_fusion_ros', executable='bag_player', name='bag_player',
-                 arguments=[bag, '--rate', rate, *extra], output='screen',
-                 additional_env=dds_env())]
+                 arguments=[bag, '--rate', rate, *extra] + ([] if wait else ['--no_wait']),
+                 output='screen', additional_env=dds_env())]
 
 
 def generate_launch_description():
@@ -45,5 +46,8 @@ def generate_launch_description():
         DeclareLaunchArgument('rate', default_value='1.0', description='replay rate'),
         DeclareLaunchArgument('loop', default_value='false', description='loop the bag'),
         DeclareLaunchArgument('clock', default_value='false', description='publish /clock'),
+        DeclareLaunchArgument('wait', default_value='true',
+                              description='bag_player: wait (at most 30 s) for matched '
+                                          'subscribers before playing'),
         OpaqueFunction(function=_player),
     ])

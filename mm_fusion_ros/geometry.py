@@ -182,3 +182,54 @@ def chain_relative(rel_poses, first=None):
     for i, step in enumerate(rel):
         out[i + 1] = out[i] @ step
     return out
+
+
+# --- SE(3) as a Lie group: twists xi = (rho, phi), translation part first (the order of the
+# DESIGN §5 6-vector and of ROS covariances). Perturbations are on the right: T = T_bar exp(xi).
+
+def _so3_series(theta):
+    """(1 - cos t) / t^2 and (t - sin t) / t^3, with their Taylor forms near 0."""
+    small = theta < 1e-4
+    safe = np.where(small, 1.0, theta)
+    b = np.where(small, 0.5 - theta**2 / 24.0, (1.0 - np.cos(safe)) / safe**2)
+    c = np.where(small, 1.0 / 6.0 - theta**2 / 120.0, (safe - np.sin(safe)) / safe**3)
+    return b, c
+
+
+def so3_left_jacobian(w):
+    """(..., 3) -> (..., 3, 3) J_l(w) = I + b K + c K^2; also SE(3)'s V matrix."""
+    w = np.asarray(w, dtype=np.float64)
+    b, c = _so3_series(np.linalg.norm(w, axis=-1)[..., None, None])
+    k = skew(w)
+    return np.eye(3) + b * k + c * (k @ k)
+
+
+def so3_right_jacobian(w):
+    """J_r(w) = J_l(-w): exp(w + d) ~ exp(w) exp(J_r(w) d) to first order."""
+    return so3_left_jacobian(-np.asarray(w, dtype=np.float64))
+
+
+def se3_exp(xi):
+    """(..., 6) twist (rho, phi) -> (..., 4, 4) pose: rotation exp(phi), translation J_l rho."""
+    xi = np.asarray(xi, dtype=np.float64)
+    trans = (so3_left_jacobian(xi[..., 3:]) @ xi[..., :3, None])[..., 0]
+    return make_pose(so3_exp(xi[..., 3:]), trans)
+
+
+def se3_log(pose):
+    """Inverse of se3_exp: (..., 4, 4) -> (..., 6)."""
+    pose = np.asarray(pose, dtype=np.float64)
+    phi = so3_log(pose[..., :3, :3])
+    rho = np.linalg.solve(so3_left_jacobian(phi), pose[..., :3, 3:4])[..., 0]
+    return np.concatenate([rho, phi], axis=-1)
+
+
+def se3_adjoint(pose):
+    """(..., 4, 4) -> (..., 6, 6) Ad_T with T exp(xi) T^-1 = exp(Ad_T xi): [[R, t^ R], [0, R]]."""
+    pose = np.asarray(pose, dtype=np.float64)
+    rot, trans = pose[..., :3, :3], pose[..., :3, 3]
+    out = np.zeros(pose.shape[:-2] + (6, 6))
+    out[..., :3, :3] = rot
+    out[..., :3, 3:] = skew(trans) @ rot
+    out[..., 3:, 3:] = rot
+    return out

@@ -95,3 +95,10 @@ def ros_env():
                PYTHONUNBUFFERED='1')
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
     return env
+
+
+@pytest.fixture(scope='session')
+def online_world(tmp_path_factory):
+    """The synthetic world of the multi-process online tests, built once (online_harness.py)."""
+    from online_harness import build_world  # torch and rclpy: only for the tests that use it
+    return build_world(tmp_path_factory.mktemp('online_world'))

@@ -8,7 +8,13 @@ import pytest
 
 from mm_fusion_ros.cli import evaluate_odometry
 from mm_fusion_ros.eval import baselines, metrics
-from mm_fusion_ros.eval.trajectory_io import read_kitti_poses, write_kitti_poses
+from mm_fusion_ros.eval.trajectory_io import (
+    read_kitti_poses,
+    read_steps,
+    write_kitti_poses,
+    write_segment,
+    write_steps,
+)
 from mm_fusion_ros.geometry import cam0_to_base_link, make_pose, rpy_to_rot, so3_exp
 from mm_fusion_ros.kitti.odometry import Calib, NOMINAL_TR, write_calib
 
@@ -186,3 +192,32 @@ def test_single_sequence_base_link_prediction_with_calib(tmp_path, data_tree, ca
     # Read as if already in cam0, the same file scores very differently.
     assert evaluate_odometry.main(argv + ['--pred', str(tmp_path / 'base.txt')]) == 0
     assert json.loads((tmp_path / 'b.json').read_text())['t_rel'] > 5 * expected['t_rel']
+
+
+def test_online_trajectory_sidecar_reports_bridged_steps(tmp_path, data_tree, capsys):
+    """A trajectory written by the online node (pose files + steps sidecar) is read back, and
+    the evaluation says how many of its steps were bridged and where its segment starts."""
+    data, pred_dir = data_tree
+    gt = read_kitti_poses(data / 'poses' / '07.txt')[:200]
+    pred = drifted(gt, 1.01, 0.0)
+    stamps = 10**18 + np.arange(200) * 10**8
+    bridged = np.zeros(200, dtype=bool)
+    bridged[[5, 50, 51]] = True
+    written = write_segment(tmp_path / 'traj', 1, stamps, pred, bridged, gt=gt,
+                            gt_valid=np.ones(200, dtype=bool))
+    assert sorted(p.name for p in (tmp_path / 'traj').iterdir()) == [
+        'gt_base_link.seg1.txt', 'pred_base_link.seg1.steps.csv', 'pred_base_link.seg1.txt']
+    steps = read_steps(written['steps'])
+    assert (steps['stamp_ns'] == stamps).all() and (steps['bridged'] == bridged).all()
+    out_json = tmp_path / 'm.json'
+    assert evaluate_odometry.main(['--gt', str(written['gt']), '--pred', str(written['pred']),
+                                   '--json', str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    assert (report['bridged_steps'], report['steps'], report['segment']) == (3, 199, 1)
+    assert report['first_stamp_ns'] == 10**18
+    assert '3 of 199 steps bridged' in capsys.readouterr().out
+    # a sidecar that does not match its pose file is refused, naming it
+    write_steps(written['steps'], stamps[:10], 1, bridged[:10], bridged[:10])
+    assert evaluate_odometry.main(['--gt', str(written['gt']), '--pred',
+                                   str(written['pred'])]) == 2
+    assert 'pred_base_link.seg1.steps.csv has 10 rows' in capsys.readouterr().err

@@ -13,16 +13,18 @@ import pytest
 import torch
 
 from mm_fusion_ros.config import SampleConfig
-from mm_fusion_ros.eval.trajectory_io import read_kitti_poses
+from mm_fusion_ros.eval.trajectory_io import read_kitti_poses, read_steps
 from mm_fusion_ros.geometry import chain_relative, invert_pose, vec6_to_pose
 from mm_fusion_ros.kitti.dataset import KITTIOdomPointDataset
 from mm_fusion_ros.kitti.odometry import KittiSequence
 from mm_fusion_ros.model.config import ModelConfig
+from mm_fusion_ros.runtime.params import as_number, TrainerParameters
 from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.sync.replay_buffer import open_buffer, ReplayBuffer
 from mm_fusion_ros.training.checkpoint import load_checkpoint
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.online import (
+    initial_payload,
     OnlineConfig,
     OnlineTrainer,
     sample_config_for,
@@ -63,22 +65,33 @@ def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def feed_ground_truth(trainer, root):
+    """The recorded ground truth, as the node hands it on: T_odom_base at each scan's stamp."""
+    seq = KittiSequence(root, '00')
+    for t, pose in zip(seq.times, seq.poses_base):
+        trainer.trajectory.add_ground_truth(round(t * 1e9), pose)
+    return seq.poses_base
+
+
 def test_predictions_chain_into_trajectories(data, tmp_path):
     trainer = make_trainer(tmp_path, training_enabled=False)
+    poses = feed_ground_truth(trainer, data['root'])
     preds = [trainer.on_sample(s) for s in data['samples']]
     assert [p.frame for p in preds] == list(range(1, FRAMES))
     # each published pose is the previous one times the predicted step
     expected = chain_relative([vec6_to_pose(p.mean) for p in preds])
     np.testing.assert_allclose(np.stack([p.pose for p in preds]), expected[1:], atol=1e-9)
-    pred, gt = trainer.trajectories()
-    assert pred.shape == gt.shape == (FRAMES, 4, 4)
-    np.testing.assert_allclose(pred, expected, atol=1e-9)
-    # the chained ground truth is the sequence's own base_link trajectory
-    poses = KittiSequence(data['root'], '00').poses_base
-    np.testing.assert_allclose(gt, invert_pose(poses[0]) @ poses, atol=1e-4)
-    # with training off the inference copy is the untouched initial model: same output twice
+    track, = trainer.trajectories()
+    assert track.poses.shape == track.gt.shape == (FRAMES, 4, 4) and not track.bridged.any()
+    np.testing.assert_allclose(track.poses, expected, atol=1e-9)
+    # the ground truth is the recorded one, relative to the first scan
+    np.testing.assert_allclose(track.gt, invert_pose(poses[0]) @ poses, atol=1e-9)
+    np.testing.assert_allclose(preds[-1].poses[0].gt_pose, track.gt[-1], atol=1e-9)
+    # with training off the inference copy is the untouched initial model: same output twice;
+    # the sample goes back in time, so it starts a second segment
     again = trainer.on_sample(data['samples'][0])
     np.testing.assert_allclose(again.mean, preds[0].mean, atol=1e-6)
+    assert [t.reason for t in trainer.trajectories()] == ['start', 'rewind']
     assert trainer.metrics()['online_samples'] == FRAMES
     assert trainer.metrics()['camera_masked_samples'] == 0
     # consecutive samples of the Dataset share a scan: each one after the first reused it
@@ -265,11 +278,12 @@ def test_shutdown_writes_checkpoint_buffer_trajectories_and_log(data, tmp_path):
     trainer = make_trainer(tmp_path, updates_per_sample=1.0, min_buffer=2,
                            buffer_path=str(out / 'buffer.npz'), trajectory_dir=str(out / 'traj'),
                            log_csv=str(out / 'log.csv'), log_every=1)
+    feed_ground_truth(trainer, data['root'])
     for sample in data['samples']:
         trainer.on_sample(sample)
         trainer.train_pending()
     written = trainer.shutdown()
-    assert set(written) == {'checkpoint', 'buffer', 'pred', 'gt'}
+    assert set(written) == {'checkpoint', 'buffer', 'pred', 'steps', 'gt', 'segments'}
     final = load_checkpoint(written['checkpoint'])
     assert Path(written['checkpoint']).name == 'final.pth'
     assert final['step'] == trainer.core.step_count == FRAMES - 1  # owed 1 per sample
@@ -277,7 +291,9 @@ def test_shutdown_writes_checkpoint_buffer_trajectories_and_log(data, tmp_path):
     pred = read_kitti_poses(out / 'traj' / 'pred_base_link.txt')
     gt = read_kitti_poses(out / 'traj' / 'gt_base_link.txt')
     assert pred.shape == gt.shape == (FRAMES, 4, 4)
-    np.testing.assert_allclose(pred, trainer.trajectories()[0], atol=1e-9)
+    np.testing.assert_allclose(pred, trainer.trajectories()[0].poses, atol=1e-9)
+    assert read_steps(out / 'traj' / 'pred_base_link.steps.csv')['ground_truth'].all()
+    assert (out / 'traj' / 'segments.csv').read_text().splitlines()[1].startswith('0,start,')
     rows = (out / 'log.csv').read_text().splitlines()
     assert rows[0].startswith('step,loss') and len(rows) == 1 + FRAMES - 1
     assert not list(tmp_path.rglob('*.tmp'))
@@ -296,8 +312,7 @@ def test_restart_resumes_buffer_weights_optimizer_and_step(data, tmp_path):
     buffer_cfg = BufferConfig(capacity=100)
     resumed = OnlineTrainer(OnlineConfig(initial_checkpoint=final, buffer_path=str(buffer_path),
                                          checkpoint_dir=str(tmp_path / 'ckpt2'), min_buffer=2),
-                            TRAIN)
-    resumed.set_buffer(open_buffer(buffer_path, buffer_cfg, data['sample_cfg']))
+                            TRAIN, buffer=open_buffer(buffer_path, buffer_cfg, data['sample_cfg']))
     metrics = resumed.metrics()
     assert metrics['resumed_buffer_samples'] == metrics['buffer_size'] == 6
     assert metrics['initial_step'] == saved['step'] == resumed.core.step_count == 6
@@ -321,3 +336,79 @@ def test_bad_config_is_a_clear_error(tmp_path):
         OnlineConfig(device='tpu')
     with pytest.raises(FileNotFoundError, match='nope.pth'):
         OnlineTrainer(OnlineConfig(initial_checkpoint=str(tmp_path / 'nope.pth')), TRAIN)
+
+
+def test_a_skipped_sample_is_bridged_not_lost(data, tmp_path):
+    trainer = make_trainer(tmp_path, training_enabled=False)
+    preds = [trainer.on_sample(s) for k, s in enumerate(data['samples']) if k != 4]
+    bridged = [p for p in preds if len(p.poses) == 2]
+    assert len(bridged) == 1 and bridged[0].poses[0].bridged == 'velocity'
+    stamps = [r.stamp_ns for p in preds for r in p.poses]
+    assert stamps == [round(s['meta']['stamp_cur'] * 1e9) for s in data['samples']]
+    assert trainer.metrics()['trajectory_bridged'] == 1
+    track, = trainer.trajectories()
+    assert len(track.stamps_ns) == FRAMES and track.bridged.tolist().count(True) == 1
+
+
+def test_run_time_parameters_are_applied_whole_or_not_at_all(tmp_path):
+    trainer = make_trainer(tmp_path)
+    params = TrainerParameters(trainer)
+    ok, reason = params.update({'train.learning_rate': 1e-5, 'train.batch_size': 8})
+    assert not ok and 'train.batch_size is fixed at start' in reason
+    ok, reason = params.update({'training_enabled': False, 'train.learning_rate': -1.0})
+    assert not ok and 'must be a number > 0' in reason
+    assert trainer.training_enabled and trainer.core.optimizer.param_groups[0]['lr'] == 1e-3
+    assert params.update({'training_enabled': False,
+                          'train.learning_rate': as_number('1e-5')}) == (True, '')
+    assert not trainer.training_enabled
+    assert trainer.core.optimizer.param_groups[0]['lr'] == 1e-5
+
+
+def test_autosave_failure_is_counted_and_training_goes_on(data, tmp_path):
+    blocker = tmp_path / 'not_a_folder'
+    blocker.write_text('')
+    trainer = make_trainer(tmp_path, updates_per_sample=1.0, min_buffer=1,
+                           autosave_interval_s=1e-6)
+    trainer.cfg = trainer.cfg.replace(checkpoint_dir=str(blocker / 'ckpt'))
+    for sample in data['samples'][:3]:
+        trainer.on_sample(sample)
+        with pytest.raises(OSError):
+            trainer.train_pending()
+    assert trainer.core.step_count == 3            # the steps ran; only the save failed
+    m = trainer.metrics()
+    assert (m['autosaves'], m['autosave_failures'], m['online_steps']) == (0, 3, 3)
+
+
+def test_autosave_writes_checkpoint_and_buffer_and_resume_picks_the_newest(data, tmp_path):
+    cfg = dict(updates_per_sample=1.0, min_buffer=1, autosave_interval_s=1e-6,
+               buffer_path=str(tmp_path / 'buffer.npz'))
+    first = make_trainer(tmp_path, **cfg)
+    for sample in data['samples'][:4]:
+        first.on_sample(sample)
+        first.train_pending()
+    assert first.metrics()['autosaves'] == 4
+    autosave = load_checkpoint(tmp_path / 'ckpt' / 'autosave.pth')
+    assert autosave['step'] == 4 and len(ReplayBuffer.load(tmp_path / 'buffer.npz')) == 4
+    # a writer killed mid-write left a temporary file: the next start clears it
+    (tmp_path / 'ckpt' / '.autosave.pth.abc123.tmp').write_bytes(b'partial')
+    online = OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'), resume=True,
+                          initial_checkpoint=str(tmp_path / 'nope.pth'), **cfg)
+    payload, source = initial_payload(online)
+    assert Path(source).name == 'autosave.pth' and payload['step'] == 4
+    resumed = OnlineTrainer(online, TRAIN, initial=(payload, source),
+                            buffer=open_buffer(cfg['buffer_path'], BufferConfig(),
+                                               data['sample_cfg']))
+    assert resumed.core.step_count == 4 and resumed.metrics()['resumed_buffer_samples'] == 4
+    assert not list((tmp_path / 'ckpt').glob('*.tmp'))
+
+
+def test_a_file_that_cannot_be_written_at_shutdown_does_not_stop_the_others(data, tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    trainer = make_trainer(tmp_path, buffer_path=str(blocker / 'buffer.npz'),
+                           trajectory_dir=str(tmp_path / 'traj'), training_enabled=False)
+    for sample in data['samples'][:3]:
+        trainer.on_sample(sample)
+    written = trainer.shutdown()
+    assert [what for what, _ in trainer.write_failures] == ['buffer']
+    assert Path(written['checkpoint']).is_file() and Path(written['pred']).is_file()

@@ -317,11 +317,12 @@ def test_queues_stay_bounded_on_a_long_stream():
             track()
         sync.pop_ready()
     assert sync.stats['emitted'] == 299 and sync.stats['dropped'] == {}
-    # IMU: the 0.1 s interval + 0.1 s margin + one older sample at 100 Hz. Frames: a paired one
+    # IMU: imu_keep_s (2.5 s, for bridging) behind the last processed scan, the 0.1 s interval
+    # to the next one and one older sample, at 100 Hz. Frames: a paired one
     # is consumed, unpaired ones live until older than the last processed scan - slop (at
     # t + 0.073 with scan t: t - 0.127, t - 0.06, t - 0.027, t + 0.04, t + 0.073). GT: the
     # previous and the current scan's.
-    assert peak == {'scans': 1, 'images': 5, 'imu': 21, 'ground_truth': 2, 'ready': 1}
+    assert peak == {'scans': 1, 'images': 5, 'imu': 261, 'ground_truth': 2, 'ready': 1}
 
 
 def test_flush_and_reset():
@@ -338,6 +339,67 @@ def test_flush_and_reset():
     feed_imu(sync, 0, 100)                 # the bag restarted: same stamps accepted again
     feed_scans(sync, [0, 100])
     assert pairs(sync.pop_ready()) == [(0, 100)]
+
+
+def play(sync, t0_ms, t1_ms):
+    """A bag's worth of 10 Hz scans, frames and GT with 100 Hz IMU, in stamp order."""
+    for t in range(t0_ms, t1_ms + 1, 10):
+        sync.add_imu(t * MS, [0.0, 0.0, 9.81], [0.0, 0.0, t / 1000])
+        if t % 100 == 0:
+            k = t // 100
+            sync.add_image(t * MS, image(k))
+            sync.add_ground_truth(t * MS, np.eye(4))
+            sync.add_cloud(t * MS, scan(k))
+
+
+def test_time_going_back_starts_a_new_run_with_the_same_samples():
+    """A looped bag: the second pass is not dropped as late; it is a new run whose samples are
+    those of the first pass. The IMU leads the second pass; it is held until the scans go back,
+    so the first pass's last frame, coming late on the other streams, still makes its sample."""
+    sync = make(ground_truth='require', rewind_s=0.5)
+    play(sync, 0, 600)
+    feed_imu(sync, 610, 750)
+    first = sync.pop_ready()
+    sync.add_imu(0, [0.0, 0.0, 9.81], [0.0, 0.0, 0.0])   # 0.75 s back (> rewind_s): held
+    sync.add_image(700 * MS, image(7))                     # pass one's last frame, late
+    sync.add_ground_truth(700 * MS, np.eye(4))
+    sync.add_cloud(700 * MS, scan(7))
+    last = sync.pop_ready()
+    sync.add_cloud(0, scan(0))                # the scans go back: run 1 starts
+    sync.add_ground_truth(800 * MS, np.eye(4))   # pass one's, after that: not used
+    play(sync, 0, 600)                        # (IMU and scan at 0 come a second time)
+    second = sync.pop_ready()
+    assert pairs(first) == pairs(second) == [(k, k + 100) for k in range(0, 600, 100)]
+    assert pairs(last) == [(600, 700)] and last[0]['meta']['run'] == 0
+    assert {s['meta']['run'] for s in first} == {0} and {s['meta']['run'] for s in second} == {1}
+    for a, b in zip(first, second):
+        for key in SAMPLE_KEYS:
+            if key != 'meta':
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    stats = sync.stats
+    assert (stats['run'], stats['rewinds']) == (1, 1)
+    assert stats['dropped'] == {'before_rewind': 1, 'duplicate': 1, 'late': 1}
+    # the clock jumping back to where the streams already are starts nothing
+    assert not sync.rewind(200 * MS) and sync.rewind(-5 * S) and sync.stats['run'] == 2
+
+
+def test_a_stream_that_goes_back_alone_starts_the_run_after_max_lateness():
+    sync = make(rewind_s=0.5, max_lateness_s=1.0)
+    play(sync, 0, 2000)
+    feed_imu(sync, 0, 990)                    # the scans do not follow (a lost LiDAR)
+    assert sync.stats['rewinds'] == 0
+    feed_imu(sync, 1000, 1020)                # more than 1 s of held IMU: the run changes
+    assert sync.stats['rewinds'] == 1 and sync.stats['pending']['imu'] == 103
+
+
+def test_imu_is_held_for_bridging_a_hole():
+    sync = make(imu_keep_s=2.0)
+    feed_imu(sync, 0, 2000)
+    feed_scans(sync, [0, 100, 200, 1500, 1600, 1700])   # a 1.3 s hole: the chain restarts
+    stamps, gyro = sync.imu_between(200 * MS, 1500 * MS)
+    assert stamps[0] == 100 * MS and stamps[-1] == 1600 * MS    # 0.1 s margin on each side
+    np.testing.assert_allclose(gyro[:, 2], stamps / S)
+    assert sync.imu_between(5000 * MS, 6000 * MS) is None
 
 
 def test_unused_modalities_are_not_waited_for():

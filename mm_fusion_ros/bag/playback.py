@@ -1,9 +1,11 @@
 """The pure part of bag playback (rosbags only): what a bag offers, which messages of a time
-window to play in which order, and when (wall clock) each one is due.
+window to play in which order, when (wall clock) each one is due, when the subscribers are there,
+and the report of a replay.
 
 ros/bag_player.py wires this to rclpy publishers.
 """
-from dataclasses import dataclass
+import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rosbags.highlevel import AnyReader, AnyReaderError
@@ -104,6 +106,16 @@ class BagSource:
             yield conn.topic, stamp, bytes(raw)
 
 
+def open_window(bag, topics=None, start_offset_s=0.0, duration_s=None):
+    """(BagSource, topic names, start_ns, stop_ns) to play; the bag is closed on a bad choice."""
+    source = BagSource(bag)
+    try:
+        return (source, source.select(topics), *source.window(start_offset_s, duration_s))
+    except ValueError:
+        source.close()
+        raise
+
+
 class Pacer:
     """Wall-clock target of each bag time: start_wall + (t - t_first) / rate."""
 
@@ -120,3 +132,99 @@ class Pacer:
     def due(self, t_ns: int) -> float:
         """Wall time (same clock as start's wall_now) when bag time t_ns is due."""
         return self.start_wall + (int(t_ns) - self.t_first_ns) / NS_PER_S / self.rate
+
+
+class MatchWait:
+    """When a player may start: every played topic that has a subscriber in the graph is
+    matched by the player's publisher, at least one is, and that has held for `settle_s` (a
+    node's endpoints are discovered one after the other). The clock is the caller's."""
+
+    def __init__(self, settle_s: float = 0.3):
+        self.settle_s = settle_s
+        self._since = None
+
+    def ready(self, now: float, matched: dict, in_graph: dict) -> bool:
+        """matched / in_graph: topic -> subscribers matched by our publisher / in the graph."""
+        ok = any(matched.values()) and all(matched[t] for t, n in in_graph.items() if n)
+        if not ok:
+            self._since = None
+            return False
+        if self._since is None:
+            self._since = now
+        return now - self._since >= self.settle_s
+
+
+@dataclass
+class PlayReport:
+    published: dict = field(default_factory=dict)      # topic -> messages published
+    failed: dict = field(default_factory=dict)         # topic -> publishes that kept failing
+    skipped_topics: dict = field(default_factory=dict)  # topic -> reason
+    not_published: dict = field(default_factory=dict)  # skipped topic -> messages not sent
+    clock_published: int = 0
+    bag_s: float = 0.0
+    wall_s: float = 0.0
+    loops: int = 0
+    unacked: list = field(default_factory=list)
+    unmatched: list = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def effective_rate(self) -> float:
+        return self.bag_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    def format(self) -> str:
+        total = sum(self.published.values())
+        lines = [f'bag_player: published {total} messages, {self.bag_s:.3f} s of bag time in '
+                 f'{self.wall_s:.3f} s wall (effective rate {self.effective_rate:.2f}x), '
+                 f'{self.loops} loop(s){" (interrupted)" if self.interrupted else ""}']
+        width = max((len(t) for t in {**self.published, **self.skipped_topics}), default=0)
+        for topic, count in self.published.items():
+            failed = f'  ({self.failed[topic]} failed)' if self.failed.get(topic) else ''
+            lines.append(f'  {topic:<{width}}  {count:>7d}{failed}')
+        if self.clock_published:
+            lines.append(f'  {"/clock":<{width}}  {self.clock_published:>7d}')
+        for topic, reason in self.skipped_topics.items():
+            lines.append(f'  {topic:<{width}}  skipped ({self.not_published.get(topic, 0)} '
+                         f'messages): {reason}')
+        if self.unmatched:
+            lines.append(f'  no subscriber matched before playing: {", ".join(self.unmatched)}')
+        if self.unacked:
+            lines.append(f'  not acknowledged by every reader: {", ".join(self.unacked)}')
+        return '\n'.join(lines)
+
+
+def _number(minimum, strict):
+    def parse(text):
+        value = float(text)
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f'must be {">" if strict else ">="} {minimum}, '
+                                             f'got {text}')
+        return value
+    return parse
+
+
+def build_parser(description: str = '') -> argparse.ArgumentParser:
+    """bag_player's command line (ros/bag_player.py)."""
+    p = argparse.ArgumentParser(prog='bag_player', description=description)
+    p.add_argument('bag', type=Path, help='rosbag2 folder (with metadata.yaml)')
+    p.add_argument('--rate', type=_number(0, True), default=1.0,
+                   help='playback speed factor (default 1.0 = recorded speed)')
+    p.add_argument('--loop', action='store_true', help='play again from the start until stopped')
+    p.add_argument('--loops', type=int, default=0,
+                   help='with --loop: stop after this many passes (default 0: never)')
+    p.add_argument('--clock', action='store_true',
+                   help='publish /clock with the bag time (for use_sim_time nodes)')
+    p.add_argument('--start_offset', type=_number(0, False), default=0.0,
+                   help='seconds of bag time to skip at the start (latched topics still sent)')
+    p.add_argument('--duration', type=_number(0, True), default=None,
+                   help='seconds of bag time to play (default: to the end)')
+    p.add_argument('--topics', nargs='+', default=None,
+                   help='topics to play (default: all in the bag)')
+    p.add_argument('--no_wait', action='store_true',
+                   help='play at once, without waiting for matched subscribers')
+    p.add_argument('--wait_for_subscribers', action='store_true',
+                   help='wait for matched subscribers before playing (the default)')
+    p.add_argument('--wait_timeout', type=_number(0, True), default=30.0,
+                   help='longest wait for subscribers in seconds (default 30); playback starts '
+                        'anyway after it, with a warning')
+    return p

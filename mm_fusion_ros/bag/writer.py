@@ -23,9 +23,10 @@ Topics and frames follow DESIGN §4 (see bag/topics.py). What the bag holds:
   humble rejects ("yaml-cpp: bad conversion", ros2/rosbag2#2013). rosbags writes only v8 and v9,
   so humble bags are v8 (humble ignores the newer keys) and jazzy/kilted bags v9 (what they write).
 
-The bag is written into a hidden temporary folder beside the output and renamed into place only
-after it is complete; an existing output is replaced only with overwrite=True, and only after the
-new bag is complete.
+The bag is written into a hidden temporary folder beside the output and put in place only after
+it is complete (fileio.replace_dir: fsynced, renamed; a bag it replaces is removed only once the
+new one is in place, and restored if that rename fails); an existing output is replaced only with
+overwrite=True.
 """
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,6 @@ from dataclasses import dataclass, field
 import datetime as dt
 import io
 import logging
-import os
 from pathlib import Path
 import shutil
 import tempfile
@@ -55,6 +55,7 @@ from rosbags.typesys import get_typestore, Stores
 from mm_fusion_ros.bag import topics
 from mm_fusion_ros.bag.lidar import lio_fields
 from mm_fusion_ros.bag.messages import MessageFactory
+from mm_fusion_ros.fileio import replace_dir
 from mm_fusion_ros.geometry import invert_pose, rot_to_quat, rpy_to_rot, so3_log
 from mm_fusion_ros.kitti.odometry import KittiSequence, read_velodyne
 
@@ -172,7 +173,7 @@ def convert_sequence(opts: ConvertOptions, progress=None) -> ConvertSummary:
         with Writer(bag_dir, version=version, storage_plugin=STORAGES[opts.storage]) as writer:
             BagWriter(writer, MessageFactory(get_typestore(store)), source, opts,
                       summary).write_all(progress)
-        _move_into_place(bag_dir, output, staging)
+        replace_dir(bag_dir, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary.size_bytes = sum(p.stat().st_size for p in output.rglob('*') if p.is_file())
@@ -189,13 +190,6 @@ def _check_output(output: Path, overwrite: bool) -> None:
     if not is_bag and not (output.is_dir() and not any(output.iterdir())):
         raise FileExistsError(f'{output} exists and is not a rosbag2 folder (no metadata.yaml); '
                               'refusing to replace it even with --overwrite')
-
-
-def _move_into_place(bag_dir: Path, output: Path, staging: Path) -> None:
-    """Rename the finished bag onto `output`; an old bag is moved aside first, then dropped."""
-    if output.exists():
-        os.replace(output, staging / 'replaced')
-    os.replace(bag_dir, output)
 
 
 class SequenceSource:

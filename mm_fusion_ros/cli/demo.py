@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     results = work / 'results' / 'online'
     results.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / 'trajectory' / 'pred_base_link.txt', results / f'{ONLINE}.txt')
+    # its steps sidecar too: the evaluation then reports how many steps were bridged
+    shutil.copy(out / 'trajectory' / 'pred_base_link.steps.csv', results / f'{ONLINE}.steps.csv')
     run('6. evaluation: online poses vs ground truth and baselines', [
         py, '-m', 'mm_fusion_ros.cli.evaluate_odometry', '--data_path', data, '--sequences',
         ONLINE, '--pred_dir', results, '--pred_frame', 'base_link', '--train_sequences', TRAIN,

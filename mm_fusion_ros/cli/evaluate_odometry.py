@@ -3,6 +3,10 @@
   evaluate_odometry --gt poses/07.txt --pred results/07.txt [--json out.json] [--plot out.png]
   evaluate_odometry --data_path data --sequences 07,09,10 --pred_dir results/ \\
       [--baseline cv_oracle] [--baseline mean_motion --train_sequences 00,02,08]
+
+A trajectory written by the online node has a steps sidecar beside it (NAME.steps.csv,
+eval/trajectory_io.py); then the report also says how many of its steps were bridged rather
+than predicted, and which segment the file holds and the stamp it starts at.
 """
 import argparse
 import json
@@ -20,7 +24,10 @@ from mm_fusion_ros.eval.trajectory_io import (
     base_link_poses_to_cam0,
     check_same_length,
     read_kitti_poses,
+    read_steps,
+    steps_path,
 )
+from mm_fusion_ros.fileio import atomic_write_text
 from mm_fusion_ros.geometry import cam0_to_base_link
 from mm_fusion_ros.kitti.ids import parse_sequences
 from mm_fusion_ros.kitti.odometry import KittiSequence, read_calib
@@ -176,6 +183,21 @@ def kiss_icp_baseline(src: SequenceSource) -> tuple:
     return base_link_poses_to_cam0(pred_base, src.tr()), {}
 
 
+def online_steps(pred_path, poses: int) -> dict:
+    """What the steps sidecar of an online trajectory says (none: {}): how many steps were
+    bridged rather than predicted, and which segment the file is and where it starts."""
+    sidecar = steps_path(pred_path)
+    if not sidecar.is_file():
+        return {}
+    steps = read_steps(sidecar)
+    if len(steps['stamp_ns']) != poses:
+        raise ValueError(f'{sidecar} has {len(steps["stamp_ns"])} rows but {pred_path} has '
+                         f'{poses} poses')
+    return {'bridged_steps': int(steps['bridged'].sum()), 'steps': max(poses - 1, 0),
+            'segment': int(steps['segment'][0]) if poses else 0,
+            'first_stamp_ns': int(steps['stamp_ns'][0]) if poses else 0}
+
+
 def baseline_trajectory(name, src: SequenceSource, train_step) -> tuple:
     """(cam0 poses, extra metrics) of one baseline on one sequence."""
     if name == 'cv_oracle':
@@ -212,7 +234,8 @@ def evaluate_all(args):
         src = SequenceSource(args, seq_id, gt_path)
         trajectories = {}
         if pred_path is not None:
-            trajectories[PREDICTION] = (src.read_prediction(pred_path), {})
+            pred = src.read_prediction(pred_path)
+            trajectories[PREDICTION] = (pred, online_steps(pred_path, len(pred)))
         for name in dict.fromkeys(args.baseline):
             trajectories[name] = baseline_trajectory(name, src, step)
         for name, (poses, extra) in trajectories.items():
@@ -259,8 +282,13 @@ def format_table(results: dict, args) -> str:
     if len(next(iter(results.values()))) > 1:
         for name, per_seq in results.items():
             avg = average(per_seq)
-            cells = ''.join(f' {_fmt(avg[k]):>16}' for k, _ in COLUMNS)
-            lines.append(f'{"average":<9} {name:<12}' + cells)
+            lines.append(f'{"average":<9} {name:<12}' + ''.join(f' {_fmt(avg[k]):>16}'
+                                                                 for k, _ in COLUMNS))
+    for seq_id, m in results.get(PREDICTION, {}).items():
+        if 'bridged_steps' in m:
+            lines.append(f'prediction, sequence {seq_id}: {m["bridged_steps"]} of {m["steps"]} '
+                         f'steps bridged (not predicted); segment {m["segment"]} from stamp '
+                         f'{m["first_stamp_ns"]} ns')
     for seq_id, m in results.get('imu', {}).items():
         lines.append(f'imu baseline, sequence {seq_id}: gyro heading drift '
                      f'{m["gyro_heading_error_final_deg"]:+.3f} deg at the end, '
@@ -294,8 +322,7 @@ def build_report(results: dict, args) -> dict:
 
 
 def write_json(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, allow_nan=False) + '\n')
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + '\n')
 
 
 def main(argv=None) -> int:

@@ -5,11 +5,11 @@ frame 0 (DESIGN §2). The reader refuses anything else and names the file and li
 silently mis-parsed trajectory yields plausible but wrong metrics.
 """
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
+from mm_fusion_ros.fileio import atomic_write_text
 from mm_fusion_ros.geometry import base_link_to_cam0
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,10 @@ def format_kitti_poses(poses, fmt='%.12e') -> str:
 
 
 def write_kitti_poses(path, poses, fmt='%.12e') -> Path:
-    """Write poses in KITTI format atomically (temporary file + rename); returns the path."""
+    """Write poses in KITTI format atomically (fileio); returns the path."""
     path = Path(path)
     text = format_kitti_poses(poses, fmt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text, encoding='ascii')
-    os.replace(tmp, path)
+    atomic_write_text(path, text, encoding='ascii')
     log.debug('wrote %d poses to %s', len(text.splitlines()), path)
     return path
 
@@ -114,3 +111,78 @@ def base_link_poses_to_cam0(poses_base, tr_velo_to_cam):
     if tr.shape != (4, 4):
         raise ValueError(f'Tr must be 3x4 or 4x4, got {tr.shape}')
     return base_link_to_cam0(poses_base, tr)
+
+
+# --- online trajectories: KITTI pose files plus a per-pose sidecar -----------------------------
+# The online node writes each trajectory segment as KITTI pose files (predicted, and ground truth
+# where every pose has it) and, beside the predicted one, NAME.steps.csv: one row per pose with
+# its stamp, its segment and whether the step into it was bridged. Segment 0 keeps the plain
+# names (pred_base_link.txt); segment k >= 1 adds `.segK` (pred_base_link.seg1.txt). segments.csv
+# in the same folder lists the segments and why each one started (start, rewind, gap).
+STEPS_SUFFIX = '.steps.csv'
+STEPS_HEADER = 'index,stamp_ns,segment,bridged,ground_truth'
+SEGMENTS_FILE = 'segments.csv'
+SEGMENTS_HEADER = 'segment,reason,first_stamp_ns,last_stamp_ns,poses,bridged,pred,gt'
+
+
+def steps_path(pose_path) -> Path:
+    """pred_base_link.txt -> pred_base_link.steps.csv."""
+    pose_path = Path(pose_path)
+    return pose_path.with_name(pose_path.stem + STEPS_SUFFIX)
+
+
+def segment_file_name(stem: str, segment: int) -> str:
+    return f'{stem}.txt' if segment == 0 else f'{stem}.seg{segment}.txt'
+
+
+def write_steps(path, stamps_ns, segment: int, bridged, ground_truth) -> Path:
+    rows = [STEPS_HEADER] + [f'{i},{int(s)},{segment},{int(b)},{int(g)}' for i, (s, b, g) in
+                             enumerate(zip(stamps_ns, bridged, ground_truth))]
+    return atomic_write_text(path, '\n'.join(rows) + '\n', encoding='ascii')
+
+
+def read_steps(path) -> dict:
+    """A steps sidecar -> {'stamp_ns', 'segment', 'bridged', 'ground_truth'} arrays; errors name
+    the file and line."""
+    path = Path(path)
+    lines = path.read_text(encoding='ascii').splitlines()
+    if not lines or lines[0].strip() != STEPS_HEADER:
+        raise ValueError(f'{path}:1: expected the header {STEPS_HEADER!r}')
+    rows = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split(',')
+        try:
+            values = [int(v) for v in fields]
+        except ValueError as e:
+            raise ValueError(f'{path}:{lineno}: not integers: {line.strip()!r}') from e
+        if len(values) != 5 or values[0] != lineno - 2 or not {values[3], values[4]} <= {0, 1}:
+            raise ValueError(f'{path}:{lineno}: expected index {lineno - 2}, stamp, segment and '
+                             f'two 0/1 flags, got {line.strip()!r}')
+        rows.append(values)
+    table = np.array(rows, dtype=np.int64).reshape(-1, 5)
+    return {'stamp_ns': table[:, 1], 'segment': table[:, 2], 'bridged': table[:, 3].astype(bool),
+            'ground_truth': table[:, 4].astype(bool)}
+
+
+def write_segment(out_dir, segment: int, stamps_ns, poses, bridged, gt=None,
+                  gt_valid=None) -> dict:
+    """One segment's files in out_dir: predicted poses, their steps sidecar (gt_valid: which
+    poses had ground truth) and, when given, the ground-truth poses.
+    -> {'pred': path, 'steps': path[, 'gt': path]}."""
+    out_dir = Path(out_dir)
+    pred = write_kitti_poses(out_dir / segment_file_name('pred_base_link', segment), poses)
+    valid = np.full(len(poses), gt is not None) if gt_valid is None else \
+        np.asarray(gt_valid, dtype=bool)
+    written = {'pred': pred,
+               'steps': write_steps(steps_path(pred), stamps_ns, segment, bridged, valid)}
+    if gt is not None:
+        written['gt'] = write_kitti_poses(out_dir / segment_file_name('gt_base_link', segment),
+                                          gt)
+    return written
+
+
+def write_segments_index(out_dir, rows) -> Path:
+    """segments.csv from dicts with the SEGMENTS_HEADER keys."""
+    keys = SEGMENTS_HEADER.split(',')
+    lines = [SEGMENTS_HEADER] + [','.join(str(r.get(k, '')) for k in keys) for r in rows]
+    return atomic_write_text(Path(out_dir) / SEGMENTS_FILE, '\n'.join(lines) + '\n')

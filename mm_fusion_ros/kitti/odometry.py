@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mm_fusion_ros.fileio import atomic_write_text
 from mm_fusion_ros.geometry import cam0_to_base_link, make_pose
 from mm_fusion_ros.kitti.ids import normalize_sequence_id, parse_sequences  # noqa: F401
 from mm_fusion_ros.kitti.imu import load_sequence_imu
@@ -177,9 +178,7 @@ def velodyne_dir(pointcloud_root, sequence) -> Path:
 
 
 def _write_text(path, text) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write_text(path, text)
 
 
 class KittiSequence:

@@ -2,6 +2,8 @@
 here, so nodes find everything in one place) and the builders of rclpy messages, which import
 the message classes lazily.
 """
+import importlib
+
 import numpy as np
 
 from mm_fusion_ros.geometry import rot_to_quat
@@ -17,6 +19,7 @@ from mm_fusion_ros.messages import (  # noqa: F401  (re-exported decoders)
     imu_to_arrays,
     ns_to_stamp,
     odometry_to_pose,
+    pose_to_matrix,
     stamp_to_ns,
 )
 
@@ -104,3 +107,59 @@ def pose_to_odometry_fields(pose, log_var=None):
 def _fill_header(header, stamp_ns, frame_id):
     header.stamp.sec, header.stamp.nanosec = ns_to_stamp(stamp_ns)
     header.frame_id = frame_id
+
+
+# ------------------------------------------------------- trajectory poses and status
+
+def fill_pose(pose_msg, pose) -> None:
+    """geometry_msgs/Pose <- 4x4 pose."""
+    position, quat, _ = pose_to_odometry_fields(pose)
+    pose_msg.position.x, pose_msg.position.y, pose_msg.position.z = position
+    o = pose_msg.orientation
+    o.x, o.y, o.z, o.w = quat
+
+
+def fill_transform(transform_msg, pose) -> None:
+    """geometry_msgs/Transform <- 4x4 pose."""
+    position, quat, _ = pose_to_odometry_fields(pose)
+    t = transform_msg.translation
+    t.x, t.y, t.z = position
+    r = transform_msg.rotation
+    r.x, r.y, r.z, r.w = quat
+
+
+def fill_odometry(msg, record, frame_id: str, child_frame_id: str) -> None:
+    """nav_msgs/Odometry <- a trajectory PoseRecord: pose and its covariance in frame_id, twist
+    and its covariance in child_frame_id (trajectory/covariance.py)."""
+    _fill_header(msg.header, record.stamp_ns, frame_id)
+    msg.child_frame_id = child_frame_id
+    fill_pose(msg.pose.pose, record.pose)
+    msg.pose.covariance = [float(v) for v in np.asarray(record.cov).ravel()]
+    lin, ang = msg.twist.twist.linear, msg.twist.twist.angular
+    lin.x, lin.y, lin.z, ang.x, ang.y, ang.z = (float(v) for v in record.twist)
+    msg.twist.covariance = [float(v) for v in np.asarray(record.twist_cov).ravel()]
+
+
+def status_to_msg(status, stamp):
+    """runtime.diagnostics.Status -> diagnostic_msgs/DiagnosticArray."""
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+    level = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR)[status.level]
+    msg = DiagnosticArray(status=[DiagnosticStatus(
+        level=level, name=status.name, message=status.message, hardware_id='mm_fusion_ros',
+        values=[KeyValue(key=k, value=v) for k, v in status.values.items()])])
+    msg.header.stamp = stamp
+    return msg
+
+
+def import_message_class(msgtype: str):
+    """'sensor_msgs/msg/Image' -> the rosidl Python class; ImportError names the package."""
+    parts = msgtype.split('/')
+    if len(parts) != 3:
+        raise ImportError(f'message type {msgtype!r} is not of the form pkg/msg/Name')
+    package, sub, name = parts
+    try:
+        return getattr(importlib.import_module(f'{package}.{sub}'), name)
+    except ImportError as e:
+        raise ImportError(f'{msgtype}: package {package!r} is not installed ({e})') from e
+    except AttributeError as e:
+        raise ImportError(f'{msgtype}: {package}.{sub} has no {name}') from e

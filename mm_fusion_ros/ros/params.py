@@ -2,6 +2,9 @@
 import dataclasses
 
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.parameter import Parameter
+
+from mm_fusion_ros.runtime.params import as_number
 
 
 def _ros_default(value):
@@ -39,3 +42,19 @@ def declare_config(node, cls, prefix='', read_only=True, overrides=None):
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ValueError(f'node {node.get_name()}: bad parameters for {cls.__name__}: {e}') from e
+
+
+def as_doubles(*names):
+    """A pre-set-parameters callback for double parameters `names`: `ros2 param set NODE NAME
+    1e-5` sends a string (YAML reads 1e-5 without a dot as text) and `... 1` an integer; both
+    go on as doubles. Anything else is left for the declared type to refuse."""
+    def coerce(params):
+        out = []
+        for param in params:
+            value = as_number(param.value)
+            if param.name in names and isinstance(value, float) and \
+                    param.type_ != Parameter.Type.DOUBLE:
+                param = Parameter(param.name, Parameter.Type.DOUBLE, value)
+            out.append(param)
+        return out
+    return coerce

@@ -24,6 +24,10 @@ REPLAY_IMU_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=IMU_QUEUE_DEP
                             durability=DurabilityPolicy.VOLATILE)
 LIVE_SENSOR_QOS = qos_profile_sensor_data
 PATH_QOS = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)  # late RViz sees it
+# Reading /tf_static: every broadcaster's latched message, also those sent before we started.
+TF_STATIC_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                           reliability=ReliabilityPolicy.RELIABLE,
+                           durability=DurabilityPolicy.TRANSIENT_LOCAL)
 # /clock: only the newest time matters; RELIABLE still matches rclpy's best-effort clock reader.
 CLOCK_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                        reliability=ReliabilityPolicy.RELIABLE,

@@ -25,9 +25,7 @@ import sys
 import threading
 import time
 
-SENSOR_TOPICS = ('/kitti/camera/image_raw', '/kitti/velodyne/points', '/kitti/imu/data',
-                 '/kitti/ground_truth/odom')
-TRAINER_NODE = '/mm_fusion_trainer'
+from mm_fusion_ros.bag import topics as contract
 
 
 def _config_dir() -> Path:
@@ -50,15 +48,11 @@ def replay_env(base=None) -> dict:
     return env
 
 
-def player_command(bag, rate, loop=False, topics=SENSOR_TOPICS, wait=True):
+def player_command(bag, rate, loop=False, topics=contract.SYNC_TOPICS, wait=True):
+    """bag_player; it waits for matched subscribers unless wait is False."""
     cmd = [sys.executable, '-m', 'mm_fusion_ros.ros.bag_player', str(bag), '--rate', str(rate)]
-    if loop:
-        cmd.append('--loop')
-    if topics:
-        cmd += ['--topics', *topics]
-    if wait:
-        cmd.append('--wait_for_subscribers')
-    return cmd
+    cmd += (['--loop'] if loop else []) + (['--no_wait'] if not wait else [])
+    return cmd + (['--topics', *topics] if topics else [])
 
 
 def online_command(config, out_dir, checkpoint=None, overrides=()):
@@ -91,10 +85,10 @@ class OdomWatcher:
         self.node = rclpy.create_node('mm_fusion_run')
         self.count = 0
         self.last_wall = time.monotonic()
-        self.odom_sub = self.node.create_subscription(Odometry, '/mm_fusion/odom', self._on_odom,
-                                                      100)
-        self.save = self.node.create_client(Trigger, f'{TRAINER_NODE}/save_checkpoint')
-        self.set_training = self.node.create_client(SetBool, f'{TRAINER_NODE}/set_training')
+        self.odom_sub = self.node.create_subscription(Odometry, contract.ODOM_OUT_TOPIC,
+                                                      self._on_odom, 100)
+        self.save = self.node.create_client(Trigger, contract.SAVE_SERVICE)
+        self.set_training = self.node.create_client(SetBool, contract.SET_TRAINING_SERVICE)
         self.Trigger, self.SetBool = Trigger, SetBool
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._spin, daemon=True)

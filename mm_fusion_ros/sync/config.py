@@ -5,11 +5,13 @@ parameters straight from these dataclasses; range checks live in __post_init__.
 """
 from dataclasses import dataclass, field
 
+from mm_fusion_ros.bag import topics
 from mm_fusion_ros.config import ConfigBase
 
 MISSING_POLICIES = ('mask', 'drop')
 GROUND_TRUTH_MODES = ('auto', 'require', 'ignore')
 BUFFER_POLICIES = ('fifo', 'reservoir')
+SENSOR_QOS = ('replay', 'live')
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,17 @@ class SyncConfig(ConfigBase):
                 'entry is dropped when full'})
     max_imu_samples: int = field(default=4000, metadata={
         'help': 'IMU ring buffer size [samples]; must cover the longest IMU window plus lateness'})
+    imu_keep_s: float = field(default=2.5, metadata={
+        'help': 'IMU kept behind the newest scan, so a hole in the scans can be bridged with '
+                'the gyro (see trajectory.max_bridge_s) [s]'})
+    rewind_s: float = field(default=1.0, metadata={
+        'help': 'a stream whose stamps go back by more than this starts a new run (a looped '
+                'bag): pending data is flushed and forgotten, the samples carry a new '
+                "meta['run'] [s]"})
 
     def __post_init__(self):
         for name in ('slop_s', 'gt_slop_s', 'max_lateness_s', 'reorder_window_s',
-                     'camera_timeout_s', 'imu_timeout_s', 'gt_timeout_s'):
+                     'camera_timeout_s', 'imu_timeout_s', 'gt_timeout_s', 'imu_keep_s'):
             if not getattr(self, name) >= 0:
                 raise ValueError(f'SyncConfig.{name} must be >= 0, got {getattr(self, name)}')
         if not self.max_scan_gap_s > 0:
@@ -65,6 +74,9 @@ class SyncConfig(ConfigBase):
             raise ValueError(f'SyncConfig.max_lateness_s ({self.max_lateness_s}) must be >= '
                              f'every timeout and reorder_window_s ({longest_wait}): a message '
                              'still waited for is not late')
+        if not self.rewind_s > self.reorder_window_s:
+            raise ValueError(f'SyncConfig.rewind_s ({self.rewind_s}) must be > reorder_window_s '
+                             f'({self.reorder_window_s}): reordered scans are not a rewind')
         if self.missing_policy not in MISSING_POLICIES:
             raise ValueError(f'SyncConfig.missing_policy must be one of {MISSING_POLICIES}, got '
                              f'{self.missing_policy!r}')
@@ -76,6 +88,33 @@ class SyncConfig(ConfigBase):
         if self.max_imu_samples < 2:
             raise ValueError(f'SyncConfig.max_imu_samples must be >= 2, got '
                              f'{self.max_imu_samples}')
+
+
+@dataclass(frozen=True)
+class InputConfig(ConfigBase):
+    """What the synchronizer node subscribes to, and how."""
+
+    image_topic: str = field(default=topics.IMAGE_TOPIC, metadata={'help': 'camera images'})
+    compressed_image: bool = field(default=False, metadata={
+        'help': 'subscribe to sensor_msgs/CompressedImage (png, jpeg) on image_topic'})
+    cloud_topic: str = field(default=topics.CLOUD_TOPIC, metadata={'help': 'LiDAR scans'})
+    imu_topic: str = field(default=topics.IMU_TOPIC, metadata={'help': 'IMU samples'})
+    ground_truth_topic: str = field(default=topics.GT_ODOM_TOPIC, metadata={
+        'help': 'ground-truth nav_msgs/Odometry (bags carry it; robots do not)'})
+    sensor_qos: str = field(default='replay', metadata={
+        'help': "'replay': RELIABLE with deep queues; 'live': sensor-data QoS"})
+    idle_flush_s: float = field(default=1.0, metadata={
+        'help': 'release the scans waiting for a timeout after this long without a sensor '
+                'message (the end of a bag) [s]'})
+    buffer_path: str = field(default='', metadata={
+        'help': 'synchronizer alone: replay buffer file loaded at start and saved at shutdown'})
+
+    def __post_init__(self):
+        if self.sensor_qos not in SENSOR_QOS:
+            raise ValueError(f'InputConfig.sensor_qos must be one of {SENSOR_QOS}, got '
+                             f'{self.sensor_qos!r}')
+        if not self.idle_flush_s > 0:
+            raise ValueError(f'InputConfig.idle_flush_s must be > 0, got {self.idle_flush_s}')
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,11 @@ Bounded by sample count and by bytes (the sum of a sample's numpy nbytes). Polic
 evicts the oldest; 'reservoir' keeps a uniform random subset of every sample ever offered
 (Algorithm R, seeded). Mini-batches mix the newest samples with older ones. Stored arrays are
 private read-only copies, so a trainer thread can use what sample() returns while the
-synchronizer thread keeps adding. save()/load() persist the buffer in one .npz file (written to a
-temporary file and renamed) so a restarted node resumes with its memory.
+synchronizer thread keeps adding. save()/load() persist the buffer in one .npz file (written
+atomically, fileio.atomic_open) so a restarted node resumes with its memory.
 """
 import json
 import logging
-import os
 from pathlib import Path
 import threading
 import zipfile
@@ -17,6 +16,7 @@ import zipfile
 import numpy as np
 
 from mm_fusion_ros.config import SampleConfig
+from mm_fusion_ros.fileio import atomic_open
 from mm_fusion_ros.kitti.sample import SAMPLE_KEYS
 from mm_fusion_ros.sync.config import BufferConfig
 
@@ -121,7 +121,7 @@ class ReplayBuffer:
     # ------------------------------------------------------------- persistence
 
     def save(self, path) -> Path:
-        """Write the buffer to one .npz file atomically (tmp file + os.replace); returns path."""
+        """Write the buffer to one .npz file atomically (fileio.atomic_open); returns path."""
         path = Path(path)
         with self._lock:
             samples = list(self._samples)
@@ -149,16 +149,8 @@ class ReplayBuffer:
         except TypeError as e:
             raise ValueError(f'{path}: sample meta is not JSON-serialisable ({e})') from e
         arrays[_META_KEY] = np.frombuffer(text.encode(), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + '.tmp')
-        try:
-            with open(tmp, 'wb') as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)  # only left behind when writing failed
+        with atomic_open(path, 'wb') as f:
+            np.savez(f, **arrays)
         log.info('replay buffer saved: %d samples, %d bytes -> %s', len(samples),
                  sum(sample_nbytes(s) for s in samples), path)
         return path

@@ -16,6 +16,16 @@ Per scan, in stamp order:
   window itself is cut and resampled by build_sample from the ring buffer.
 A missing camera/IMU either masks the modality off or drops the sample (`missing_policy`).
 Scans further apart than `max_scan_gap_s` restart the chain. Every drop is counted by reason.
+
+Time going back: when the scans jump back by more than `rewind_s` (a looped bag, a restarted
+player) a new run starts: what is pending is flushed (emitted as far as it can be), then
+forgotten, and the samples of the new run carry meta['run'] + 1, so the trajectory starts a new
+segment. Another stream that jumps back first (the IMU leads a bag) is held until the scans
+follow, so the old run still gets what comes late on the other streams; messages of the old run
+that come after the new run started are dropped as 'before_rewind'. `rewind(stamp)` starts a new
+run at once.
+The IMU is kept `imu_keep_s` behind the newest scan: imu_between() hands it to the trajectory
+to bridge a hole in the scans with the gyro.
 """
 import bisect
 from collections import Counter, deque
@@ -35,6 +45,7 @@ log = logging.getLogger(__name__)
 # IMU kept before the oldest window start: resample_imu looks 0.05 s beyond the window.
 IMU_MARGIN_NS = 100_000_000
 INPUTS = ('image', 'cloud', 'imu', 'ground_truth')
+MAX_HELD = 5000    # messages of the next run held until the scans go back too
 
 
 def seconds_to_ns(seconds: float) -> int:
@@ -125,7 +136,15 @@ class Synchronizer:
         self._camera_timeout = ns(self.cfg.camera_timeout_s)
         self._imu_timeout = ns(self.cfg.imu_timeout_s)
         self._gt_timeout = ns(self.cfg.gt_timeout_s)
-        self._imu_history = ns(self.sample_cfg.imu_window_s) + IMU_MARGIN_NS
+        self._imu_history = max(ns(self.sample_cfg.imu_window_s) + IMU_MARGIN_NS,
+                                ns(self.cfg.imu_keep_s))
+        self._rewind = ns(self.cfg.rewind_s)
+        self._run = 0
+        self._rewinds = 0
+        self._newest = {}           # newest stamp of each input stream in this run
+        self._awaiting = set()      # streams whose messages of the old run may still come
+        self._run_ref = None        # newest stamp of a run started by a rewind
+        self._held, self._held_streams = [], set()   # the next run's first messages (_hold)
         self._received = Counter()
         self._dropped = Counter()
         self._masked = Counter()
@@ -145,20 +164,7 @@ class Synchronizer:
             raise ValueError(f'add_image: image must be (H, W, 3) uint8, got {image.shape} '
                              f'{image.dtype}')
         with self._lock:
-            stamp = self._accept('image', stamp_ns)
-            if stamp is None or 'camera' not in self._uses:
-                return
-            pos = bisect.bisect_left(self._image_stamps, stamp)
-            if pos < len(self._image_stamps) and self._image_stamps[pos] == stamp:
-                self._dropped['duplicate'] += 1
-                return
-            self._image_stamps.insert(pos, stamp)
-            self._images.insert(pos, image)
-            self._camera_latest = _newer(self._camera_latest, stamp)
-            if len(self._images) > self.cfg.max_pending:
-                self._image_stamps.pop(0)
-                self._images.pop(0)
-                self._dropped['queue_full'] += 1
+            self._route('image', stamp_ns, image)
             self._advance()
 
     def add_cloud(self, stamp_ns: int, points: np.ndarray) -> None:
@@ -175,21 +181,7 @@ class Synchronizer:
             if finite is not None:
                 self._nonfinite_points += int((~finite).sum())
                 points = points[finite]
-            stamp = self._accept('cloud', stamp_ns)
-            if stamp is None:
-                return
-            if self._prev is not None and stamp <= self._prev.stamp:
-                self._dropped['late'] += 1  # its neighbours' sample was already emitted
-                return
-            pos = bisect.bisect_left(self._scans, stamp, key=lambda s: s.stamp)
-            if pos < len(self._scans) and self._scans[pos].stamp == stamp:
-                self._dropped['duplicate'] += 1
-                return
-            self._scans.insert(pos, _Scan(stamp, points))
-            self._watermark = _newer(self._watermark, stamp)
-            if len(self._scans) > self.cfg.max_pending:
-                self._scans.pop(0)
-                self._dropped['queue_full'] += 1
+            self._route('cloud', stamp_ns, points)
             self._advance()
 
     def add_imu(self, stamp_ns: int, accel, gyro) -> None:
@@ -207,19 +199,7 @@ class Synchronizer:
                              f'stamps, got {np.shape(accel)} and {np.shape(gyro)}')
         with self._lock:
             for stamp, row in zip(stamps.tolist(), rows):
-                stamp = self._accept('imu', stamp)
-                if stamp is None or 'imu' not in self._uses:
-                    continue
-                if not np.isfinite(row).all():
-                    self._dropped['nonfinite'] += 1
-                    continue
-                result = self._imu.insert(stamp, row)
-                if result in ('duplicate', 'queue_full'):
-                    self._dropped[result] += 1
-                    continue
-                if result == 'evicted':
-                    self._dropped['queue_full'] += 1
-                self._imu_latest = _newer(self._imu_latest, stamp)
+                self._route('imu', stamp, row)
             self._advance()
 
     def add_ground_truth(self, stamp_ns: int, pose) -> None:
@@ -229,21 +209,7 @@ class Synchronizer:
             raise ValueError(f'add_ground_truth: pose must be a finite (4, 4) matrix, got shape '
                              f'{pose.shape}')
         with self._lock:
-            stamp = self._accept('ground_truth', stamp_ns)
-            if stamp is None or self.cfg.ground_truth == 'ignore':
-                return
-            self._gt_seen = True
-            pos = bisect.bisect_left(self._gt_stamps, stamp)
-            if pos < len(self._gt_stamps) and self._gt_stamps[pos] == stamp:
-                self._dropped['duplicate'] += 1
-                return
-            self._gt_stamps.insert(pos, stamp)
-            self._gt_poses.insert(pos, pose)
-            self._gt_latest = _newer(self._gt_latest, stamp)
-            if len(self._gt_poses) > self.cfg.max_pending:
-                self._gt_stamps.pop(0)
-                self._gt_poses.pop(0)
-                self._dropped['queue_full'] += 1
+            self._route('ground_truth', stamp_ns, pose)
             self._advance()
 
     def reject(self, kind: str, reason: str = 'bad_message') -> None:
@@ -275,6 +241,35 @@ class Synchronizer:
         with self._lock:
             self._clear_streams()
             self._imu.clear()
+            self._newest, self._awaiting, self._run_ref = {}, set(), None
+            self._held, self._held_streams = [], set()
+
+    def rewind(self, stamp_ns: int) -> bool:
+        """Start a new run at stamp_ns now, unless the streams are there already (they came
+        round first), for a caller that knows the data restarted. Returns whether a new run
+        started. (The nodes let the scans decide: a reset here races old messages in flight.)"""
+        with self._lock:
+            newest = max(self._newest.values(), default=None)
+            if newest is None or newest <= int(stamp_ns) + self._rewind:
+                return False
+            self._start_run(int(stamp_ns), 'clock')
+            return True
+
+    def imu_between(self, t0_ns: int, t1_ns: int):
+        """(stamps_ns, gyro (M, 3)) copies of the IMU held over [t0, t1] plus IMU_MARGIN_NS on
+        either side, or None when fewer than two samples are held there."""
+        with self._lock:
+            stamps = self._imu.stamps[:self._imu.n]
+            lo = int(np.searchsorted(stamps, int(t0_ns) - IMU_MARGIN_NS, side='left'))
+            hi = int(np.searchsorted(stamps, int(t1_ns) + IMU_MARGIN_NS, side='right'))
+            if hi - lo < 2:
+                return None
+            return stamps[lo:hi].copy(), self._imu.data[lo:hi, 3:].copy()
+
+    @property
+    def run(self) -> int:
+        """meta['run'] of the samples being built now (0, +1 at every rewind)."""
+        return self._run
 
     @property
     def origin_ns(self):
@@ -294,6 +289,8 @@ class Synchronizer:
                             'ready': len(self._ready)},
                 'nonfinite_points': self._nonfinite_points,
                 'watermark_ns': self._watermark,
+                'run': self._run,
+                'rewinds': self._rewinds,
             }
 
     # --------------------------------------------------------------- internal
@@ -310,15 +307,135 @@ class Synchronizer:
         self._flushing = False
 
     def _accept(self, kind: str, stamp_ns) -> int:
-        """Count the input; the stamp as int, or None when it is too late (counted)."""
+        """Count the input; the stamp as int, or None when it is too late or left over from
+        the run before a rewind (counted). A stamp far behind its stream starts a new run."""
         stamp = int(stamp_ns)
         self._received[kind] += 1
         if self._origin is None:
             self._origin = stamp
+        newest = self._newest.get(kind)
+        if newest is not None and stamp < newest - self._rewind:
+            self._start_run(stamp, kind)
+        elif kind in self._awaiting and abs(stamp - self._run_ref) > self._rewind:
+            self._dropped['before_rewind'] += 1
+            return None
+        self._awaiting.discard(kind)
+        self._newest[kind] = max(self._newest.get(kind, stamp), stamp)
+        if self._run_ref is not None:
+            self._run_ref = max(self._run_ref, stamp)
         if self._watermark is not None and stamp < self._watermark - self._lateness:
             self._dropped['late'] += 1
             return None
         return stamp
+
+    # --- one input into the current run (under the lock; the caller advances) ---------------
+
+    def _route(self, kind: str, stamp_ns, payload) -> None:
+        if not self._hold(kind, int(stamp_ns), payload):
+            self._insert(kind, int(stamp_ns), payload)
+
+    def _insert(self, kind: str, stamp_ns: int, payload) -> None:
+        stamp = self._accept(kind, stamp_ns)
+        if stamp is not None:
+            {'image': self._insert_image, 'cloud': self._insert_cloud, 'imu': self._insert_imu,
+             'ground_truth': self._insert_gt}[kind](stamp, payload)
+
+    def _insert_image(self, stamp: int, image) -> None:
+        if 'camera' not in self._uses:
+            return
+        pos = bisect.bisect_left(self._image_stamps, stamp)
+        if pos < len(self._image_stamps) and self._image_stamps[pos] == stamp:
+            self._dropped['duplicate'] += 1
+            return
+        self._image_stamps.insert(pos, stamp)
+        self._images.insert(pos, image)
+        self._camera_latest = _newer(self._camera_latest, stamp)
+        if len(self._images) > self.cfg.max_pending:
+            self._image_stamps.pop(0)
+            self._images.pop(0)
+            self._dropped['queue_full'] += 1
+
+    def _insert_cloud(self, stamp: int, points) -> None:
+        if self._prev is not None and stamp <= self._prev.stamp:
+            self._dropped['late'] += 1  # its neighbours' sample was already emitted
+            return
+        pos = bisect.bisect_left(self._scans, stamp, key=lambda s: s.stamp)
+        if pos < len(self._scans) and self._scans[pos].stamp == stamp:
+            self._dropped['duplicate'] += 1
+            return
+        self._scans.insert(pos, _Scan(stamp, points))
+        self._watermark = _newer(self._watermark, stamp)
+        if len(self._scans) > self.cfg.max_pending:
+            self._scans.pop(0)
+            self._dropped['queue_full'] += 1
+
+    def _insert_imu(self, stamp: int, row) -> None:
+        if 'imu' not in self._uses:
+            return
+        if not np.isfinite(row).all():
+            self._dropped['nonfinite'] += 1
+            return
+        result = self._imu.insert(stamp, row)
+        if result in ('duplicate', 'queue_full'):
+            self._dropped[result] += 1
+            return
+        if result == 'evicted':
+            self._dropped['queue_full'] += 1
+        self._imu_latest = _newer(self._imu_latest, stamp)
+
+    def _insert_gt(self, stamp: int, pose) -> None:
+        if self.cfg.ground_truth == 'ignore':
+            return
+        self._gt_seen = True
+        pos = bisect.bisect_left(self._gt_stamps, stamp)
+        if pos < len(self._gt_stamps) and self._gt_stamps[pos] == stamp:
+            self._dropped['duplicate'] += 1
+            return
+        self._gt_stamps.insert(pos, stamp)
+        self._gt_poses.insert(pos, pose)
+        self._gt_latest = _newer(self._gt_latest, stamp)
+        if len(self._gt_poses) > self.cfg.max_pending:
+            self._gt_stamps.pop(0)
+            self._gt_poses.pop(0)
+            self._dropped['queue_full'] += 1
+
+    def _hold(self, kind: str, stamp: int, payload) -> bool:
+        """A stream other than the scans that went back starts the next run early: its
+        messages wait here until the scans go back too (the run changes there), so what the
+        old run still receives on the other streams is used. If the scans do not follow within
+        max_lateness_s of held sensor time, the new run starts anyway."""
+        if kind == 'cloud':
+            return False
+        if kind not in self._held_streams:
+            newest = self._newest.get(kind)
+            if newest is None or stamp >= newest - self._rewind:
+                return False
+            self._held_streams.add(kind)
+        self._held.append((kind, stamp, payload))
+        stamps = [s for _, s, _ in self._held]
+        if max(stamps) - min(stamps) > self._lateness or len(self._held) > MAX_HELD:
+            self._start_run(min(stamps), kind)
+        return True
+
+    def _start_run(self, stamp: int, cause: str) -> None:
+        """Time went back to `stamp` (seen on `cause`): finish what the old run can still
+        emit, forget it, and count a new run."""
+        self._flushing = True
+        try:
+            self._advance()
+        finally:
+            self._flushing = False
+        self._awaiting = set(self._newest) - {cause} - self._held_streams
+        self._clear_streams()
+        self._imu.clear()
+        self._newest = {}
+        self._run += 1
+        self._rewinds += 1
+        self._run_ref = stamp
+        log.info('time went back on %s (to %d ns): run %d starts', cause, stamp, self._run)
+        held, self._held, self._held_streams = self._held, [], set()
+        for kind, held_stamp, payload in held:
+            self._insert(kind, held_stamp, payload)
 
     def _waited(self, stamp: int, timeout: int) -> bool:
         return self._flushing or self._watermark >= stamp + timeout
@@ -432,6 +549,7 @@ class Synchronizer:
         self._masked['target'] += int(poses is None)
         sample['meta']['stamp_prev_ns'] = prev.stamp
         sample['meta']['stamp_cur_ns'] = scan.stamp
+        sample['meta']['run'] = self._run
         self._ready.append(sample)
         self._emitted += 1
         if len(self._ready) > self.cfg.max_pending:

@@ -8,25 +8,20 @@ crash never leaves a half-written checkpoint. Reads use `torch.load(weights_only
 refuses pickles that would construct arbitrary objects or run code.
 """
 import logging
-import os
 from pathlib import Path
 import pickle
-import tempfile
 import warnings
 import zipfile
 
 import torch
+
+from mm_fusion_ros.fileio import atomic_open
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ('format_version', 'model', 'config', 'step', 'epoch', 'metrics', 'frozen')
 PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor)
-
-
-# Read once at import: os.umask can only be read by setting it, which is not thread-safe later.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def check_plain(value, where='checkpoint'):
@@ -45,40 +40,16 @@ def check_plain(value, where='checkpoint'):
 
 
 def save_checkpoint(path, payload: dict) -> Path:
-    """Atomically write `payload` to `path` (parent folders created). Returns the path."""
+    """Atomically write `payload` to `path` (parent folders created; fileio.atomic_open).
+    Returns the path."""
     path = Path(path)
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise ValueError(f'{path}: checkpoint payload lacks {missing}')
     check_plain(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; use the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, 'wb') as f:
+        torch.save(payload, f)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        log.debug('fsync of %s not supported: %s', folder, e)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path) -> dict:

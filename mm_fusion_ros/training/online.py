@@ -2,10 +2,17 @@
 
 New samples come from the synchronizer; each is predicted at once (the published pose) with an
 inference copy of the model, so prediction latency never waits for a gradient step, and is added
-to the replay buffer. A training thread calls `train_pending()`, which runs the gradient steps
-owed at `updates_per_sample` per new sample on mini-batches from the buffer, then refreshes the
-inference copy. Checkpoints use the offline format (DESIGN §7) and are written atomically.
+to the replay buffer. Its step goes to the online trajectory (trajectory/chain.py), which chains
+steps by stamps, bridges holes and starts segments. A training thread calls `train_pending()`,
+which runs the gradient steps owed at `updates_per_sample` per new sample on mini-batches from
+the buffer, then refreshes the inference copy. Checkpoints use the offline format (DESIGN §7);
+every file is written atomically (fileio).
+
+Construction is complete before anything runs: the initial checkpoint (initial_payload), the
+sample config it implies (sample_config_for), the replay buffer and the trajectory are made
+first and handed to the constructor.
 """
+from collections import deque
 import copy
 from dataclasses import dataclass, field
 import logging
@@ -18,12 +25,12 @@ import numpy as np
 import torch
 
 from mm_fusion_ros.config import ConfigBase, MODALITIES, SampleConfig
-from mm_fusion_ros.eval.trajectory_io import write_kitti_poses
-from mm_fusion_ros.geometry import chain_relative, vec6_to_pose
+from mm_fusion_ros.eval.trajectory_io import write_segment, write_segments_index
+from mm_fusion_ros.fileio import remove_stale_temps
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import BevPointEncoder, ScanCache
-from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
+from mm_fusion_ros.sync.replay_buffer import open_buffer, ReplayBuffer
 from mm_fusion_ros.training.checkpoint import (
     checkpoint_imu_window,
     load_checkpoint,
@@ -33,6 +40,8 @@ from mm_fusion_ros.training.checkpoint import (
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.core import TrainerCore
 from mm_fusion_ros.training.distributed import resolve_device
+from mm_fusion_ros.trajectory.chain import OnlineTrajectory
+from mm_fusion_ros.trajectory.covariance import diag_covariance
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,9 @@ class OnlineConfig(ConfigBase):
 
     initial_checkpoint: str = field(default='', metadata={
         'help': 'checkpoint to fine-tune from; empty = a fresh model'})
+    resume: bool = field(default=False, metadata={
+        'help': 'start from the newer of checkpoint_dir/final.pth and autosave.pth when one '
+                'exists (after a stop or a crash), else from initial_checkpoint'})
     resume_optimizer: bool = field(default=True, metadata={
         'help': "restore initial_checkpoint's optimiser state (AdamW moments) when it covers "
                 'the same parameters; the learning rate is always train.learning_rate'})
@@ -56,6 +68,9 @@ class OnlineConfig(ConfigBase):
     training_enabled: bool = field(default=True, metadata={'help': 'run gradient steps'})
     autosave_interval_s: float = field(default=0.0, metadata={
         'help': 'write checkpoint_dir/autosave.pth every this many seconds (0 = never)'})
+    autosave_buffer: bool = field(default=True, metadata={
+        'help': 'autosave also writes the replay buffer to buffer_path (at KITTI size up to '
+                'buffer.max_bytes each time), so a crashed node resumes with its memory'})
     save_on_shutdown: bool = field(default=True, metadata={
         'help': 'write checkpoint_dir/final.pth when the node shuts down'})
     buffer_path: str = field(default='', metadata={
@@ -79,6 +94,21 @@ class OnlineConfig(ConfigBase):
             raise ValueError(f'OnlineConfig.device={self.device!r}; choose cpu, cuda or auto')
 
 
+def initial_payload(cfg: OnlineConfig):
+    """(checkpoint payload or None, its path or ''): with `resume`, the newer of
+    checkpoint_dir/final.pth and autosave.pth where one exists, else initial_checkpoint."""
+    if cfg.resume:
+        saved = [p for p in (Path(cfg.checkpoint_dir) / n for n in ('final.pth', 'autosave.pth'))
+                 if p.is_file()]
+        if saved:
+            newest = max(saved, key=lambda p: p.stat().st_mtime)
+            log.info('resuming from %s', newest)
+            return load_checkpoint(newest), str(newest)
+    if cfg.initial_checkpoint:
+        return load_checkpoint(cfg.initial_checkpoint), cfg.initial_checkpoint
+    return None, ''
+
+
 def sample_config_for(model_cfg: ModelConfig, base: SampleConfig,
                       checkpoint_window_s: float = None) -> SampleConfig:
     """The sample shape the model expects (image size and K come from the model). The IMU
@@ -92,15 +122,28 @@ def sample_config_for(model_cfg: ModelConfig, base: SampleConfig,
 
 @dataclass
 class Prediction:
-    stamp_ns: int
     frame: int
     mean: np.ndarray          # (6,) relative pose k-1 -> k
     logvar: np.ndarray        # (6,)
-    pose: np.ndarray          # 4x4 chained T_odom_base_pred(k)
-    gt_pose: np.ndarray       # 4x4 chained ground truth, or None
-    modality_mask: np.ndarray
-    dt: float                 # scan interval [s]
     latency_s: float          # wall time spent predicting
+    poses: list               # trajectory PoseRecords: a bridged one first if the sample left
+    #                           a hole, then its own (published in this order)
+
+    @property
+    def pose(self) -> np.ndarray:
+        return self.poses[-1].pose
+
+    @property
+    def stamp_ns(self) -> int:
+        return self.poses[-1].stamp_ns
+
+
+def sample_stamps_ns(meta: dict):
+    """(stamp_prev_ns, stamp_cur_ns) of a sample: the synchronizer's int stamps, or the
+    offline Dataset's seconds."""
+    if 'stamp_prev_ns' in meta:
+        return int(meta['stamp_prev_ns']), int(meta['stamp_cur_ns'])
+    return int(round(meta['stamp_prev'] * 1e9)), int(round(meta['stamp_cur'] * 1e9))
 
 
 class OnlineTrainer:
@@ -113,24 +156,30 @@ class OnlineTrainer:
     """
 
     def __init__(self, online_cfg: OnlineConfig, train_cfg: TrainConfig,
-                 model_cfg: ModelConfig = None, buffer: ReplayBuffer = None):
+                 model_cfg: ModelConfig = None, buffer: ReplayBuffer = None,
+                 sample_cfg: SampleConfig = None, trajectory: OnlineTrajectory = None,
+                 initial=None):
+        """initial: (payload, source) from initial_payload(online_cfg), loaded here if None.
+        model_cfg is used for a fresh model only (a checkpoint brings its own); sample_cfg is
+        recorded in checkpoints."""
         self.cfg = online_cfg
         if online_cfg.num_threads > 0:
             torch.set_num_threads(online_cfg.num_threads)
         device = resolve_device(online_cfg.device)
-        payload = None
-        if online_cfg.initial_checkpoint:
-            payload = load_checkpoint(online_cfg.initial_checkpoint)
+        payload, source = initial if initial is not None else initial_payload(online_cfg)
+        if payload is not None:
             model_cfg = ModelConfig.from_dict(payload['config']['model'])
         self.checkpoint_imu_window_s = checkpoint_imu_window(payload)   # None: not recorded
         model_cfg = model_cfg or ModelConfig()
         self.core = TrainerCore(model_cfg, train_cfg, device=device,
                                 normalization=payload.get('normalization') if payload else None)
         self.optimizer_resumed = False
+        self.source = source
         if payload is not None:
-            self._load_initial(payload, online_cfg.initial_checkpoint)
+            self._load_initial(payload, source)
         self.initial_step = self.core.step_count
-        self.sample_cfg = None    # the node sets it, so checkpoints record the sample shape
+        self.sample_cfg = sample_cfg
+        self.trajectory = trajectory or OnlineTrajectory()
         self.rng = np.random.default_rng(train_cfg.seed)
         self._model_lock = threading.Lock()     # guards the inference copy
         self._state_lock = threading.Lock()     # guards counters and trajectories
@@ -148,13 +197,17 @@ class OnlineTrainer:
         self.steps_failed = 0
         self.masked = {'camera': 0, 'lidar': 0, 'imu': 0, 'target': 0}
         self.last_stats = None
-        self.predictions = []
-        self._pose = np.eye(4)
-        self._gt_pose = np.eye(4)
+        self.latencies = deque(maxlen=1000)
+        self.autosaves = 0
+        self.autosave_failures = 0
+        self.write_failures = []     # (what, error) of files not written at shutdown
         self._last_autosave = time.monotonic()
-        self.buffer = None
-        self.resumed_samples = 0
-        self.set_buffer(buffer if buffer is not None else ReplayBuffer())
+        self.buffer = buffer if buffer is not None else ReplayBuffer()
+        self.resumed_samples = len(self.buffer)
+        for name in ('autosave.pth', 'final.pth'):
+            remove_stale_temps(self.checkpoint_path(name))
+        if online_cfg.buffer_path:
+            remove_stale_temps(online_cfg.buffer_path)
         self._csv = None
         self._tb = None
         self._open_logs()
@@ -173,10 +226,13 @@ class OnlineTrainer:
         log.info('fine-tuning from %s (step %d, optimizer %s)', source, self.core.step_count,
                  'restored' if self.optimizer_resumed else 'fresh')
 
-    def set_buffer(self, buffer: ReplayBuffer) -> None:
-        """Use `buffer` (e.g. one resumed from buffer_path); its samples count as resumed."""
-        self.buffer = buffer
-        self.resumed_samples = len(buffer)
+    def use_imu(self, imu, rot_base_imu=None) -> None:
+        """Give the trajectory's bridge the IMU the synchronizer holds (imu_between) and
+        R_base_imu (an array, or a function returning one or None); a bridge without these
+        attributes (e.g. a filter) is left alone."""
+        bridge = self.trajectory.bridge
+        if bridge is not None and hasattr(bridge, 'imu'):
+            bridge.imu, bridge.rot_base_imu = imu, rot_base_imu
 
     # --- samples -------------------------------------------------------------------------
     def on_sample(self, sample: dict) -> Prediction:
@@ -192,22 +248,18 @@ class OnlineTrainer:
         logvar = logvar[0].cpu().numpy().astype(np.float64)
         latency = time.perf_counter() - t0
         self.buffer.add(sample)
-        mask = np.asarray(sample['modality_mask'], dtype=bool).copy()
+        meta = sample['meta']
+        poses = self.trajectory.add_step(*sample_stamps_ns(meta), mean, diag_covariance(logvar),
+                                         run=meta.get('run'))
+        mask = np.asarray(sample['modality_mask'], dtype=bool)
+        pred = Prediction(frame=int(meta['frame']), mean=mean, logvar=logvar, latency_s=latency,
+                          poses=poses)
         with self._state_lock:
-            self._pose = self._pose @ vec6_to_pose(mean)
-            gt = None
-            if bool(sample['target_valid']):
-                self._gt_pose = self._gt_pose @ vec6_to_pose(sample['target'])
-                gt = self._gt_pose.copy()
-            pred = Prediction(stamp_ns=int(sample['meta'].get('stamp_cur_ns', 0)),
-                              frame=int(sample['meta']['frame']), mean=mean, logvar=logvar,
-                              pose=self._pose.copy(), gt_pose=gt, modality_mask=mask,
-                              dt=float(sample['dt']), latency_s=latency)
-            self.predictions.append(pred)
+            self.latencies.append(latency)
             self.samples_seen += 1
             for name, present in zip(MODALITIES, mask):
                 self.masked[name] += int(not present)
-            self.masked['target'] += int(gt is None)
+            self.masked['target'] += int(not bool(sample['target_valid']))
             if self.training_enabled:
                 self.step_debt = min(self.step_debt + self.cfg.updates_per_sample,
                                      float(self.cfg.max_step_debt))
@@ -219,8 +271,8 @@ class OnlineTrainer:
     def set_backlog(self, samples: int) -> None:
         """Samples received but not yet predicted (the caller's queue, the one in flight
         included). While there are any, no gradient step starts: predictions come first and
-        training takes the time between them. On 2 cores a step started beside a 5x replay
-        (50 samples/s) made predictions fall behind by ~0.5 s (bench/online.py)."""
+        training takes the time between them (a step started beside a fast replay made the
+        predictions fall behind: docs/online_runtime.md)."""
         with self._wakeup:
             self._backlog = int(samples)
             if not self._backlog:
@@ -327,7 +379,7 @@ class OnlineTrainer:
         """Counters of this run, stored in every checkpoint's `metrics`."""
         with self._state_lock:
             stats = self.last_stats
-            latencies = [p.latency_s for p in self.predictions[-1000:]]
+            latencies = list(self.latencies)
             return {'online_samples': int(self.samples_seen),
                     'online_steps': int(self.steps_done),
                     'online_steps_failed': int(self.steps_failed),
@@ -341,46 +393,77 @@ class OnlineTrainer:
                     'imu_masked_samples': int(self.masked['imu']),
                     'samples_without_target': int(self.masked['target']),
                     'predict_latency_p50_s': _percentile(latencies, 50),
+                    'autosaves': int(self.autosaves),
+                    'autosave_failures': int(self.autosave_failures),
+                    **{f'trajectory_{k}': int(v) for k, v in self.trajectory.stats().items()},
                     'scan_cache_hits': self.scan_cache.hits if self.scan_cache else 0,
                     'scan_cache_misses': self.scan_cache.misses if self.scan_cache else 0,
                     'last_loss': float(stats.loss) if stats else math.nan}
 
     def _maybe_autosave(self):
+        """Checkpoint (and buffer) every autosave_interval_s. A failure is counted and raised
+        to the training worker, which logs and reports it and carries on; the next try comes
+        after the next interval."""
         interval = self.cfg.autosave_interval_s
-        if interval > 0 and time.monotonic() - self._last_autosave >= interval:
-            self._last_autosave = time.monotonic()
+        if not (interval > 0 and time.monotonic() - self._last_autosave >= interval):
+            return
+        self._last_autosave = time.monotonic()
+        try:
             path = self.save_checkpoint(self.checkpoint_path('autosave.pth'))
-            log.info('autosaved %s', path)
+            if self.cfg.buffer_path and self.cfg.autosave_buffer:
+                self.buffer.save(self.cfg.buffer_path)
+        except (OSError, ValueError, RuntimeError) as e:
+            self.autosave_failures += 1
+            raise OSError(f'autosave into {self.cfg.checkpoint_dir} failed: {e}') from e
+        self.autosaves += 1
+        log.info('autosaved %s', path)
 
-    def trajectories(self):
-        """(pred (N+1, 4, 4), gt (N+1, 4, 4) or None): chained poses from the first scan."""
-        with self._state_lock:
-            preds = list(self.predictions)
-        pred = chain_relative([vec6_to_pose(p.mean) for p in preds])
-        missing = [p.frame for p in preds if p.gt_pose is None]
-        if not preds or missing:
-            if missing:
-                log.warning('no ground truth for %d samples (frames %s...): no GT trajectory',
-                            len(missing), missing[:10])
-            return pred, None
-        return pred, np.concatenate([np.eye(4)[None], np.stack([p.gt_pose for p in preds])])
+    def trajectories(self) -> list:
+        """The trajectory's segments (trajectory.chain.SegmentTrack), for writing."""
+        return self.trajectory.tracks()
+
+    def write_trajectories(self, out_dir) -> dict:
+        """Each segment's KITTI pose files and steps sidecar, and segments.csv (eval/
+        trajectory_io.py); -> {name: path}."""
+        written, rows = {}, []
+        for track in self.trajectories():
+            if track.gt is None and len(track.stamps_ns) > 1:
+                log.warning('segment %d: %d of %d poses have no ground truth: no ground-truth '
+                            'file for it', track.segment, int((~track.gt_valid).sum()),
+                            len(track.gt_valid))
+            files = write_segment(out_dir, track.segment, track.stamps_ns, track.poses,
+                                  track.bridged, gt=track.gt, gt_valid=track.gt_valid)
+            suffix = f'.seg{track.segment}' if track.segment else ''
+            written.update({f'{kind}{suffix}': str(path) for kind, path in files.items()})
+            rows.append({'segment': track.segment, 'reason': track.reason,
+                         'first_stamp_ns': int(track.stamps_ns[0]),
+                         'last_stamp_ns': int(track.stamps_ns[-1]),
+                         'poses': len(track.stamps_ns), 'bridged': int(track.bridged.sum()),
+                         'pred': files['pred'].name,
+                         'gt': files['gt'].name if 'gt' in files else ''})
+        written['segments'] = str(write_segments_index(out_dir, rows))
+        return written
 
     def shutdown(self) -> dict:
-        """Final checkpoint, buffer and trajectories, as configured; returns what was written."""
+        """Final checkpoint, buffer and trajectories, as configured; returns what was written.
+        A file that cannot be written is logged with its traceback and listed in
+        write_failures; the others are still written."""
         written = {}
-        if self.cfg.save_on_shutdown:
-            written['checkpoint'] = str(self.save_checkpoint(self.checkpoint_path('final.pth')))
-        if self.cfg.buffer_path:
-            written['buffer'] = str(self.buffer.save(self.cfg.buffer_path))
-        if self.cfg.trajectory_dir:
-            pred, gt = self.trajectories()
-            out = Path(self.cfg.trajectory_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            write_kitti_poses(out / 'pred_base_link.txt', pred)
-            written['pred'] = str(out / 'pred_base_link.txt')
-            if gt is not None:
-                write_kitti_poses(out / 'gt_base_link.txt', gt)
-                written['gt'] = str(out / 'gt_base_link.txt')
+        jobs = [('checkpoint', self.cfg.save_on_shutdown,
+                 lambda: {'checkpoint': str(self.save_checkpoint(
+                     self.checkpoint_path('final.pth')))}),
+                ('buffer', bool(self.cfg.buffer_path),
+                 lambda: {'buffer': str(self.buffer.save(self.cfg.buffer_path))}),
+                ('trajectories', bool(self.cfg.trajectory_dir),
+                 lambda: self.write_trajectories(self.cfg.trajectory_dir))]
+        for what, wanted, write in jobs:
+            if not wanted:
+                continue
+            try:
+                written.update(write())
+            except (OSError, ValueError, RuntimeError) as e:
+                log.exception('%s not written at shutdown', what)
+                self.write_failures.append((what, f'{type(e).__name__}: {e}'))
         self._close_logs()
         return written
 
@@ -435,3 +518,19 @@ def _clone_tensors(value):
 
 def _percentile(values, q) -> float:
     return float(np.percentile(values, q)) if values else math.nan
+
+
+def build_online_trainer(online_cfg: OnlineConfig, train_cfg: TrainConfig,
+                         model_cfg: ModelConfig, base_sample: SampleConfig,
+                         buffer_cfg, trajectory_cfg) -> OnlineTrainer:
+    """Everything in its order: the initial checkpoint, the sample shape it implies, the
+    replay buffer (resumed from buffer_path when it exists), the trajectory, then the trainer.
+    Nothing runs yet: the training thread is the caller's (ros/trainer_node.py)."""
+    initial = initial_payload(online_cfg)
+    payload = initial[0]
+    if payload is not None:
+        model_cfg = ModelConfig.from_dict(payload['config']['model'])
+    sample_cfg = sample_config_for(model_cfg, base_sample, checkpoint_imu_window(payload))
+    buffer = open_buffer(online_cfg.buffer_path, buffer_cfg, sample_cfg)   # logs a resume
+    return OnlineTrainer(online_cfg, train_cfg, model_cfg, buffer=buffer, sample_cfg=sample_cfg,
+                         trajectory=OnlineTrajectory(trajectory_cfg), initial=initial)
