@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import logging
 import math
 
+import numpy as np
 import torch
 
+from mm_fusion_ros.kitti.sample import TENSOR_KEYS, unknown_calibration
 from mm_fusion_ros.model.augment import augment_batch
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.losses import (
@@ -23,8 +25,6 @@ from mm_fusion_ros.training.checkpoint import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-TENSOR_KEYS = ('image', 'points', 'points_mask', 'imu', 'dt', 'target', 'target_valid',
-               'modality_mask')
 FINITE_KEYS = ('points', 'imu', 'dt', 'target')
 
 
@@ -119,6 +119,8 @@ class TrainerCore:
                 'target': torch.zeros(1, 6, device=d),
                 'target_valid': torch.zeros(1, dtype=torch.bool, device=d),
                 'modality_mask': torch.zeros(1, 3, dtype=torch.bool, device=d),
+                **{k: torch.from_numpy(np.asarray(v)[None]).to(d)
+                   for k, v in unknown_calibration().items()},
                 'meta': []}
 
     # --- training ------------------------------------------------------------------------
