@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 
+from mm_fusion_ros.cli import predict_odometry
 from mm_fusion_ros.config import SampleConfig
-from mm_fusion_ros.geometry import make_pose, rpy_to_rot, so3_exp
+from mm_fusion_ros.eval.trajectory_io import read_kitti_poses
+from mm_fusion_ros.geometry import cam0_to_base_link, make_pose, rpy_to_rot, so3_exp, vec6_to_pose
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
 from mm_fusion_ros.kitti.sample import build_sample, Calibration, ImuData
 from mm_fusion_ros.model.config import ModelConfig
@@ -229,6 +231,20 @@ def test_offline_self_supervision_trains_without_poses_and_its_loss_falls(tmp_pa
     ckpt = load_checkpoint(tmp_path / 'self.pth')
     assert ckpt['config']['train']['supervision'] == 'self'
     assert ckpt['normalization']['target_mean'] == [0.0] * 6    # the prior, not the poses
+
+    # predict_odometry on the sequence without poses: the benchmark's NN.txt, in cam0.
+    assert predict_odometry.main(['--checkpoint', str(tmp_path / 'self.pth'), '--data_path',
+                                  str(data), '--sequences', '12', '--out_dir',
+                                  str(tmp_path / 'pred')]) == 0
+    poses = read_kitti_poses(tmp_path / 'pred' / '12.txt')
+    assert len(poses) == 8
+    np.testing.assert_allclose(poses[0], np.eye(4), atol=1e-12)
+    core, sample_cfg = predict_odometry.load_predictor(tmp_path / 'self.pth', 'cpu')
+    dataset = KITTIOdomPointDataset(data, '12', sample_cfg=sample_cfg, ground_truth='auto')
+    step, _ = core.predict(collate_samples([dataset[3]]))   # frames 3 -> 4
+    base = cam0_to_base_link(poses, dataset.sequences[0].Tr)
+    np.testing.assert_allclose(np.linalg.inv(base[3]) @ base[4], vec6_to_pose(step[0].numpy()),
+                               atol=1e-5)
 
 
 def test_supervision_config_is_checked():
