@@ -74,9 +74,10 @@ class SelfSupParams:
         'help': 'a point deeper than its z-buffer cell nearest + this (+5 %) is occluded'})
     photo_min_points: int = field(default=32, metadata={
         'help': 'fewer visible points than this: the term is invalid for the sample'})
-    gyro_bias_rad_s: float = field(default=0.005, metadata={
-        'help': 'gyro bias allowed for: the dead band of the inertial residual is this x dt'})
-    gyro_scale_rad: float = field(default=0.002, metadata={
+    gyro_bias_rad_s: float = field(default=0.002, metadata={
+        'help': 'gyro bias (and noise) allowed for: the inertial residual has a dead band of '
+                'this x dt; keep it well below the rotation of a straight-driving step'})
+    gyro_scale_rad: float = field(default=0.0005, metadata={
         'help': 'rotation residual [rad] at which the inertial Huber kernel turns linear'})
     cache_scans: int = field(default=128, metadata={
         'help': 'scans whose kd-tree and normals are kept (about 1 MB each at 16384 points)'})
