@@ -362,6 +362,10 @@ def test_bad_inputs_and_config_raise_clear_errors():
         sync.add_imu(0, [0, 0], [0, 0, 0])
     with pytest.raises(ValueError, match='add_ground_truth'):
         sync.add_ground_truth(0, np.eye(3))
+    with pytest.raises(ValueError, match='set_calibration: expected a Calibration'):
+        sync.set_calibration({'intrinsics': np.eye(3)})
+    with pytest.raises(ValueError, match='intrinsics and image_size'):
+        Calibration(intrinsics=np.eye(3))
     with pytest.raises(ValueError, match='missing_policy'):
         SyncConfig(missing_policy='ignore')
     with pytest.raises(ValueError, match='max_lateness_s'):
