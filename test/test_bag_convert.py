@@ -374,3 +374,20 @@ def test_mat_imu_without_orientation_follows_rep145(kitti, tmp_path):
         acc, gyr = m.msg.linear_acceleration, m.msg.angular_velocity
         np.testing.assert_array_equal([acc.x, acc.y, acc.z, gyr.x, gyr.y, gyr.z], row)
     assert all(s.quat is None for s in (m.data for m in read_numpy(out, [topics.IMU_TOPIC])))
+
+
+def test_no_ground_truth_and_sequence_without_poses(kitti, tmp_path, capsys):
+    out = tmp_path / 'no_gt'
+    assert kitti_to_bag.main(['--data_path', str(kitti), '--sequence', '0', '--output', str(out),
+                              '--no_ground_truth', '--quiet']) == 0
+    have = bag_topics(out)
+    assert topics.GT_ODOM_TOPIC not in have
+    assert {topics.CLOUD_TOPIC, topics.IMAGE_TOPIC, topics.IMU_TOPIC} <= set(have)
+    # A test sequence (no poses file) converts, saying so, with every sensor topic.
+    root, seq = _corrupt_copy(kitti, tmp_path)
+    seq.poses_path.unlink()
+    assert kitti_to_bag.main(['--data_path', str(root), '--sequence', '00', '--output',
+                              str(tmp_path / 'test_seq')]) == 0
+    printed = capsys.readouterr().out
+    assert f'note: {seq.poses_path} not found' in printed and 'warning' not in printed
+    assert bag_topics(tmp_path / 'test_seq') == have

@@ -178,6 +178,45 @@ def test_sample_shapes_and_target(tiny_kitti):
     assert padded['points_mask'].sum(axis=1).tolist() == [500, 537]
 
 
+def test_sample_calibration_from_calib_files(tiny_kitti):
+    cfg = SampleConfig(image_height=16, image_width=48, max_points=64)
+    ds = KITTIOdomPointDataset(tiny_kitti, '00', sample_cfg=cfg)
+    s = ds[0]
+    seq = ds.sequences[0]
+    assert s['calib_valid'].tolist() == [True, True, True]
+    assert s['imu_span'] == s['dt'] == np.float32(0.1)
+    # A point seen at pixel (u, v) of the 120x40 frame lands on the same spot, scaled by the
+    # resize (pixel centres aligned), in the 48x16 sample image.
+    point_cam = np.array([1.5, -0.4, 12.0])
+    full = seq.calib.K2 @ point_cam
+    small = s['intrinsics'].astype(np.float64) @ point_cam
+    np.testing.assert_allclose(small[:2] / small[2],
+                               (full[:2] / full[2] + 0.5) * [48 / 120, 16 / 40] - 0.5, atol=1e-4)
+    np.testing.assert_allclose(s['t_cam_lidar'], seq.calib.T_cam2_velo, atol=1e-6)
+    np.testing.assert_allclose(s['t_imu_lidar'], np.linalg.inv(seq.T_base_imu), atol=1e-6)
+    # Without calib_imu_to_velo.txt: imu_link taken as aligned with the LiDAR (still valid).
+    (seq.seq_dir / 'calib_imu_to_velo.txt').unlink()
+    s = KITTIOdomPointDataset(tiny_kitti, '00', sample_cfg=cfg)[0]
+    assert s['calib_valid'].tolist() == [True, True, True]
+    np.testing.assert_array_equal(s['t_imu_lidar'], np.eye(4))
+
+
+def test_ground_truth_required_optional_or_ignored(tiny_kitti):
+    cfg = SampleConfig(image_height=16, image_width=48, max_points=64)
+    ignored = KITTIOdomPointDataset(tiny_kitti, '00', sample_cfg=cfg, ground_truth='ignore')
+    assert not any(ignored[i]['target_valid'] for i in range(len(ignored)))
+    assert not ignored[0]['target'].any()
+    assert KITTIOdomPointDataset(tiny_kitti, '00', sample_cfg=cfg, ground_truth='auto')[0][
+        'target_valid']
+    (tiny_kitti / 'poses' / '00.txt').unlink()      # a test sequence, like KITTI 11-21
+    with pytest.raises(ValueError, match=r'(?s)poses/00.txt: pose file missing.*supervision self'):
+        KITTIOdomPointDataset(tiny_kitti, '00', sample_cfg=cfg)
+    auto = KITTIOdomPointDataset(tiny_kitti, '00', sample_cfg=cfg, ground_truth='auto')
+    assert len(auto) == 5 and not auto[4]['target_valid']
+    with pytest.raises(ValueError, match='ground_truth must be one of'):
+        KITTIOdomPointDataset(tiny_kitti, '00', sample_cfg=cfg, ground_truth='maybe')
+
+
 def test_modalities_mask_inputs(tiny_kitti):
     shutil.rmtree(tiny_kitti / 'sequences/00/image_2')
     cfg = SampleConfig(image_height=16, image_width=48, max_points=64, modalities=('lidar', 'imu'))

@@ -8,9 +8,12 @@ import pytest
 
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.kitti.dataset import collate_samples
-from mm_fusion_ros.kitti.sample import build_sample, SAMPLE_KEYS
+from mm_fusion_ros.kitti.sample import build_sample, CALIB_KEYS, Calibration, SAMPLE_KEYS
 from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.sync.replay_buffer import ReplayBuffer, sample_nbytes
+
+CALIB = Calibration(intrinsics=[[100.0, 0, 60], [0, 100.0, 20], [0, 0, 1]], image_size=(120, 40),
+                    t_cam_lidar=np.eye(4), t_imu_lidar=np.eye(4))
 
 CFG = SampleConfig(image_height=8, image_width=8, max_points=32, imu_steps=4)
 
@@ -21,7 +24,7 @@ def real_sample(i, cfg=CFG, n_points=40):
     images = [np.full((8, 8, 3), i % 256, dtype=np.uint8)] * 2
     scans = [rng.normal(size=(n_points, 4)).astype(np.float32) for _ in range(2)]
     return build_sample(cfg, stamps=(0.1 * i, 0.1 * i + 0.1), images=images, scans=scans,
-                        poses=(np.eye(4), np.eye(4)), sequence='t', frame=i)
+                        poses=(np.eye(4), np.eye(4)), sequence='t', frame=i, calibration=CALIB)
 
 
 def tiny_sample(i):
@@ -142,6 +145,32 @@ def test_save_load_round_trip_resumes(tmp_path, policy):
     for i in range(15, 40):
         assert buf.add(real_sample(i)) == loaded.add(real_sample(i))
     assert sorted(frames(buf.newest(6))) == sorted(frames(loaded.newest(6)))
+
+
+def test_format_1_file_loads_with_calibration_unknown(tmp_path):
+    """A buffer saved before samples carried calibration still resumes, marked unknown."""
+    buf = ReplayBuffer()
+    for i in range(3):
+        buf.add(real_sample(i))
+    path = buf.save(tmp_path / 'new.npz')
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files if k not in CALIB_KEYS}
+    meta = json.loads(arrays['__meta__'].tobytes().decode())
+    meta['format_version'] = 1
+    meta['keys'] = [k for k in meta['keys'] if k not in CALIB_KEYS]
+    meta['layout'] = {k: v for k, v in meta['layout'].items() if k not in CALIB_KEYS}
+    arrays['__meta__'] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    old = tmp_path / 'old.npz'
+    np.savez(old, **arrays)
+    loaded = ReplayBuffer.load(old, sample_cfg=CFG)
+    assert frames(loaded.newest(3)) == [0, 1, 2]
+    assert all(set(s) == set(SAMPLE_KEYS) for s in loaded.newest(3))
+    assert [s['calib_valid'].tolist() for s in loaded.newest(3)] == [[False] * 3] * 3
+    assert buf.newest(1)[0]['calib_valid'].tolist() == [True] * 3
+    np.testing.assert_array_equal(loaded.newest(1)[0]['points'], buf.newest(1)[0]['points'])
+    batch = collate_samples(loaded.newest(3) + buf.newest(1))   # old and new mix in a batch
+    assert batch['calib_valid'].tolist() == [[False] * 3] * 3 + [[True] * 3]
+    assert batch['imu_span'].tolist()[:3] == [0.0] * 3
 
 
 def test_variable_size_samples_round_trip(tmp_path):

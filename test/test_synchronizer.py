@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from mm_fusion_ros.config import SampleConfig
+from mm_fusion_ros.geometry import invert_pose
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
-from mm_fusion_ros.kitti.sample import SAMPLE_KEYS
+from mm_fusion_ros.kitti.sample import Calibration, calibration_arrays, SAMPLE_KEYS
 from mm_fusion_ros.sync.config import SyncConfig
 from mm_fusion_ros.sync.synchronizer import Synchronizer
 
@@ -423,6 +424,10 @@ def test_bad_inputs_and_config_raise_clear_errors():
         sync.add_imu(0, [0, 0], [0, 0, 0])
     with pytest.raises(ValueError, match='add_ground_truth'):
         sync.add_ground_truth(0, np.eye(3))
+    with pytest.raises(ValueError, match='set_calibration: expected a Calibration'):
+        sync.set_calibration({'intrinsics': np.eye(3)})
+    with pytest.raises(ValueError, match='intrinsics and image_size'):
+        Calibration(intrinsics=np.eye(3))
     with pytest.raises(ValueError, match='missing_policy'):
         SyncConfig(missing_policy='ignore')
     with pytest.raises(ValueError, match='max_lateness_s'):
@@ -471,7 +476,20 @@ def test_kitti_stream_yields_the_dataset_samples_exactly(tmp_path, shuffle):
         events.sort(key=lambda e: e[0] + (0 if e[1] == 'cloud' else rng.integers(60 * MS)))
     else:
         events.sort(key=lambda e: (e[0], e[1]))
-    sync = Synchronizer(cfg, SyncConfig(sequence='00'), origin_ns=T0_NS)
+    # The calibration as a robot publishes it: CameraInfo's K with its size, and /tf_static's
+    # velodyne -> camera2 and velodyne -> imu_link (what kitti_to_bag writes).
+    calib = Calibration.from_transforms(
+        camera_matrix=seq.calib.P[2][:, :3], image_size=seq.load_image(0).shape[1::-1],
+        T_velo_cam=invert_pose(seq.calib.T_cam2_velo), T_velo_imu=seq.T_base_imu)
+    for key, value in calibration_arrays(cfg, calib).items():
+        np.testing.assert_allclose(value, dataset[0][key], rtol=1e-6, atol=1e-6, err_msg=key)
+    assert dataset[0]['calib_valid'].tolist() == [True, True, True]
+    if shuffle:  # given after construction, before the first sample, as a node would
+        sync = Synchronizer(cfg, SyncConfig(sequence='00'), origin_ns=T0_NS)
+        sync.set_calibration(dataset.calibrations[0])
+    else:
+        sync = Synchronizer(cfg, SyncConfig(sequence='00'), origin_ns=T0_NS,
+                            calibration=dataset.calibrations[0])
     got = _feed_kitti(sync, seq, events)
     assert len(got) == len(dataset) == 6
     for i, sample in enumerate(got):
@@ -498,5 +516,8 @@ def test_kitti_stream_without_ground_truth_is_live_data(tmp_path):
     sync = Synchronizer(cfg, SyncConfig(sequence='00'), origin_ns=T0_NS)
     got = _feed_kitti(sync, seq, sorted(_kitti_events(seq, with_gt=False)))
     assert [bool(s['target_valid']) for s in got] == [False] * 3
+    # No calibration given: every sample says so, and its arrays are the neutral ones.
+    assert [s['calib_valid'].tolist() for s in got] == [[False] * 3] * 3
+    assert not got[0]['intrinsics'].any()
     np.testing.assert_array_equal(got[1]['points'], dataset[1]['points'])
     np.testing.assert_array_equal(got[1]['imu'], dataset[1]['imu'])

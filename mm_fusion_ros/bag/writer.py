@@ -14,7 +14,9 @@ Topics and frames follow DESIGN §4 (see bag/topics.py). What the bag holds:
   kept, so the first and last scan intervals are covered.
 - /kitti/ground_truth/odom: pose = poses_base[k] (T_odom_base); twist = backward finite difference
   over (k-1, k] expressed in base_link at k (frame 0 takes frame 1's), i.e. v = R_k^T (p_k -
-  p_{k-1}) / dt and w = log(R_{k-1}^T R_k) / dt.
+  p_{k-1}) / dt and w = log(R_{k-1}^T R_k) / dt. Left out with ground_truth=False (a bag like a
+  robot's recording, for self-supervised runs scored afterwards against the kept-back poses),
+  and absent, with a note, when the sequence has no poses file (KITTI 11-21).
 - /tf_static: base_link->velodyne identity, velodyne->camera2 = inv(T_cam2_velo),
   velodyne->imu_link = T_velo_imu (calib_imu_to_velo.txt); offered TRANSIENT_LOCAL so players
   republish it latched.
@@ -107,6 +109,7 @@ class ConvertOptions:
     lio_fields: bool = False
     overwrite: bool = False
     skip_bad: bool = False
+    ground_truth: bool = True   # write /kitti/ground_truth/odom when the sequence has poses
 
     def __post_init__(self):
         for name, value, allowed in (('storage', self.storage, STORAGES),
@@ -137,6 +140,7 @@ class ConvertSummary:
     size_bytes: int = 0
     wall_s: float = 0.0
     warnings: list = field(default_factory=list)
+    notes: list = field(default_factory=list)     # what was left out on purpose or as expected
 
     @property
     def duration_s(self) -> float:
@@ -164,6 +168,7 @@ def convert_sequence(opts: ConvertOptions, progress=None) -> ConvertSummary:
     store, version = DISTROS[opts.distro]
     summary = ConvertSummary(output=output, storage=opts.storage, distro=opts.distro,
                              metadata_version=version, warnings=source.warnings,
+                             notes=source.notes,
                              frames_total=len(source.frames), t0_ns=source.t0_ns,
                              t0_source=source.t0_source)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +203,7 @@ class SequenceSource:
     def __init__(self, opts: ConvertOptions):
         self.opts = opts
         self.warnings = []
+        self.notes = []
         self.seq = KittiSequence(opts.data_path, opts.sequence,
                                  pointcloud_path=opts.pointcloud_path, imu_path=opts.imu_path)
         times = self.seq.times
@@ -210,8 +216,14 @@ class SequenceSource:
                                           'no camera topics')
         self.has_scans = self._available(self.seq.has_scans, self.seq.velodyne_dir,
                                          f'no {topics.CLOUD_TOPIC}')
-        self.has_gt = self._available(self.seq.has_poses, self.seq.poses_path,
-                                      f'no {topics.GT_ODOM_TOPIC}')
+        if not opts.ground_truth:
+            self.has_gt = False
+            self._note(f'ground truth left out (--no_ground_truth): no {topics.GT_ODOM_TOPIC}')
+        else:
+            self.has_gt = self.seq.has_poses
+            if not self.has_gt:
+                self._note(f'{self.seq.poses_path} not found (no ground truth, as for KITTI '
+                           f'11-21): no {topics.GT_ODOM_TOPIC}')
         self.imu = self.seq.imu
         if self.imu is None:
             self._warn(f'no IMU for sequence {self.seq.sequence}: {self.seq.seq_dir / "oxts"} '
@@ -232,6 +244,10 @@ class SequenceSource:
         if not present:
             self._warn(f'{path} not found: {consequence}')
         return present
+
+    def _note(self, message: str) -> None:
+        log.info(message)
+        self.notes.append(message)
 
     def _warn(self, message: str) -> None:
         log.warning(message)

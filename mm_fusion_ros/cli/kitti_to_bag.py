@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--imu_path', type=Path, default=None,
                    help="folder of NN.mat frame-aligned IMU files (default: the sequence's "
                         'oxts/ folder, else DATA/imus/NN.mat)')
+    p.add_argument('--no_ground_truth', action='store_true',
+                   help='leave /kitti/ground_truth/odom out, as a robot recording has none '
+                        '(self-supervised runs; score against DATA/poses afterwards). A '
+                        'sequence without a poses file (KITTI 11-21) converts without it anyway')
     p.add_argument('--quiet', action='store_true', help='no progress bar or summary')
     return p
 
@@ -65,7 +69,7 @@ def options_from_args(args) -> ConvertOptions:
         output=args.output, pointcloud_path=args.pointcloud_path, imu_path=args.imu_path,
         storage=args.storage, image_format=args.image_format, distro=args.distro,
         start=args.start, end=args.end, lio_fields=args.lio_fields, overwrite=args.overwrite,
-        skip_bad=args.skip_bad)
+        skip_bad=args.skip_bad, ground_truth=not args.no_ground_truth)
 
 
 def tqdm_progress(frames, total):
@@ -83,6 +87,7 @@ def format_summary(s) -> str:
     lines += [f'  skipped frame {k}: {reason}' for k, reason in s.skipped]
     width = max(len(t) for t in s.counts) if s.counts else 0
     lines += [f'  {topic:<{width}}  {count:>7d}' for topic, count in s.counts.items()]
+    lines += [f'note: {n}' for n in s.notes]
     lines += [f'warning: {w}' for w in s.warnings]
     return '\n'.join(lines)
 

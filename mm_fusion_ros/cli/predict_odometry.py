@@ -5,7 +5,9 @@ converted to cam0 with the sequence's Tr (DESIGN §3), so `OUT/NN.txt` lines up 
 `DATA/poses/NN.txt` and any KITTI tool (evaluate_odometry, the devkit, evo) reads it. The sample
 settings (modalities, IMU window, point count) come from the checkpoint unless overridden.
 A frame whose sample cannot be built (a bad file, skipped) repeats the previous predicted step,
-and the count is reported, so the trajectory keeps one pose per frame.
+and the count is reported, so the trajectory keeps one pose per frame. Ground truth is never
+read: sequences without poses/ (KITTI 11-21) predict the same way, and OUT/NN.txt (cam0, one
+3x4 pose per frame starting at the identity) is what the KITTI benchmark's submission wants.
 """
 import argparse
 import logging
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
             dataset = KITTIOdomPointDataset(args.data_path, seq,
                                             pointcloud_path=args.pointcloud_path,
                                             sample_cfg=sample_cfg, on_bad_frame='skip',
-                                            imu_path=args.imu_path)
+                                            imu_path=args.imu_path, ground_truth='ignore')
         except (ValueError, FileNotFoundError) as e:
             print(f'predict_odometry: sequence {seq}: {e}', file=sys.stderr)
             return 1

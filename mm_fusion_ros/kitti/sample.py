@@ -11,10 +11,17 @@ import numpy as np
 from PIL import Image
 
 from mm_fusion_ros.config import SampleConfig
-from mm_fusion_ros.geometry import pose_to_vec6, relative_pose
+from mm_fusion_ros.geometry import invert_pose, pose_to_vec6, relative_pose
 
+# The calibration keys (and imu_span) came after the first replay-buffer format; CALIB_KEYS
+# lists them so readers of older files can fill them in as unknown.
+CALIB_KEYS = ('imu_span', 'intrinsics', 't_cam_lidar', 't_imu_lidar', 'calib_valid')
 SAMPLE_KEYS = ('image', 'points', 'points_mask', 'imu', 'dt', 'target', 'target_valid',
-               'modality_mask', 'meta')
+               'modality_mask') + CALIB_KEYS + ('meta',)
+# Everything but meta: the arrays that collate into tensors (the one list; no copies elsewhere).
+TENSOR_KEYS = tuple(k for k in SAMPLE_KEYS if k != 'meta')
+# What calib_valid's three flags stand for, in order.
+CALIBRATIONS = ('intrinsics', 't_cam_lidar', 't_imu_lidar')
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,87 @@ class ImuData:
         lo = int(np.searchsorted(self.stamps, t_start, side='left'))
         hi = int(np.searchsorted(self.stamps, t_end, side='right'))
         return slice(lo, hi)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the sensors relate (DESIGN §5 `calib`); a field left None is unknown.
+
+    Offline it comes from calib.txt (P2, Tr) and calib_imu_to_velo.txt (sequence_calibration in
+    kitti/dataset.py); online from CameraInfo and /tf_static or node parameters. The sample
+    carries it as fixed-shape arrays so that batches collate and the replay buffer stores it.
+    """
+
+    intrinsics: np.ndarray = None    # (3, 3) camera2 K for images of image_size
+    image_size: tuple = None         # (width, height) [px] of the images K belongs to
+    t_cam_lidar: np.ndarray = None   # (4, 4) camera2 (optical axes) <- velodyne
+    t_imu_lidar: np.ndarray = None   # (4, 4) imu_link <- velodyne
+
+    def __post_init__(self):
+        for name, shape in (('intrinsics', (3, 3)), ('t_cam_lidar', (4, 4)),
+                            ('t_imu_lidar', (4, 4))):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = np.asarray(value, dtype=np.float64)
+            if value.shape != shape or not np.isfinite(value).all():
+                raise ValueError(f'Calibration.{name} must be a finite {shape} matrix, got '
+                                 f'shape {value.shape}')
+            object.__setattr__(self, name, value)
+        if (self.intrinsics is None) != (self.image_size is None):
+            raise ValueError('Calibration: intrinsics and image_size come together (K belongs '
+                             'to an image size)')
+        if self.image_size is not None:
+            width, height = (int(v) for v in self.image_size)
+            if width < 1 or height < 1:
+                raise ValueError(f'Calibration.image_size must be positive, got '
+                                 f'{self.image_size}')
+            object.__setattr__(self, 'image_size', (width, height))
+
+    @classmethod
+    def from_transforms(cls, camera_matrix=None, image_size=None, T_velo_cam=None,
+                        T_velo_imu=None) -> 'Calibration':
+        """From what a robot publishes: CameraInfo's K (or P[:, :3]) with its width and height,
+        and the /tf_static transforms velodyne -> camera2 and velodyne -> imu_link (parent <-
+        child, as the bag writes them)."""
+        return cls(intrinsics=camera_matrix, image_size=image_size,
+                   t_cam_lidar=None if T_velo_cam is None else invert_pose(T_velo_cam),
+                   t_imu_lidar=None if T_velo_imu is None else invert_pose(T_velo_imu))
+
+
+def scale_intrinsics(K, image_size, cfg: SampleConfig) -> np.ndarray:
+    """K of a (width, height) image -> K of the resized cfg image. resize_image maps pixel
+    centres onto pixel centres (u' + 0.5 = (u + 0.5) * s), hence the half-pixel terms."""
+    sx, sy = cfg.image_width / image_size[0], cfg.image_height / image_size[1]
+    out = np.array(K, dtype=np.float64)
+    out[0] *= sx
+    out[1] *= sy
+    out[0, 2] += 0.5 * sx - 0.5
+    out[1, 2] += 0.5 * sy - 0.5
+    return out
+
+
+def calibration_arrays(cfg: SampleConfig, calibration: Calibration = None) -> dict:
+    """The sample's calibration entries; unknown parts are zeros (K) or identity with their
+    calib_valid flag off."""
+    c = calibration or Calibration()
+    eye = np.eye(4, dtype=np.float32)
+    known = (c.intrinsics is not None, c.t_cam_lidar is not None, c.t_imu_lidar is not None)
+    return {
+        'intrinsics': (scale_intrinsics(c.intrinsics, c.image_size, cfg).astype(np.float32)
+                       if known[0] else np.zeros((3, 3), dtype=np.float32)),
+        't_cam_lidar': c.t_cam_lidar.astype(np.float32) if known[1] else eye,
+        't_imu_lidar': c.t_imu_lidar.astype(np.float32) if known[2] else eye.copy(),
+        'calib_valid': np.array(known, dtype=bool),
+    }
+
+
+def unknown_calibration(cfg: SampleConfig = None) -> dict:
+    """CALIB_KEYS entries of a sample whose calibration and IMU span are unknown (e.g. one
+    stored by an older replay buffer)."""
+    out = calibration_arrays(cfg or SampleConfig())
+    out['imu_span'] = np.float32(0.0)
+    return out
 
 
 def imu_window_bounds(cfg: SampleConfig, t_prev: float, t_cur: float):
@@ -111,7 +199,7 @@ def subsample_scan(cfg: SampleConfig, scan: np.ndarray, n: int, sequence: str, f
 
 
 def build_sample(cfg: SampleConfig, *, stamps, images=None, scans=None, imu=None, poses=None,
-                 sequence='', frame=0, point_sets=None) -> dict:
+                 sequence='', frame=0, point_sets=None, calibration: Calibration = None) -> dict:
     """Build the DESIGN §5 sample for the step (k-1 -> k).
 
     stamps: (t_prev, t_cur) scan times [s] on the sequence clock.
@@ -121,6 +209,7 @@ def build_sample(cfg: SampleConfig, *, stamps, images=None, scans=None, imu=None
             by subsample_scan(cfg, scan, cfg.max_points, sequence, frame - 1 / frame).
     imu:    ImuData covering at least the window (may be the whole sequence), or None.
     poses:  two 4x4 T_odom_base poses (ground truth), or None when unknown (live data).
+    calibration: how camera, LiDAR and IMU relate, or None when unknown (calib_valid off).
     Modalities not in cfg.modalities are masked off as if the sensor were missing.
     """
     t_prev, t_cur = float(stamps[0]), float(stamps[1])
@@ -160,6 +249,7 @@ def build_sample(cfg: SampleConfig, *, stamps, images=None, scans=None, imu=None
     target = (pose_to_vec6(relative_pose(poses[0], poses[1])).astype(np.float32)
               if target_valid else np.zeros(6, dtype=np.float32))
 
+    t0, t1 = imu_window_bounds(cfg, t_prev, t_cur)
     return {
         'image': image,
         'points': points,
@@ -169,6 +259,9 @@ def build_sample(cfg: SampleConfig, *, stamps, images=None, scans=None, imu=None
         'target': target,
         'target_valid': np.bool_(target_valid),
         'modality_mask': np.array([has_camera, has_lidar, has_imu], dtype=bool),
+        # Seconds the imu rows span, ending at t_cur (longer than dt with imu_window_s).
+        'imu_span': np.float32(t1 - t0),
+        **calibration_arrays(cfg, calibration),
         'meta': {'sequence': str(sequence), 'frame': int(frame),
                  'stamp_prev': t_prev, 'stamp_cur': t_cur},
     }

@@ -4,8 +4,7 @@ All losses take the network's normalised mean / log-variance and the normalised 
 samples with target_valid contribute. Dims 0-2 are translation, 3-5 the so(3) rotation; the
 rotation dims are weighted by `rotation_weight`.
 
-The self-supervised photometric/geometric reprojection term is not implemented: every sample
-here carries a ground-truth target (see docs/stage2_tracking.md).
+The self-supervised terms, which need no target, are in model/selfsup.py (DESIGN §9).
 """
 import math
 

@@ -14,6 +14,11 @@ log = logging.getLogger(__name__)
 # Floors keep a constant channel (e.g. z motion on flat synthetic ground) from blowing up.
 IMU_STD_FLOOR = 1e-3
 TARGET_STD_FLOOR = np.array([1e-3] * 3 + [1e-4] * 3)
+# Target scale when no ground truth may be read (self-supervised training): zero mean, and the
+# spread of a car's 0.1 s step (up to ~2 m forward, centimetres sideways and up, a few
+# hundredths of a radian of yaw). It only sets the units the network's outputs are in.
+TARGET_PRIOR_MEAN = np.zeros(6)
+TARGET_PRIOR_STD = np.array([1.0, 0.05, 0.03, 0.003, 0.005, 0.02])
 
 
 def imu_statistics(imus) -> tuple:
@@ -41,9 +46,16 @@ def target_statistics(pose_arrays) -> tuple:
     return data.mean(axis=0), np.maximum(data.std(axis=0), TARGET_STD_FLOOR)
 
 
-def sequence_statistics(sequences) -> dict:
-    """{imu_mean, imu_std, target_mean, target_std} (plain lists) over KittiSequence objects."""
+def sequence_statistics(sequences, use_poses: bool = True) -> dict:
+    """{imu_mean, imu_std, target_mean, target_std} (plain lists) over KittiSequence objects.
+
+    use_poses=False (self-supervised training, or sequences without poses/) takes the target
+    statistics from TARGET_PRIOR_* instead of the ground truth.
+    """
     imu_mean, imu_std = imu_statistics(s.imu for s in sequences)
-    target_mean, target_std = target_statistics(s.poses_base for s in sequences)
+    if use_poses:
+        target_mean, target_std = target_statistics(s.poses_base for s in sequences)
+    else:
+        target_mean, target_std = TARGET_PRIOR_MEAN, TARGET_PRIOR_STD
     return {'imu_mean': imu_mean.tolist(), 'imu_std': imu_std.tolist(),
             'target_mean': target_mean.tolist(), 'target_std': target_std.tolist()}

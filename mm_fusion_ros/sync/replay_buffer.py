@@ -5,7 +5,8 @@ evicts the oldest; 'reservoir' keeps a uniform random subset of every sample eve
 (Algorithm R, seeded). Mini-batches mix the newest samples with older ones. Stored arrays are
 private read-only copies, so a trainer thread can use what sample() returns while the
 synchronizer thread keeps adding. save()/load() persist the buffer in one .npz file (written
-atomically, fileio.atomic_open) so a restarted node resumes with its memory.
+atomically, fileio.atomic_open) so a restarted node resumes with its memory. A format-1 file
+(from before samples carried their calibration) loads with the calibration marked unknown.
 """
 import json
 import logging
@@ -17,16 +18,24 @@ import numpy as np
 
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.fileio import atomic_open
-from mm_fusion_ros.kitti.sample import SAMPLE_KEYS
+from mm_fusion_ros.kitti.sample import (
+    CALIB_KEYS,
+    SAMPLE_KEYS,
+    TENSOR_KEYS,
+    unknown_calibration,
+)
 from mm_fusion_ros.sync.config import BufferConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-ARRAY_KEYS = tuple(k for k in SAMPLE_KEYS if k != 'meta')
+FORMAT_VERSION = 2
+ARRAY_KEYS = TENSOR_KEYS
+# Format 1 stored these keys; format 2 added CALIB_KEYS.
+FORMAT_1_KEYS = tuple(k for k in ARRAY_KEYS if k not in CALIB_KEYS)
 EXPECTED_DTYPES = {'image': 'uint8', 'points': 'float32', 'points_mask': 'bool', 'imu': 'float32',
                    'dt': 'float32', 'target': 'float32', 'target_valid': 'bool',
-                   'modality_mask': 'bool'}
+                   'modality_mask': 'bool', 'imu_span': 'float32', 'intrinsics': 'float32',
+                   't_cam_lidar': 'float32', 't_imu_lidar': 'float32', 'calib_valid': 'bool'}
 _META_KEY = '__meta__'
 
 
@@ -38,7 +47,9 @@ def sample_nbytes(sample: dict) -> int:
 def expected_shapes(cfg: SampleConfig) -> dict:
     """Per-sample shapes fixed by a SampleConfig (points only when max_points > 0)."""
     shapes = {'image': (2, 3, cfg.image_height, cfg.image_width), 'imu': (cfg.imu_steps, 6),
-              'dt': (), 'target': (6,), 'target_valid': (), 'modality_mask': (3,)}
+              'dt': (), 'target': (6,), 'target_valid': (), 'modality_mask': (3,),
+              'imu_span': (), 'intrinsics': (3, 3), 't_cam_lidar': (4, 4),
+              't_imu_lidar': (4, 4), 'calib_valid': (3,)}
     if cfg.max_points > 0:
         shapes.update(points=(2, cfg.max_points, 4), points_mask=(2, cfg.max_points))
     return shapes
@@ -274,16 +285,19 @@ def _read_meta(path, data) -> dict:
         meta = json.loads(data[_META_KEY].tobytes().decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f'{path}: {_META_KEY!r} is not valid JSON') from e
-    if meta.get('format_version') != FORMAT_VERSION:
-        raise ValueError(f'{path}: format_version {meta.get("format_version")!r}, expected '
+    version = meta.get('format_version')
+    if version not in (1, FORMAT_VERSION):
+        raise ValueError(f'{path}: format_version {version!r}, expected 1 or '
                          f'{FORMAT_VERSION}')
     need = ('count', 'keys', 'config', 'offered', 'evicted', 'discarded', 'rng_state', 'meta',
             'layout')
     missing = [k for k in need if k not in meta]
     if missing:
         raise ValueError(f'{path}: meta lacks keys {missing}')
-    if list(meta['keys']) != list(ARRAY_KEYS):
-        raise ValueError(f'{path}: sample keys {meta["keys"]} differ from {list(ARRAY_KEYS)}')
+    keys = FORMAT_1_KEYS if version == 1 else ARRAY_KEYS
+    if list(meta['keys']) != list(keys):
+        raise ValueError(f'{path}: sample keys {meta["keys"]} differ from {list(keys)} (format '
+                         f'{version})')
     if len(meta['meta']) != meta['count']:
         raise ValueError(f'{path}: {len(meta["meta"])} meta entries for {meta["count"]} samples')
     return meta
@@ -292,7 +306,13 @@ def _read_meta(path, data) -> dict:
 def _unpack_samples(path, data, meta) -> list:
     n = int(meta['count'])
     columns = {}
-    for key in ARRAY_KEYS:
+    stored = meta['keys']
+    if len(stored) < len(ARRAY_KEYS):
+        log.warning('%s: format-1 replay buffer; its %d samples load with the calibration '
+                    'unknown (no self-supervised photometric or gyro term)', path, n)
+        for key, value in unknown_calibration().items():
+            columns[key] = [value] * n
+    for key in stored:
         if key not in data:
             raise ValueError(f'{path}: array {key!r} missing')
         arr = data[key]

@@ -36,7 +36,13 @@ import threading
 import numpy as np
 
 from mm_fusion_ros.config import SampleConfig
-from mm_fusion_ros.kitti.sample import build_sample, ImuData, resize_image, subsample_scan
+from mm_fusion_ros.kitti.sample import (
+    build_sample,
+    Calibration,
+    ImuData,
+    resize_image,
+    subsample_scan,
+)
 from mm_fusion_ros.stamps import NS_PER_S
 from mm_fusion_ros.sync.config import SyncConfig
 
@@ -118,11 +124,13 @@ class Synchronizer:
 
     origin_ns: the stamp that becomes t = 0 s of the samples' sequence clock (build_sample works
     in float seconds); None takes the first stamp received. Stamps are ints in nanoseconds.
+    calibration: how the sensors relate (kitti.sample.Calibration), put into every sample;
+    None until set_calibration gives it (e.g. once CameraInfo and /tf_static arrived).
     Thread-safe: every public method holds one lock.
     """
 
     def __init__(self, sample_cfg: SampleConfig = None, sync_cfg: SyncConfig = None, *,
-                 origin_ns: int = None):
+                 origin_ns: int = None, calibration: Calibration = None):
         self.sample_cfg = sample_cfg or SampleConfig()
         self.cfg = sync_cfg or SyncConfig()
         self._uses = set(self.sample_cfg.modalities)
@@ -151,6 +159,7 @@ class Synchronizer:
         self._emitted = 0
         self._nonfinite_points = 0
         self._origin = None if origin_ns is None else int(origin_ns)
+        self._calibration = calibration
         self._imu = _ImuRing(self.cfg.max_imu_samples)
         self._ready = deque()
         self._clear_streams()
@@ -211,6 +220,18 @@ class Synchronizer:
         with self._lock:
             self._route('ground_truth', stamp_ns, pose)
             self._advance()
+
+    def set_calibration(self, calibration: Calibration) -> None:
+        """Calibration for the samples emitted from now on (None: unknown again)."""
+        if calibration is not None and not isinstance(calibration, Calibration):
+            raise ValueError(f'set_calibration: expected a Calibration, got '
+                             f'{type(calibration).__name__}')
+        with self._lock:
+            self._calibration = calibration
+
+    @property
+    def calibration(self):
+        return self._calibration
 
     def reject(self, kind: str, reason: str = 'bad_message') -> None:
         """Count an input of `kind` (one of INPUTS) that could not be read, as a drop."""
@@ -539,7 +560,7 @@ class Synchronizer:
                                                        self._seconds(scan.stamp)),
                               images=images, scans=scans, point_sets=point_sets,
                               imu=self._imu_data(), poses=poses, sequence=self.cfg.sequence,
-                              frame=scan.frame)
+                              frame=scan.frame, calibration=self._calibration)
         has_camera, _, has_imu = sample['modality_mask']
         if 'imu' in self._uses and not has_imu and drop_missing:
             self._dropped['no_imu'] += 1

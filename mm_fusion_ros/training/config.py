@@ -8,8 +8,10 @@ import math
 from mm_fusion_ros.config import ConfigBase
 from mm_fusion_ros.model.augment import AugmentParams
 from mm_fusion_ros.model.losses import LOSSES
+from mm_fusion_ros.model.selfsup import TERMS
 
 LR_SCHEDULES = ('constant', 'cosine')
+SUPERVISIONS = ('gt', 'self', 'both')
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,15 @@ class TrainConfig(ConfigBase):
         'help': 'weight of the rotation dims relative to translation (normalised units)'})
     calibrate_logvar: bool = field(default=True, metadata={
         'help': 'for l1/l2: also fit the log-variance to the detached residual'})
+    supervision: str = field(default='gt', metadata={
+        'help': 'gt: the ground-truth relative pose | self: the self-supervised losses of '
+                'model/selfsup.py alone (no ground truth read) | both: their sum'})
+    self_geometric_weight: float = field(default=1.0, metadata={
+        'help': 'self-supervised LiDAR point-to-plane term weight (0 = off)'})
+    self_photometric_weight: float = field(default=1.0, metadata={
+        'help': 'self-supervised camera (LiDAR depth) photometric term weight (0 = off)'})
+    self_inertial_weight: float = field(default=1.0, metadata={
+        'help': 'self-supervised gyro rotation term weight (0 = off)'})
     batch_size: int = field(default=2, metadata={'help': 'samples per step'})
     num_epochs: int = field(default=3, metadata={'help': 'epochs (offline trainer)'})
     seed: int = field(default=0, metadata={'help': 'seed of init, data order and dropout'})
@@ -49,6 +60,12 @@ class TrainConfig(ConfigBase):
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f'TrainConfig.loss={self.loss!r}; choose one of {", ".join(LOSSES)}')
+        if self.supervision not in SUPERVISIONS:
+            raise ValueError(f'TrainConfig.supervision={self.supervision!r}; choose one of '
+                             f'{", ".join(SUPERVISIONS)}')
+        if self.supervision != 'gt' and not any(w > 0 for w in self.self_weights.values()):
+            raise ValueError(f'TrainConfig.supervision={self.supervision!r} needs a '
+                             'self-supervised term with a weight > 0')
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f'TrainConfig.lr_schedule={self.lr_schedule!r}; choose one of '
                              f'{", ".join(LR_SCHEDULES)}')
@@ -57,7 +74,8 @@ class TrainConfig(ConfigBase):
                              f'{self.lr_min_ratio}')
         if not self.learning_rate > 0:
             raise ValueError(f'TrainConfig.learning_rate must be > 0, got {self.learning_rate}')
-        for name in ('weight_decay', 'grad_clip', 'rotation_weight', 'aug_point_jitter_m',
+        for name in ('weight_decay', 'grad_clip', 'rotation_weight', 'self_geometric_weight',
+                     'self_photometric_weight', 'self_inertial_weight', 'aug_point_jitter_m',
                      'aug_yaw_max_deg', 'aug_brightness', 'aug_contrast'):
             if getattr(self, name) < 0:
                 raise ValueError(f'TrainConfig.{name} must be >= 0, got {getattr(self, name)}')
@@ -76,6 +94,19 @@ class TrainConfig(ConfigBase):
         floor = self.learning_rate * self.lr_min_ratio
         return floor + 0.5 * (self.learning_rate - floor) * \
             (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+    @property
+    def self_weights(self) -> dict:
+        """Self-supervised term -> weight (model/selfsup.py TERMS)."""
+        return {t: getattr(self, f'self_{t}_weight') for t in TERMS}
+
+    @property
+    def loss_terms(self) -> tuple:
+        """The terms the supervision trains on: 'gt' and the self terms with weight > 0."""
+        gt = ('gt',) if self.supervision in ('gt', 'both') else ()
+        own = tuple(t for t, w in self.self_weights.items() if w > 0) \
+            if self.supervision in ('self', 'both') else ()
+        return gt + own
 
     @property
     def frozen(self) -> tuple:

@@ -3,13 +3,20 @@
 It knows nothing about DataLoaders or epochs: `step` takes any collated batch dict (DESIGN §5
 keys, or None when every sample of a batch was skipped), so the offline script feeds it from a
 DataLoader and the online node from its replay buffer.
+
+The loss follows TrainConfig.supervision (DESIGN §9): 'gt' trains on the samples whose target is
+known, 'self' on the self-supervised terms of model/selfsup.py (which never read the target),
+'both' on the sum. Each part is the mean over the samples where it is valid, weighted; a sample
+counts as trained on when any part is valid for it. StepStats.terms reports each part.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import logging
 import math
 
+import numpy as np
 import torch
 
+from mm_fusion_ros.kitti.sample import TENSOR_KEYS, unknown_calibration
 from mm_fusion_ros.model.augment import augment_batch
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.losses import (
@@ -19,12 +26,11 @@ from mm_fusion_ros.model.losses import (
     translation_error,
 )
 from mm_fusion_ros.model.net import build_model
+from mm_fusion_ros.model.selfsup import SelfSupervisedLoss, term_available, TERMS
 from mm_fusion_ros.training.checkpoint import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
-TENSOR_KEYS = ('image', 'points', 'points_mask', 'imu', 'dt', 'target', 'target_valid',
-               'modality_mask')
 FINITE_KEYS = ('points', 'imu', 'dt', 'target')
 
 
@@ -45,6 +51,8 @@ class StepStats:
     applied: bool        # whether the optimiser stepped
     grad_norm: float
     lr: float
+    terms: dict = field(default_factory=dict)         # part (gt, TERMS) -> unweighted mean
+    term_samples: dict = field(default_factory=dict)  # part -> samples it was valid for
 
 
 class TrainerCore:
@@ -82,6 +90,7 @@ class TrainerCore:
         self.step_count = 0
         self.epoch = 0
         self.counters = {'skipped_integrity': 0, 'skipped_nonfinite': 0, 'steps_skipped': 0}
+        self.selfsup = SelfSupervisedLoss()
 
     # --- batches -------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
@@ -119,19 +128,65 @@ class TrainerCore:
                 'target': torch.zeros(1, 6, device=d),
                 'target_valid': torch.zeros(1, dtype=torch.bool, device=d),
                 'modality_mask': torch.zeros(1, 3, dtype=torch.bool, device=d),
+                **{k: torch.from_numpy(np.asarray(v)[None]).to(d)
+                   for k, v in unknown_calibration().items()},
                 'meta': []}
+
+    # --- losses --------------------------------------------------------------------------
+    def trainable(self, batch: dict, terms) -> torch.Tensor:
+        """(B,) samples that some part of the loss could use (before computing it)."""
+        ok = torch.zeros_like(batch['target_valid'], dtype=torch.bool)
+        for term in terms:
+            ok |= batch['target_valid'].bool() if term == 'gt' else term_available(batch, term)
+        return ok
+
+    def loss_parts(self, out: dict, batch: dict, terms) -> dict:
+        """{part: (values (B,), valid (B,))} for the parts named in `terms`."""
+        parts = {}
+        if 'gt' in terms:
+            per = per_sample_loss(out['mean'].float(), out['logvar'].float(),
+                                  self.model.normalize_target(batch['target']),
+                                  self.train_cfg.loss, self.train_cfg.rotation_weight,
+                                  self.train_cfg.calibrate_logvar)
+            parts['gt'] = (per, batch['target_valid'].bool())
+        own = [t for t in terms if t in TERMS]
+        if own:
+            pose = self.model.denormalize(out['mean'].float(), out['logvar'].float())[0]
+            parts.update(self.selfsup(pose, batch, terms=own))
+        return parts
+
+    def combine(self, parts: dict):
+        """Weighted sum of each part's mean over its valid, finite samples.
+
+        Returns (loss, contributing (B,), non-finite (B,), {part: mean}, {part: count}).
+        """
+        weights = {'gt': 1.0, **self.train_cfg.self_weights}
+        loss = None
+        contributing = nonfinite = None
+        means, counts = {}, {}
+        for name, (values, valid) in parts.items():
+            bad = valid & ~torch.isfinite(values)
+            valid = valid & ~bad
+            mean = masked_mean(torch.where(valid, values, torch.zeros_like(values)), valid)
+            loss = weights[name] * mean if loss is None else loss + weights[name] * mean
+            contributing = valid if contributing is None else contributing | valid
+            nonfinite = bad if nonfinite is None else nonfinite | bad
+            counts[name] = int(valid.sum())
+            means[name] = float(mean.detach()) if counts[name] else math.nan
+        return loss, contributing & ~nonfinite, nonfinite, means, counts
 
     # --- training ------------------------------------------------------------------------
     def step(self, batch) -> StepStats:
         """Forward, loss, skip non-finite, backward, clip, optimiser step."""
         self.model.train()
+        terms = self.train_cfg.loss_terms
         skipped = batch_skipped(batch)
         self.counters['skipped_integrity'] += skipped
         dropped = 0
         batch = None if is_empty(batch) else batch
         if batch is not None:
             batch, dropped = self.drop_nonfinite(self.to_device(batch))
-        usable = batch is not None and bool(batch['target_valid'].any())
+        usable = batch is not None and bool(self.trainable(batch, terms).any())
         if not usable and not self.distributed:
             self.counters['skipped_nonfinite'] += dropped
             return StepStats(math.nan, 0, skipped + dropped, False, math.nan, self.lr)
@@ -143,15 +198,8 @@ class TrainerCore:
         saved_buffers = [b.clone() for b in self.model.buffers()]
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             out = self.net(batch)
-        per = per_sample_loss(out['mean'].float(), out['logvar'].float(),
-                              self.model.normalize_target(batch['target']),
-                              self.train_cfg.loss, self.train_cfg.rotation_weight,
-                              self.train_cfg.calibrate_logvar)
-        valid = batch['target_valid'].bool()
-        bad = valid & ~torch.isfinite(per)
+        loss, valid, bad, means, counts = self.combine(self.loss_parts(out, batch, terms))
         dropped += int(bad.sum())
-        valid = valid & ~bad
-        loss = masked_mean(torch.where(valid, per, torch.zeros_like(per)), valid)
         n = int(valid.sum())
         self.counters['skipped_nonfinite'] += dropped
         if n == 0 and not self.distributed:
@@ -169,7 +217,8 @@ class TrainerCore:
             log.warning('non-finite gradient at step %d: update skipped (%d samples)',
                         self.step_count, n)
         return StepStats(float(loss.detach()) if n else math.nan, n if applied else 0,
-                         skipped + dropped + (0 if applied else n), applied, grad_norm, self.lr)
+                         skipped + dropped + (0 if applied else n), applied, grad_norm, self.lr,
+                         means, counts)
 
     @torch.no_grad()
     def restore_buffers(self, saved) -> None:
@@ -224,45 +273,64 @@ class TrainerCore:
 
     @torch.no_grad()
     def evaluate(self, batches, reduce=None) -> dict:
-        """Loss and errors over an iterable of batches (empty batches count as skipped).
+        """Loss, its parts and the pose errors over an iterable of batches (empty batches count
+        as skipped).
 
         reduce: optional function summing a 1-D tensor across processes (DDP sharded eval).
-        Also reports the mean-motion baseline (always predicting the training-set mean step).
+        The loss is the training loss of TrainConfig.supervision; the pose errors and the
+        mean-motion baseline (always predicting the training-set mean step) cover the samples
+        whose ground truth is known. `samples` counts those that entered the loss.
         """
-        sums = torch.zeros(7, dtype=torch.float64)
+        terms = self.train_cfg.loss_terms
+        names = ('loss', 'trans_err', 'rot_err', 'mm_trans', 'mm_rot', 'gt_samples', 'samples',
+                 'skipped') + tuple(f'{k}_{t}' for t in terms for k in ('sum', 'n'))
+        sums = dict.fromkeys(names, 0.0)
         for batch in batches:
-            sums[6] += batch_skipped(batch)
+            sums['skipped'] += batch_skipped(batch)
             if is_empty(batch):
                 continue
             batch, dropped = self.drop_nonfinite(self.to_device(batch))
-            sums[6] += dropped
-            if batch is None or not batch['target_valid'].any():
+            sums['skipped'] += dropped
+            if batch is None:
+                continue
+            has_gt = batch['target_valid'].bool()
+            if not (has_gt.any() or self.trainable(batch, terms).any()):
                 continue
             out = self.infer(batch)
-            valid = batch['target_valid'].bool()
-            target = batch['target'].float()
-            per = per_sample_loss(out['mean'], out['logvar'], self.model.normalize_target(target),
-                                  self.train_cfg.loss, self.train_cfg.rotation_weight,
-                                  self.train_cfg.calibrate_logvar)[valid]
-            mean = self.model.denormalize(out['mean'], out['logvar'])[0][valid]
-            base = self.model.target_mean.expand_as(target)[valid]
-            t = target[valid]
-            sums[0] += per.double().sum().cpu()
-            sums[1] += translation_error(mean[:, :3], t[:, :3]).sum().cpu()
-            sums[2] += rotation_angle_error(mean[:, 3:], t[:, 3:]).sum().cpu()
-            sums[3] += translation_error(base[:, :3], t[:, :3]).sum().cpu()
-            sums[4] += rotation_angle_error(base[:, 3:], t[:, 3:]).sum().cpu()
-            sums[5] += int(valid.sum())
+            loss, valid, _, means, counts = self.combine(self.loss_parts(out, batch, terms))
+            n = int(valid.sum())
+            sums['loss'] += float(loss) * n if n else 0.0
+            sums['samples'] += n
+            for t in terms:
+                if counts[t]:
+                    sums[f'sum_{t}'] += means[t] * counts[t]
+                    sums[f'n_{t}'] += counts[t]
+            if has_gt.any():
+                mean = self.model.denormalize(out['mean'], out['logvar'])[0][has_gt]
+                t = batch['target'].float()[has_gt]
+                base = self.model.target_mean.expand_as(t)
+                sums['trans_err'] += float(translation_error(mean[:, :3], t[:, :3]).sum())
+                sums['rot_err'] += float(rotation_angle_error(mean[:, 3:], t[:, 3:]).sum())
+                sums['mm_trans'] += float(translation_error(base[:, :3], t[:, :3]).sum())
+                sums['mm_rot'] += float(rotation_angle_error(base[:, 3:], t[:, 3:]).sum())
+                sums['gt_samples'] += int(has_gt.sum())
+        vector = torch.tensor([sums[k] for k in names], dtype=torch.float64)
         if reduce is not None:
-            sums = reduce(sums)
-        n = float(sums[5])
-        avg = (lambda v: float(v) / n) if n > 0 else (lambda v: math.nan)
-        return {'loss': avg(sums[0]),
-                'trans_err': avg(sums[1]),
-                'rot_err_deg': math.degrees(avg(sums[2])),
-                'mean_motion_trans_err': avg(sums[3]),
-                'mean_motion_rot_err_deg': math.degrees(avg(sums[4])),
-                'samples': int(sums[5]), 'skipped': int(sums[6])}
+            vector = reduce(vector)
+        sums = dict(zip(names, vector.tolist()))
+
+        def avg(key, count):
+            return sums[key] / sums[count] if sums[count] > 0 else math.nan
+
+        result = {'loss': avg('loss', 'samples'),
+                  'trans_err': avg('trans_err', 'gt_samples'),
+                  'rot_err_deg': math.degrees(avg('rot_err', 'gt_samples')),
+                  'mean_motion_trans_err': avg('mm_trans', 'gt_samples'),
+                  'mean_motion_rot_err_deg': math.degrees(avg('mm_rot', 'gt_samples')),
+                  'samples': int(sums['samples']), 'gt_samples': int(sums['gt_samples']),
+                  'skipped': int(sums['skipped'])}
+        result.update({f'loss_{t}': avg(f'sum_{t}', f'n_{t}') for t in terms})
+        return result
 
     # --- checkpoints ---------------------------------------------------------------------
     def state_dict(self, metrics=None, sample_cfg=None, include_optimizer=True) -> dict:

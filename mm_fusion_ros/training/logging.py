@@ -10,11 +10,16 @@ import sys
 
 from tqdm import tqdm
 
+from mm_fusion_ros.model.selfsup import TERMS
+
 log = logging.getLogger(__name__)
 
+# Each part of the loss (TrainerCore: gt and the self-supervised terms), training and validation.
+LOSS_PARTS = ('gt',) + TERMS
 CSV_FIELDS = ('epoch', 'loss', 'val_loss', 'val_trans_err', 'val_rot_err', 'lr',
               'samples_per_s', 'time_s', 'skipped', 'train_samples', 'steps',
-              'val_mean_motion_trans_err', 'val_mean_motion_rot_err')
+              'val_mean_motion_trans_err', 'val_mean_motion_rot_err') + \
+    tuple(f'loss_{t}' for t in LOSS_PARTS) + tuple(f'val_loss_{t}' for t in LOSS_PARTS)
 
 
 def _cell(value):

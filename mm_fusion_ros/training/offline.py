@@ -4,6 +4,8 @@ Initial training:
   train_multimodal.py --data_path data --train_sequences 00,01 --output_checkpoint X.pth
 Fine-tuning (model config and normalisation come from the checkpoint):
   train_multimodal.py ... --finetune_checkpoint X.pth --freeze_visual --learning_rate 5e-5
+Without ground truth (e.g. KITTI 11-21; poses/ is never read for training):
+  train_multimodal.py --data_path data --train_sequences 11,12 --supervision self
 Runs single-process or under `torchrun --nproc_per_node=N` (DDP; rank 0 writes logs/checkpoints).
 """
 import argparse
@@ -38,7 +40,13 @@ from mm_fusion_ros.training.distributed import (
     DistInfo,
     init_distributed,
 )
-from mm_fusion_ros.training.logging import CsvLog, NullLog, progress, TensorBoardLog
+from mm_fusion_ros.training.logging import (
+    CsvLog,
+    LOSS_PARTS,
+    NullLog,
+    progress,
+    TensorBoardLog,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +162,12 @@ def sample_config(args, model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt=Non
 
 
 # --- data ------------------------------------------------------------------------------------
-def make_dataset(args, sequences, cfg: SampleConfig) -> KITTIOdomPointDataset:
+def make_dataset(args, sequences, cfg: SampleConfig,
+                 ground_truth='require') -> KITTIOdomPointDataset:
     dataset = KITTIOdomPointDataset(args.data_path, parse_sequences(sequences),
                                     pointcloud_path=args.pointcloud_path, sample_cfg=cfg,
                                     on_bad_frame='skip', imu_path=args.imu_path,
-                                    raw_root=args.kitti_raw_root)
+                                    raw_root=args.kitti_raw_root, ground_truth=ground_truth)
     if args.max_samples_per_sequence > 0:
         limit_samples(dataset, args.max_samples_per_sequence)
     return dataset
@@ -222,7 +231,8 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def train_one_epoch(core, loader, dist_info, tb, epoch):
-    sums = torch.zeros(4, dtype=torch.float64)   # loss * samples, samples, skipped, steps
+    # loss * samples, samples, skipped, steps, then (mean * count, count) per loss part
+    sums = torch.zeros(4 + 2 * len(LOSS_PARTS), dtype=torch.float64)
     start = time.perf_counter()
     cfg, n = core.train_cfg, max(len(loader), 1)
     bar = progress(loader, total=len(loader), desc=f'epoch {epoch + 1}',
@@ -231,20 +241,29 @@ def train_one_epoch(core, loader, dist_info, tb, epoch):
         # The schedule depends only on (epoch, batch index): resumed runs follow it exactly.
         core.set_lr(cfg.lr_at((epoch + i / n) / max(cfg.num_epochs, 1)))
         stats = core.step(batch)
+        parts = []
+        for part in LOSS_PARTS:
+            n_part = stats.term_samples.get(part, 0) if stats.applied else 0
+            parts += [stats.terms[part] * n_part if n_part else 0.0, n_part]
         sums += torch.tensor([stats.loss * stats.samples if stats.samples else 0.0,
-                              stats.samples, stats.skipped, float(stats.applied)],
+                              stats.samples, stats.skipped, float(stats.applied)] + parts,
                              dtype=torch.float64)
         if stats.applied:
             bar.set_postfix(loss=f'{stats.loss:.4f}')
             if core.step_count % 10 == 0:
-                tb.scalars('step', {'loss': stats.loss, 'grad_norm': stats.grad_norm},
+                tb.scalars('step', {'loss': stats.loss, 'grad_norm': stats.grad_norm,
+                                    **{f'loss_{k}': v for k, v in stats.terms.items()}},
                            core.step_count)
     elapsed = time.perf_counter() - start
     sums = all_reduce_sum(sums, dist_info)
     samples = int(sums[1])
-    return {'loss': float(sums[0]) / samples if samples else float('nan'),
-            'train_samples': samples, 'skipped': int(sums[2]), 'steps': int(sums[3]),
-            'time_s': elapsed, 'samples_per_s': samples / elapsed if elapsed > 0 else 0.0}
+    out = {'loss': float(sums[0]) / samples if samples else float('nan'),
+           'train_samples': samples, 'skipped': int(sums[2]), 'steps': int(sums[3]),
+           'time_s': elapsed, 'samples_per_s': samples / elapsed if elapsed > 0 else 0.0}
+    for i, part in enumerate(LOSS_PARTS):
+        total, count = float(sums[4 + 2 * i]), float(sums[5 + 2 * i])
+        out[f'loss_{part}'] = total / count if count else None
+    return out
 
 
 def epoch_row(epoch, train_stats, val, lr, total_time) -> dict:
@@ -255,7 +274,9 @@ def epoch_row(epoch, train_stats, val, lr, total_time) -> dict:
             'skipped': train_stats['skipped'] + val.get('skipped', 0),
             'train_samples': train_stats['train_samples'], 'steps': train_stats['steps'],
             'val_mean_motion_trans_err': val.get('mean_motion_trans_err'),
-            'val_mean_motion_rot_err': val.get('mean_motion_rot_err_deg')}
+            'val_mean_motion_rot_err': val.get('mean_motion_rot_err_deg'),
+            **{f'loss_{p}': train_stats.get(f'loss_{p}') for p in LOSS_PARTS},
+            **{f'val_loss_{p}': val.get(f'loss_{p}') for p in LOSS_PARTS}}
 
 
 def save_epoch(core, args, sample_cfg, row) -> None:
@@ -284,23 +305,30 @@ def build_core(args, dist_info: DistInfo):
     model_cfg = resolve_model_config(args, ckpt, args.finetune_checkpoint)
     train_cfg = TRAIN_FLAGS.build(args)
     sample_cfg = sample_config(args, model_cfg, train_cfg, ckpt)
-    train_set = make_dataset(args, args.train_sequences, sample_cfg)
+    # Self-supervised training never reads poses/; validation scores against them if present.
+    with_gt = train_cfg.supervision != 'self'
+    train_set = make_dataset(args, args.train_sequences, sample_cfg,
+                             ground_truth='require' if with_gt else 'ignore')
     if len(train_set) == 0:
         raise ValueError(f'no training samples in sequences {args.train_sequences} under '
                          f'{args.data_path}')
-    val_set = make_dataset(args, args.val_sequences, sample_cfg) if args.val_sequences else None
+    val_set = make_dataset(args, args.val_sequences, sample_cfg,
+                           ground_truth='require' if with_gt else 'auto') \
+        if args.val_sequences else None
     # Normalisation statistics travel in the checkpoint's buffers when fine-tuning.
-    normalization = None if ckpt else sequence_statistics(train_set.sequences)
+    normalization = None if ckpt else sequence_statistics(train_set.sequences,
+                                                          use_poses=with_gt)
     core = TrainerCore(model_cfg, train_cfg, dist_info.device, normalization,
                        distributed=dist_info.enabled)
     if ckpt is not None:
         core.load_state_dict(ckpt, source=args.finetune_checkpoint,
                              load_optimizer=args.resume_optimizer)
     log.info('training %d samples (%s), validating %d; %d processes on %s, %d threads each; '
-             'frozen: %s; starting at epoch %d', len(train_set),
+             'frozen: %s; supervision %s (%s); starting at epoch %d', len(train_set),
              ','.join(s.sequence for s in train_set.sequences), len(val_set) if val_set else 0,
              dist_info.world_size, dist_info.device, torch.get_num_threads(),
-             list(train_cfg.frozen) or 'none', core.epoch)
+             list(train_cfg.frozen) or 'none', train_cfg.supervision,
+             ', '.join(train_cfg.loss_terms), core.epoch)
     return core, sample_cfg, train_set, val_set
 
 
