@@ -319,8 +319,10 @@ class World:
         return np.sort(idx[dist - self._radius[idx] <= radius])
 
 
-def build_world(route, rng) -> World:
-    """The street scene along `route` (objects on both sides, never on the road)."""
+def build_world(route, rng, scene='street') -> World:
+    """The scene along `route` (objects on both sides, never on the road)."""
+    if scene != 'street':
+        raise ValueError(f'scene {scene!r} not known; choose street')
     style = draw_style(rng)
     noise = NoiseTile(rng)
     ground = GroundMap(route, style, noise)
