@@ -7,6 +7,7 @@ from pathlib import Path
 from conftest import KITTI_SAMPLE
 import numpy as np
 import pytest
+from scipy.spatial import cKDTree
 
 from mm_fusion_ros.cli import synth_kitti
 from mm_fusion_ros.geometry import invert_pose
@@ -17,12 +18,22 @@ from mm_fusion_ros.synthetic.camera import Camera, camera_pose, CameraModel, kit
 from mm_fusion_ros.synthetic.domain import DomainConfig
 from mm_fusion_ros.synthetic.imu import kitti_T_velo_imu
 from mm_fusion_ros.synthetic.lidar import beam_elevations, Lidar, LidarConfig
+from mm_fusion_ros.synthetic.raycast import _prism_geometry, intersect
 from mm_fusion_ros.synthetic.trajectory import (
     load_kitti_trajectory,
     route_from_poses,
     synthesize_drive,
 )
-from mm_fusion_ros.synthetic.world import build_world
+from mm_fusion_ros.synthetic.world import (
+    BOX,
+    build_world,
+    CAR,
+    FACADE,
+    FOLIAGE,
+    HOUSE,
+    PRISM,
+    ROOF,
+)
 from mm_fusion_ros.synthetic.writer import generate_sequence, mount_lidar, sequence_world
 
 SIZE = (320, 96)
@@ -281,3 +292,112 @@ def test_domain_combines_with_a_real_route_and_its_imu(tmp_path, capsys):
     assert depth_agreement(points, depth, seq.calib) > 0.9
     elevation = np.degrees(np.arctan2(points[:, 2], np.linalg.norm(points[:, :2], axis=1)))
     assert elevation.min() == pytest.approx(-24.9, abs=0.3)  # the sensor's own frame
+
+
+# -- the suburban scene ------------------------------------------------------------------------
+def _per_km(world, mask):
+    return mask.sum() / ((world.route.s[-1] - world.route.s[0]) / 1000.0)
+
+
+def _nearest_corner(world, idx):
+    """Horizontal distance from the vehicle path to each primitive's nearest box corner."""
+    tree = cKDTree(world.route.xy)
+    corners = world.prims.corners(idx)[:, :, :2]
+    return tree.query(corners.reshape(-1, 2))[0].reshape(len(corners), 8).min(axis=1)
+
+
+def _behind_sidewalk(world, idx):
+    """How far each primitive's nearest corner stands behind the back of the sidewalk (the
+    property line) on its side of the road."""
+    st = world.style
+    _, near = cKDTree(world.route.xy).query(world.prims.center[idx, :2])
+    side = np.sign(np.sum((world.prims.center[idx, :2] - world.route.xy[near])
+                          * world.route.normal[near], axis=1))
+    line = np.abs(st.road_center + side * st.road_half_width) + st.planting_strip \
+        + st.sidewalk_width
+    return _nearest_corner(world, idx) - line
+
+
+def test_suburban_has_houses_set_back_more_vegetation_and_fewer_cars():
+    worlds = {scene: _world(seed=6, scene=scene)[1] for scene in ('street', 'suburban')}
+    street, suburb = worlds['street'], worlds['suburban']
+    assert street.route.s[-1] == suburb.route.s[-1], 'one drive, two scenes'
+    sp, bp = street.prims, suburb.prims
+    assert _per_km(suburb, bp.material == CAR) < 0.5 * _per_km(street, sp.material == CAR)
+    assert _per_km(suburb, bp.material == FOLIAGE) > 1.5 * _per_km(street, sp.material == FOLIAGE)
+    assert not (bp.material == FACADE).any() and not (sp.material == HOUSE).any()
+    roofs = bp.kind == PRISM
+    assert roofs.sum() >= 20 and (bp.material[roofs] == ROOF).all()
+    # Houses stand behind a front garden; city facades at the back of the sidewalk.
+    houses = np.flatnonzero((bp.material == HOUSE) & (bp.half[:, 2] > 2.0))  # not garages
+    gardens = _behind_sidewalk(suburb, houses)
+    assert gardens.min() > 2.0 and np.median(gardens) > suburb.style.setback[0]
+    assert np.median(_behind_sidewalk(street, np.flatnonzero(sp.material == FACADE))) < 3.0
+    # Nothing stands on the road: boxes by their corners, round things by their radius.
+    boxes = np.flatnonzero(bp.kind == BOX)
+    assert _nearest_corner(suburb, boxes).min() > 1.0
+    round_ = np.flatnonzero(bp.kind != BOX)
+    dist = cKDTree(suburb.route.xy).query(bp.center[round_, :2])[0]
+    assert (dist - bp.half[round_, 0]).min() > 1.0
+    # The road carries no markings: its brightest texels are far darker than paint.
+    ground = suburb.ground
+    lateral = np.linspace(-2.5, 2.5, 200)
+    xy = suburb.route.xy[400] + lateral[:, None] * suburb.route.normal[400]
+    albedo, _ = ground.surface(xy[:, 0], xy[:, 1], np.zeros(len(xy), np.float32))
+    assert albedo.max() < 0.7
+
+
+def test_gable_roof_intersection_and_normals():
+    world = build_world(synthesize_drive(np.random.default_rng(0), 5.0)[1],
+                        np.random.default_rng(1), 'suburban')
+    i = int(np.flatnonzero(world.prims.kind == PRISM)[0])
+    prims = world.prims
+    c, (hx, hy, hz), yaw = prims.center[i], prims.half[i], prims.yaw[i]
+    rot = np.array([[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]])
+    # Rays straight down at local y = -hy/2, 0, hy/2 and y = 0.9 hy: the roof height there.
+    local_y = np.array([-0.5, 0.0, 0.5, 0.9]) * hy
+    starts = c[:2] + (rot @ np.stack([np.full(4, 0.3 * hx), local_y]))[:, :].T
+    down = np.zeros((3, 4), np.float32)
+    down[2] = -1.0
+    t = np.array([float(intersect(prims, i, np.r_[p, c[2] + 10.0], down[0, k:k + 1],
+                                  down[1, k:k + 1], down[2, k:k + 1], 0.0)[0])
+                  for k, p in enumerate(starts)])
+    expected_z = c[2] + hz - 2.0 * hz * np.abs(local_y) / hy
+    np.testing.assert_allclose(c[2] + 10.0 - t, expected_z, atol=1e-3)
+    # A level ray into the gable end below the roof line hits it; above the ridge it misses.
+    along = np.r_[rot @ np.array([1.0, 0.0]), 0.0].astype(np.float32)
+    origin = np.r_[c[:2] - (hx + 5.0) * along[:2], c[2] - 0.5 * hz]
+    hit = intersect(prims, i, origin, along[:1], along[1:2], along[2:], 0.0)[0]
+    assert float(hit) == pytest.approx(5.0, abs=1e-3)
+    over = intersect(prims, i, origin + [0, 0, 1.01 * hz + 0.5 * hz], along[:1], along[1:2],
+                     along[2:], 0.0)[0]
+    assert np.isinf(over)
+    # Normals: gable end faces back along the ray, slopes tilt by the roof's pitch.
+    hits = np.stack([origin + hit * along] + [np.r_[p, z] for p, z in zip(starts, expected_z)])
+    rel = (hits - c).T.astype(np.float32)
+    n, face, _, _ = _prism_geometry(prims, i, rel, prims.half[i], len(hits))
+    assert face[0] == 1 and np.allclose(n[:, 0], -along, atol=1e-6)
+    pitch = np.arctan(2.0 * hz / hy)
+    assert list(face[[1, 3]]) == [3, 2]
+    np.testing.assert_allclose(n[2, [1, 3]], np.cos(pitch), atol=1e-5)
+
+
+def test_suburban_scans_land_on_the_rendered_surfaces():
+    traj, world = _world(seed=7, scene='suburban')
+    calib = kitti_calib(*SIZE)
+    pose = traj.poses(5.0)[0]
+    points = Lidar(LidarConfig(azimuth_steps=1000)).scan(world, pose, np.random.default_rng(0))
+    _, depth = Camera(CameraModel.from_calib(calib, *SIZE)).render(world,
+                                                                    camera_pose(pose, calib))
+    assert depth_agreement(points, depth, calib) > 0.9
+    assert len(points) > 0.8 * 64 * 1000  # the ground and the gardens return most beams
+
+
+def test_scene_changes_only_images_and_scans_and_repeats(tmp_path, default_and_mounted):
+    a = default_and_mounted[0]
+    domain = DomainConfig(scene='suburban')
+    generate_sequence(tmp_path / 's', '04', 5, seed=3, domain=domain, **SMALL)
+    changed = _changed(a, tmp_path / 's')
+    assert {k.split('/')[-2] for k in changed} == {'image_2', 'velodyne'} and len(changed) == 10
+    generate_sequence(tmp_path / 't', '04', 5, seed=3, domain=domain, workers=2, **SMALL)
+    assert _changed(tmp_path / 's', tmp_path / 't') == set()

@@ -20,8 +20,7 @@ from mm_fusion_ros.config import ConfigBase
 from mm_fusion_ros.geometry import make_pose, rpy_to_rot
 from mm_fusion_ros.synthetic.lidar import LidarConfig
 from mm_fusion_ros.synthetic.trajectory import VELODYNE_HEIGHT
-
-SCENES = ('street',)
+from mm_fusion_ros.synthetic.world import SCENES
 
 
 @dataclass(frozen=True)
