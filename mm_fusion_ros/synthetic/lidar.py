@@ -1,6 +1,7 @@
 """An HDL-64E-like spinning LiDAR, ray-cast against the synthetic world.
 
-64 beams from +2 to -24.9 deg (upper block 1/3 deg apart down to -8.33, lower block ~0.52 deg),
+64 beams from +2 to -24.9 deg (upper block 1/3 deg apart down to -8.33, lower block ~0.52 deg);
+other beam counts or fields of view are spaced evenly from top_deg to bottom_deg;
 one ray per beam and azimuth step, range <= 120 m with Gaussian range noise. Reflectance comes
 from the surface material and the angle of incidence. Rays that hit nothing (sky, or farther
 than the range) return no point. Points are in the sensor (= base_link) frame, beam by beam
