@@ -4,19 +4,34 @@
     synth_kitti --out data_hybrid --sequences 07 --trajectory kitti_sample/poses/07.txt \
         --imu_source kitti_sample/imu/07.mat
 
+    synth_kitti --out data_shift --sequences 08 --beams 32 --lidar_height 1.9 \
+        --lidar_pitch_deg 3 --camera_exposure_ev -0.7 --camera_noise 3
+
 Each sequence is its own street layout and drive (seed and sequence id both seed it); with
 --trajectory the drive follows a real KITTI pose file instead, and with --imu_source as well the
 OXTS folder carries that drive's real IMU (a hybrid sequence: real IMU noise, synthetic images
-and scans rendered along the real path).
+and scans rendered along the real path). The domain flags (--scene, --lidar_*, --camera_*; one
+per DomainConfig field) make a world that differs from the default one for online adaptation.
 """
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 import sys
 
 from mm_fusion_ros.kitti.odometry import parse_sequences
 from mm_fusion_ros.synthetic.camera import KITTI_SIZE
+from mm_fusion_ros.synthetic.domain import DomainConfig, SCENES
 from mm_fusion_ros.synthetic.writer import generate_sequence
+
+_DOMAIN_FIELDS = {f.name: f for f in dataclasses.fields(DomainConfig)}
+
+
+def _domain_flag(p, name, **kwargs):
+    """--NAME for DomainConfig.NAME: its default and help text, written once in the field."""
+    f = _DOMAIN_FIELDS[name]
+    p.add_argument(f'--{name}', default=f.default, help=f'{f.metadata["help"]} [{f.default}]',
+                   **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--azimuth_steps', type=int, default=2000,
                    help='LiDAR rays per beam and revolution (2000 = 0.18 deg, KITTI-like '
                         'point counts) [2000]')
-    p.add_argument('--beams', type=int, default=64, help='LiDAR beams [64]')
+    p.add_argument('--beams', type=int, default=64,
+                   help='LiDAR beams, evenly spaced over the vertical field of view unless 64 '
+                        "over the HDL-64E's own (its two blocks) [64]")
+    _domain_flag(p, 'scene', choices=SCENES)
+    _domain_flag(p, 'lidar_height', type=float)
+    _domain_flag(p, 'lidar_pitch_deg', type=float)
+    _domain_flag(p, 'lidar_top_deg', type=float)
+    _domain_flag(p, 'lidar_bottom_deg', type=float)
+    _domain_flag(p, 'camera_exposure_ev', type=float)
+    _domain_flag(p, 'camera_gamma', type=float)
+    _domain_flag(p, 'camera_noise', type=float)
     p.add_argument('--workers', type=int, default=None,
                    help='processes rendering frames (default: 2 for big jobs, else 1)')
     p.add_argument('--overwrite', action='store_true',
@@ -72,6 +97,10 @@ def main(argv=None) -> int:
                          'makes sense along its own real path')
         if not args.imu_source.is_file():
             parser.error(f'--imu_source {args.imu_source}: file not found')
+    try:
+        domain = DomainConfig(**{name: getattr(args, name) for name in _DOMAIN_FIELDS})
+    except ValueError as e:
+        parser.error(f'--{e}')
     summaries = []
     for seq in sequences:
         try:
@@ -80,7 +109,7 @@ def main(argv=None) -> int:
                 image_size=(args.image_width, args.image_height),
                 azimuth_steps=args.azimuth_steps, beams=args.beams, trajectory=args.trajectory,
                 imu_source=args.imu_source, workers=args.workers, overwrite=args.overwrite,
-                images=not args.no_images, scans=not args.no_scans))
+                images=not args.no_images, scans=not args.no_scans, domain=domain))
         except (ValueError, FileExistsError, FileNotFoundError) as e:
             print(f'synth_kitti: sequence {seq}: {e}', file=sys.stderr)
             return 1
@@ -99,6 +128,8 @@ def print_summary(out, summaries, image_size):
               f'{s.imu_samples:>6} {s.wall_s:>7.1f} {s.wall_s / s.frames:>7.3f}  {s.trajectory}')
     for s in summaries:
         print(f'{s.sequence:>4} IMU: {s.imu}')
+        if s.domain:
+            print(f'{s.sequence:>4} domain: ' + ', '.join(f'{k} {v}' for k, v in s.domain.items()))
 
 
 if __name__ == '__main__':

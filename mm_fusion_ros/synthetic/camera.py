@@ -4,6 +4,10 @@ Every pixel's ray is cast against the same primitives the LiDAR sees, so a LiDAR
 through P2 * Tr lands on a pixel whose rendered depth is the point's depth. Shading: Lambert sun
 plus sky light, no shadows; distance haze toward a sky gradient; procedural textures from the
 world's materials, faded with distance so they do not alias.
+
+Exposure (a domain setting, off by default): the linear image is scaled by 2**EV, gets
+Poisson-Gaussian sensor noise (variance ~ read + signal), saturates at white, then passes a
+gamma tone curve before 8-bit quantisation.
 """
 from dataclasses import dataclass
 
@@ -72,9 +76,11 @@ class CameraModel:
 class Camera:
     """Renders camera 2. Depth is the optical-axis depth z (inf where only sky is seen)."""
 
-    def __init__(self, model: CameraModel, max_depth=160.0, near=0.3, haze_scale=90.0):
+    def __init__(self, model: CameraModel, max_depth=160.0, near=0.3, haze_scale=90.0,
+                 exposure_ev=0.0, gamma=1.0, noise=0.0):
         self.model = model
         self.max_depth, self.near, self.haze_scale = max_depth, near, haze_scale
+        self.gain, self.gamma, self.noise = 2.0 ** exposure_ev, gamma, noise
         u = (np.arange(model.width) - model.cx) / model.fx
         v = (np.arange(model.height) - model.cy) / model.fy
         uu, vv = np.meshgrid(u, v)
@@ -114,16 +120,32 @@ class Camera:
         return RayGrid(origin=pose[:3, 3].astype(np.float64), dirs=dirs, t_min=self.near,
                        t_max=self.max_depth)
 
-    def render(self, world, pose):
-        """-> (rgb (H, W, 3) uint8, depth (H, W) float32) for camera pose T_world_cam."""
+    def render(self, world, pose, rng=None):
+        """-> (rgb (H, W, 3) uint8, depth (H, W) float32) for camera pose T_world_cam.
+        rng: the generator of this frame's sensor noise (needed when noise > 0)."""
         rays = self.rays(pose)
         idx = world.near(rays.origin, self.max_depth)
         blocks = self.blocks(world, idx, pose)
         hits = cast(world, rays, blocks)
         surf = surfaces(world, rays, hits, blocks, pixel_angle=1.0 / self.model.fx)
         color = self._shade(world, rays, hits, surf)
+        if self.gain != 1.0 or self.gamma != 1.0 or self.noise:
+            color = self._expose(color, rng)
         rgb = np.clip(color * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(rgb.transpose(1, 2, 0)), hits.t
+
+    def _expose(self, color, rng):
+        """Linear image (3, H, W) -> exposed, noisy, saturated, tone-mapped image in [0, 1]."""
+        color = color * np.float32(self.gain)
+        if self.noise:
+            if rng is None:
+                raise ValueError('camera noise > 0 needs a generator: render(..., rng)')
+            sigma = np.float32(self.noise / 255.0) * np.sqrt(0.5 + np.clip(color, 0.0, 1.0))
+            color += sigma * rng.standard_normal(color.shape, dtype=np.float32)
+        color = np.clip(color, 0.0, 1.0)
+        if self.gamma != 1.0:
+            color **= np.float32(1.0 / self.gamma)
+        return color
 
     def _shade(self, world, rays, hits, surf):
         sun = np.asarray(world.style.sun, dtype=np.float32)

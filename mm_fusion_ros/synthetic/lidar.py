@@ -1,6 +1,7 @@
 """An HDL-64E-like spinning LiDAR, ray-cast against the synthetic world.
 
-64 beams from +2 to -24.9 deg (upper block 1/3 deg apart down to -8.33, lower block ~0.52 deg),
+64 beams from +2 to -24.9 deg (upper block 1/3 deg apart down to -8.33, lower block ~0.52 deg);
+other beam counts or fields of view are spaced evenly from top_deg to bottom_deg;
 one ray per beam and azimuth step, range <= 120 m with Gaussian range noise. Reflectance comes
 from the surface material and the angle of incidence. Rays that hit nothing (sky, or farther
 than the range) return no point. Points are in the sensor (= base_link) frame, beam by beam
@@ -32,14 +33,20 @@ class LidarConfig:
             raise ValueError(f'LiDAR beams must be >= 1, got {self.beams}')
         if self.azimuth_steps < 8:
             raise ValueError(f'LiDAR azimuth_steps must be >= 8, got {self.azimuth_steps}')
+        if not self.bottom_deg < self.top_deg:
+            raise ValueError(f'LiDAR field of view needs bottom_deg < top_deg, got '
+                             f'{self.bottom_deg}, {self.top_deg}')
         if not 0 < self.min_range < self.max_range:
             raise ValueError(f'LiDAR range must satisfy 0 < min_range < max_range, got '
                              f'{self.min_range}, {self.max_range}')
 
 
 def beam_elevations(cfg: LidarConfig) -> np.ndarray:
-    """Beam elevations [rad], descending."""
-    if cfg.beams == 64:  # the HDL-64E's two blocks of 32 lasers
+    """Beam elevations [rad], descending: the HDL-64E's two blocks for 64 beams over its own
+    field of view; otherwise evenly spaced over [bottom_deg, top_deg], so fewer beams keep the
+    whole vertical field of view (32 beams over the HDL-64E's 26.9 deg: 0.87 deg apart)."""
+    if cfg.beams == 64 and (cfg.top_deg, cfg.bottom_deg) == (2.0, -24.9):
+        # The HDL-64E's two blocks of 32 lasers.
         deg = np.concatenate([np.linspace(cfg.top_deg, -8.33, 32),
                               np.linspace(-8.83, cfg.bottom_deg, 32)])
     else:

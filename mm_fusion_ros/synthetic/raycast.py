@@ -16,6 +16,7 @@ from mm_fusion_ros.synthetic.world import (
     CYLINDER,
     GROUND_ID,
     object_surface,
+    PRISM,
     SKY_ID,
     SPHERE,
 )
@@ -146,6 +147,9 @@ def intersect(prims, i, o, dx, dy, dz, t_min):
             return _cylinder(rx, ry, rz, float(h[0]), float(h[2]), dx, dy, dz, t_min)
         if kind == SPHERE:
             return _sphere(rx, ry, rz, float(h[0]), dx, dy, dz, t_min)
+        if kind == PRISM:
+            return _prism(rx, ry, rz, float(h[0]), float(h[1]), float(h[2]),
+                          float(prims.yaw[i]), dx, dy, dz, t_min)
     raise ValueError(f'unknown primitive kind {kind} (object {i})')
 
 
@@ -162,6 +166,33 @@ def _box(rx, ry, rz, hx, hy, hz, yaw, dx, dy, dz, t_min):
         b = (e - p) * inv
         np.fmax(near, np.fmin(a, b), out=near)
         np.fmin(far, np.fmax(a, b), out=far)
+    hit = (near <= far) & (near > t_min)
+    return np.where(hit, near, np.float32(np.inf))
+
+
+def _prism(rx, ry, rz, hx, hy, hz, yaw, dx, dy, dz, t_min):
+    """Gable-roof prism: the x and z slabs of its box, then the two roof planes
+    +-k y + z <= hz (k = 2 hz / hy), which also bound y."""
+    cs, sn = np.cos(yaw), np.sin(yaw)
+    px, py = cs * rx + sn * ry, -sn * rx + cs * ry
+    lx = cs * dx + sn * dy
+    ly = cs * dy - sn * dx
+    near = np.full(dx.shape, -np.inf, dtype=np.float32)
+    far = np.full(dx.shape, np.inf, dtype=np.float32)
+    for p, e, d in ((px, hx, lx), (rz, hz, dz)):
+        inv = 1.0 / d
+        a = (-e - p) * inv
+        b = (e - p) * inv
+        np.fmax(near, np.fmin(a, b), out=near)
+        np.fmin(far, np.fmax(a, b), out=far)
+    k = 2.0 * hz / hy
+    for sign in (1.0, -1.0):
+        rate = sign * k * ly + dz           # d/dt of (plane value), entering where < 0
+        room = hz - (sign * k * py + rz)    # distance to the plane at t = 0, inside where > 0
+        t = room / rate
+        near = np.where(rate < 0, np.fmax(near, t), near)
+        far = np.where(rate > 0, np.fmin(far, t), far)
+        far = np.where((rate == 0) & (room < 0), np.float32(-np.inf), far)
     hit = (near <= far) & (near > t_min)
     return np.where(hit, near, np.float32(np.inf))
 
@@ -271,6 +302,8 @@ def _object_geometry(prims, i, o, d, t):
         v = np.where(axis == 2, ly, lz + h[2])
         face = np.where(axis == 2, np.where(negative, 5, 4), face)
         return n.astype(np.float32), face, u, v.astype(np.float32)
+    if kind == PRISM:
+        return _prism_geometry(prims, i, rel, h, len(t))
     if kind == CYLINDER:
         r = h[0]
         cap = (rel[2] > h[2] - 1e-3) & (rel[0] ** 2 + rel[1] ** 2 < (r * 0.999) ** 2)
@@ -281,3 +314,32 @@ def _object_geometry(prims, i, o, d, t):
     r = h[0]
     n = rel / r
     return n, np.zeros(len(t), dtype=np.int64), np.arctan2(n[1], n[0]) * r, rel[2] + r
+
+
+def _prism_geometry(prims, i, rel, h, k):
+    """Normal, face (0/1 gables at +-x, 2/3 roof slopes facing +-y, 5 bottom) and (u, v) on a
+    gable-roof prism: the face whose plane the hit lies on (largest signed distance)."""
+    cs, sn = np.cos(prims.yaw[i]), np.sin(prims.yaw[i])
+    lx = cs * rel[0] + sn * rel[1]
+    ly = cs * rel[1] - sn * rel[0]
+    lz = rel[2]
+    hx, hy, hz = (float(v) for v in h)
+    slope = 2.0 * hz / hy
+    norm = np.sqrt(slope * slope + 1.0)
+    dist = np.stack([np.abs(lx) - hx, (slope * ly + lz - hz) / norm,
+                     (-slope * ly + lz - hz) / norm, -lz - hz])
+    which = np.argmax(dist, axis=0)
+    face = np.choose(which, [np.where(lx < 0, 1, 0), 2, 3, 5])
+    nl = np.zeros((3, k), dtype=np.float32)
+    gable = which == 0
+    nl[0, gable] = np.where(lx[gable] < 0, -1.0, 1.0)
+    for w, sign in ((1, 1.0), (2, -1.0)):
+        nl[1, which == w] = sign * slope / norm
+        nl[2, which == w] = 1.0 / norm
+    nl[2, which == 3] = -1.0
+    n = np.stack([cs * nl[0] - sn * nl[1], sn * nl[0] + cs * nl[1], nl[2]]).astype(np.float32)
+    on_slope = (which == 1) | (which == 2)
+    u = np.where(gable, ly, lx)
+    # Slopes: metres up from the eave; gables: up from the bottom; bottom: across.
+    v = np.where(on_slope, (hy - np.abs(ly)) * norm, np.where(gable, lz + hz, ly))
+    return n, face, u.astype(np.float32), v.astype(np.float32)

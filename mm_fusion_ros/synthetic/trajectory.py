@@ -1,9 +1,11 @@
 """Vehicle trajectories of the synthetic world: smooth synthetic drives or a real KITTI route.
 
-A Trajectory is the continuous-time pose of base_link (= velodyne) in the world frame (x east,
-y north, z up): a C2 cubic spline through knot positions and scipy's RotationSpline through knot
-rotations. Frame poses and the IMU both sample the same spline, so the IMU is consistent with the
-ground truth by construction. A Route is the ground line under the vehicle (0.5 m samples, with
+A Trajectory is the continuous-time pose of the vehicle reference frame in the world frame (x
+east, y north, z up): a C2 cubic spline through knot positions and scipy's RotationSpline through
+knot rotations. The reference sits where the KITTI car's Velodyne does, VELODYNE_HEIGHT above the
+road, so it is base_link itself for the default LiDAR mount (domain.py moves the LiDAR). Frame
+poses and the IMU both sample the same spline, so the IMU is consistent with the ground truth by
+construction. A Route is the ground line under the vehicle (0.5 m samples, with
 straight run-outs before the start and after the end) along which the world is built.
 """
 from dataclasses import dataclass

@@ -1,11 +1,17 @@
-"""Street scenes of the synthetic world: a road with markings along the route, sidewalks, verges,
-facades, parked cars, trees, street lamps, signs and walls, on a ground that follows the route's
-height. The world frame is x east, y north, z up.
+"""Scenes of the synthetic world, on a ground that follows the route's height (world frame: x
+east, y north, z up). Two styles:
+
+- street (the default): a road with markings, sidewalks, verges, facades at the sidewalk,
+  parked cars, trees, street lamps, signs and walls;
+- suburban: a residential street as in KITTI's residential drives, without markings, with a
+  planting strip between curb and sidewalk; detached houses with gable roofs set back behind
+  front gardens, hedges or low walls along the property line with gaps for driveways, garages,
+  garden and street trees (some conifers), shrubs, and few parked cars.
 
 Everything here is a pure function of the Route and a numpy Generator, so a (seed, sequence)
 pair always builds the same world. Objects are analytic primitives (yaw-oriented boxes,
-vertical cylinders, spheres) that the LiDAR and the camera ray-cast alike (raycast.py); their
-materials give both the camera's albedo and the LiDAR's reflectance.
+vertical cylinders, spheres, gable-roof prisms) that the LiDAR and the camera ray-cast alike
+(raycast.py); their materials give both the camera's albedo and the LiDAR's reflectance.
 """
 from dataclasses import dataclass, field
 import logging
@@ -16,12 +22,16 @@ from scipy.spatial import cKDTree
 
 log = logging.getLogger(__name__)
 
-BOX, CYLINDER, SPHERE = 0, 1, 2
+# Gable-roof prism: the box |x| <= hx, |y| <= hy, |z| <= hz cut by two planes that meet in a
+# ridge along local x at z = +hz and reach the eaves at y = +-hy, z = -hz.
+BOX, CYLINDER, SPHERE, PRISM = 0, 1, 2, 3
+SCENES = ('street', 'suburban')
 GROUND_ID, SKY_ID = -2, -1  # ray ids that are not objects
 
-# Materials (index into the tables below).
-FACADE, WALL, CAR, CABIN, METAL, TRUNK, FOLIAGE, SIGN = range(8)
-REFLECTANCE = np.array([0.45, 0.40, 0.50, 0.10, 0.60, 0.35, 0.45, 0.90], dtype=np.float32)
+# Materials (index into the tables below; append only).
+FACADE, WALL, CAR, CABIN, METAL, TRUNK, FOLIAGE, SIGN, HOUSE, ROOF = range(10)
+REFLECTANCE = np.array([0.45, 0.40, 0.50, 0.10, 0.60, 0.35, 0.45, 0.90, 0.50, 0.25],
+                       dtype=np.float32)
 GLASS = np.array([0.10, 0.13, 0.17], dtype=np.float32)
 GLASS_REFLECTANCE = 0.06
 
@@ -33,6 +43,12 @@ CAR_COLORS = np.array([[0.85, 0.85, 0.86], [0.12, 0.12, 0.13], [0.55, 0.56, 0.58
                        [0.80, 0.70, 0.30]], dtype=np.float32)
 SIGN_COLORS = np.array([[0.90, 0.90, 0.88], [0.10, 0.30, 0.70], [0.80, 0.12, 0.10]],
                        dtype=np.float32)
+HOUSE_FLOOR = 0.8  # m from a house's box bottom (0.3 m under the ground) to its ground floor
+HOUSE_COLORS = np.array([[0.90, 0.88, 0.82], [0.88, 0.80, 0.62], [0.80, 0.78, 0.74],
+                         [0.86, 0.70, 0.58], [0.66, 0.36, 0.28], [0.74, 0.76, 0.70]],
+                        dtype=np.float32)
+ROOF_COLORS = np.array([[0.55, 0.24, 0.16], [0.42, 0.20, 0.14], [0.24, 0.24, 0.26],
+                        [0.36, 0.28, 0.24]], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,12 @@ class Style:
     sidewalk: float
     grass: tuple
     sun: tuple
+    scene: str = 'street'
+    markings: bool = True          # centre, lane and parking lines
+    planting_strip: float = 0.0    # m of grass between curb and sidewalk
+    setback: tuple = (0.0, 0.0)    # m from the property line to a house front (suburban)
+    hedge_probability: float = 0.0  # chance that a lot's frontage is a hedge (suburban)
+    dirt: float = 1.0              # weight of bare-soil patches in the grass (lawns: less)
 
     @property
     def road_center(self) -> float:
@@ -74,6 +96,26 @@ def draw_style(rng) -> Style:
         grass=tuple(rng.uniform([0.20, 0.32, 0.12], [0.35, 0.45, 0.22])),
         sun=(float(np.cos(sun_el) * np.cos(sun_az)), float(np.cos(sun_el) * np.sin(sun_az)),
              float(np.sin(sun_el))))
+
+
+def draw_suburban_style(rng) -> Style:
+    """A residential street: narrow unmarked road, houses of 1-2 storeys (building_height is
+    the storey height) set back behind front gardens, few parked cars, many trees."""
+    sun_az, sun_el = rng.uniform(0.0, 2.0 * np.pi), rng.uniform(np.radians(30), np.radians(65))
+    near = rng.uniform(3.0, 6.0)
+    return Style(
+        lane_width=rng.uniform(2.75, 3.25), parking_width=rng.uniform(1.8, 2.3),
+        sidewalk_width=rng.uniform(1.5, 2.5), building_height=(2.6, 3.0),
+        open_lot_probability=rng.uniform(0.05, 0.2), car_probability=rng.uniform(0.05, 0.2),
+        tree_probability=rng.uniform(0.5, 0.9), lamp_spacing=rng.uniform(28.0, 45.0),
+        asphalt=rng.uniform(0.22, 0.34), sidewalk=rng.uniform(0.45, 0.6),
+        grass=tuple(rng.uniform([0.20, 0.34, 0.12], [0.33, 0.46, 0.20])),
+        sun=(float(np.cos(sun_el) * np.cos(sun_az)), float(np.cos(sun_el) * np.sin(sun_az)),
+             float(np.sin(sun_el))),
+        scene='suburban', markings=False,
+        planting_strip=0.0 if rng.random() < 0.3 else rng.uniform(1.5, 2.5),
+        setback=(near, near + rng.uniform(3.0, 7.0)), hedge_probability=rng.uniform(0.4, 0.8),
+        dirt=rng.uniform(0.2, 0.5))
 
 
 class NoiseTile:
@@ -210,15 +252,18 @@ class GroundMap:
         value = np.full(a.shape, st.asphalt, dtype=np.float32) + grain
         refl = np.full(a.shape, 0.12, dtype=np.float32) + 0.1 * grain
 
-        paint = ((a < 0.075) & (_frac(along / 9.0) < 0.4)) \
-            | (np.abs(a - st.lane_width) < 0.06) \
-            | ((a > st.lane_width) & (a < half) & (_frac(along / 6.0) < 0.02))
+        strip = st.planting_strip  # 0 on a street: the sums below are then exact no-ops
         curb = (a >= half) & (a < half + 0.25)
-        walk = (a >= half + 0.25) & (a < half + st.sidewalk_width)
-        joints = (_frac(along / 1.2) < 0.03) | (_frac((a - half) / 1.2) < 0.03)
-        verge = a >= half + st.sidewalk_width
-        value = np.where(paint & (a < half), 0.85 + 0.3 * grain, value)
-        refl = np.where(paint & (a < half), 0.6, refl)
+        walk = (a >= half + 0.25 + strip) & (a < half + strip + st.sidewalk_width)
+        joints = (_frac(along / 1.2) < 0.03) | (_frac((a - (half + strip)) / 1.2) < 0.03)
+        verge = (a >= half + strip + st.sidewalk_width) \
+            | ((a >= half + 0.25) & (a < half + 0.25 + strip))
+        if st.markings:
+            paint = ((a < 0.075) & (_frac(along / 9.0) < 0.4)) \
+                | (np.abs(a - st.lane_width) < 0.06) \
+                | ((a > st.lane_width) & (a < half) & (_frac(along / 6.0) < 0.02))
+            value = np.where(paint & (a < half), 0.85 + 0.3 * grain, value)
+            refl = np.where(paint & (a < half), 0.6, refl)
         value = np.where(curb, 0.62 + grain, value)
         refl = np.where(curb, 0.35, refl)
         slab = st.sidewalk + 0.6 * grain - 0.12 * (joints * _lod(footprint, 0.08))
@@ -232,6 +277,8 @@ class GroundMap:
             blades = 0.8 + 0.5 * fv * noise(xv * 2.5 + 7.0, yv * 2.5) \
                 + 0.5 * noise(xv * 0.4, yv * 0.4 + 9.0)
             dirt = np.clip(0.5 + 1.5 * noise(xv * 0.07, yv * 0.07 + 3.0), 0.0, 1.0)[:, None]
+            if st.dirt != 1.0:
+                dirt *= np.float32(st.dirt)
             grass = np.asarray(st.grass, dtype=np.float32)
             albedo[verge] = (grass * (1 - dirt) + np.float32([0.40, 0.34, 0.26]) * dirt) \
                 * blades[:, None]
@@ -319,12 +366,16 @@ class World:
         return np.sort(idx[dist - self._radius[idx] <= radius])
 
 
-def build_world(route, rng) -> World:
-    """The street scene along `route` (objects on both sides, never on the road)."""
-    style = draw_style(rng)
+def build_world(route, rng, scene='street') -> World:
+    """The scene along `route` (objects on both sides, never on the road)."""
+    if scene not in SCENES:
+        raise ValueError(f'scene {scene!r} not known; choose one of {", ".join(SCENES)}')
+    draw, builder_class = {'street': (draw_style, _StreetBuilder),
+                           'suburban': (draw_suburban_style, _SuburbBuilder)}[scene]
+    style = draw(rng)
     noise = NoiseTile(rng)
     ground = GroundMap(route, style, noise)
-    builder = _StreetBuilder(route, style, ground, rng)
+    builder = builder_class(route, style, ground, rng)
     prims = builder.build()
     log.debug('world: %d primitives along %.0f m of road', len(prims), route.s[-1] - route.s[0])
     return World(route, style, ground, prims, noise)
@@ -519,12 +570,213 @@ class _StreetBuilder:
             s += rng.uniform(40.0, 120.0)
 
 
+class _SuburbBuilder(_StreetBuilder):
+    """A residential street, lot by lot: frontage (hedge, low wall or open), a house with a
+    gable roof set back behind its front garden, maybe a garage and a car in the driveway,
+    garden trees and shrubs; street trees in the planting strip, a few parked cars."""
+
+    def build(self) -> Primitives:
+        for side in (1.0, -1.0):
+            self._lots(side)
+            self._cars(side)
+            self._street_trees(side)
+            self._lamps(side)
+            self._signs(side)
+        return self.out.freeze()
+
+    def _lots(self, side):
+        st, rng = self.style, self.rng
+        s, end = self._span()
+        s += rng.uniform(0.0, 10.0)
+        front = abs(self._edge(side)) + st.planting_strip + st.sidewalk_width  # property line
+        while s < end:
+            width = rng.uniform(15.0, 26.0)
+            setback = rng.uniform(*st.setback)
+            if rng.random() < st.open_lot_probability:  # a garden or meadow without a house
+                self._frontage(side, s, width, front, None)
+                self._garden(side, s, width, front, front + 25.0, None)
+                s += width
+                continue
+            length = rng.uniform(8.0, min(14.0, width - 4.0))
+            offset = rng.uniform(1.5, width - length - 1.5)
+            gaps = (offset, width - offset - length)  # beside the house, before and after it
+            drive = None
+            if max(gaps) >= 3.5:  # a driveway in the wider gap, maybe a garage at its end
+                drive = offset / 2 if gaps[0] >= gaps[1] else offset + length + gaps[1] / 2
+            self._frontage(side, s, width, front, drive)
+            built = self._house(side, s + offset, length, front + setback)
+            if drive is not None:
+                self._driveway(side, s + drive, front, setback, max(gaps))
+            self._garden(side, s, width, front, front + (setback if built else 25.0), drive)
+            s += width
+
+    def _frontage(self, side, s, width, front, drive):
+        """Hedge or low wall along the property line, with a 3 m gap for the driveway (or a
+        1.2 m gate); in pieces of <= 6 m so it follows curves."""
+        st, rng = self.style, self.rng
+        kind = rng.random()
+        if kind >= st.hedge_probability + 0.5 * (1.0 - st.hedge_probability):
+            return  # an open front garden
+        hedge = kind < st.hedge_probability
+        gap = (drive - 1.5, drive + 1.5) if drive is not None else \
+            (0.5 * width - 0.6, 0.5 * width + 0.6)
+        height = rng.uniform(0.9, 1.9) if hedge else rng.uniform(0.5, 1.1)
+        thick = rng.uniform(0.5, 0.9) if hedge else 0.2
+        green = np.clip(np.array([0.16, 0.32, 0.11]) * rng.uniform(0.75, 1.2, size=3), 0, 1)
+        wall = HOUSE_COLORS[rng.integers(len(HOUSE_COLORS))] * 0.9
+        for a, b in ((0.0, gap[0]), (gap[1], width)):
+            pieces = max(1, int(np.ceil((b - a) / 6.0)))
+            for k in range(pieces):
+                u0 = a + (b - a) * k / pieces
+                u1 = a + (b - a) * (k + 1) / pieces
+                if u1 - u0 < 0.5:
+                    continue
+                lateral = side * (front + 0.1 + 0.5 * thick)
+                xy, heading, _ = self._at(s + 0.5 * (u0 + u1), lateral)
+                outline = self._rect(xy, heading, 0.5 * (u1 - u0), 0.5 * thick, step=1.0)
+                if not self._clear(outline, front - 0.5):
+                    continue
+                base = self._base_height(outline)
+                center = (xy[0], xy[1], base + 0.5 * (height + 0.3))
+                half = (0.5 * (u1 - u0), 0.5 * thick, 0.5 * (height + 0.3))
+                if hedge:
+                    self.out.add(BOX, center, half, heading, FOLIAGE, green)
+                else:
+                    self.out.add(BOX, center, half, heading, WALL, wall)
+
+    def _house(self, side, s, length, inner) -> bool:
+        """A detached house of 1-2 storeys whose front is `inner` metres from the route, its
+        gable roof's ridge along the road or across it. False where it does not fit."""
+        st, rng = self.style, self.rng
+        depth = rng.uniform(8.0, 12.0)
+        xy, heading, _ = self._at(s + 0.5 * length, side * (inner + 0.5 * depth))
+        outline = self._rect(xy, heading, 0.5 * length, 0.5 * depth)
+        if not self._clear(outline, inner - 1.0):
+            return False
+        base = self._base_height(outline)  # 0.3 m below the lowest ground under the house
+        storey = rng.uniform(*st.building_height)
+        walls = HOUSE_FLOOR + storey * (1 + (rng.random() < 0.6)) + 0.3  # + knee wall
+        color = np.clip(HOUSE_COLORS[rng.integers(len(HOUSE_COLORS))]
+                        * rng.uniform(0.9, 1.05, size=3), 0, 1)
+        windows = (rng.uniform(2.4, 3.4), storey, rng.uniform(0.0, 3.0), rng.uniform(0.14, 0.24))
+        self.out.add(BOX, (xy[0], xy[1], base + 0.5 * walls), (0.5 * length, 0.5 * depth,
+                                                                  0.5 * walls),
+                     heading, HOUSE, color, windows)
+        pitch = np.radians(rng.uniform(28.0, 45.0))
+        along = rng.random() < 0.65
+        ridge, span = (length, depth) if along else (depth, length)
+        eave, gable = 0.5, 0.25  # overhangs [m]
+        rise = (0.5 * span + eave) * np.tan(pitch)
+        self.out.add(PRISM, (xy[0], xy[1], base + walls + 0.5 * rise),
+                     (0.5 * ridge + gable, 0.5 * span + eave, 0.5 * rise),
+                     heading if along else heading + 0.5 * np.pi, ROOF,
+                     ROOF_COLORS[rng.integers(len(ROOF_COLORS))] * rng.uniform(0.85, 1.1),
+                     (*color, 0.0))
+        return True
+
+    def _driveway(self, side, s, front, setback, room):
+        """A garage at the driveway's end (where the gap beside the house allows one) and
+        sometimes a car on the driveway, nose toward the house."""
+        rng = self.rng
+        if room >= 4.0 and rng.random() < 0.4:
+            xy, heading, _ = self._at(s, side * (front + setback + 3.0))
+            outline = self._rect(xy, heading, 1.6, 3.0)
+            if self._clear(outline, front + setback - 1.0):
+                base = self._base_height(outline)
+                color = HOUSE_COLORS[rng.integers(len(HOUSE_COLORS))]
+                self.out.add(BOX, (xy[0], xy[1], base + 1.45), (1.6, 3.0, 1.45), heading,
+                             HOUSE, color, (3.0, 2.6, 0.0, 0.0))
+        if setback >= 5.5 and rng.random() < 0.35:
+            length, width = rng.uniform(3.9, 4.8), rng.uniform(1.7, 1.9)
+            xy, heading, _ = self._at(s, side * (front + 0.5 + 0.5 * length))
+            heading += side * 0.5 * np.pi + rng.normal(0.0, 0.03)
+            outline = self._rect(xy, heading, 0.5 * length, 0.5 * width, step=1.0)
+            if self._clear(outline, front - 0.5):
+                self._car(xy, heading, length, width, self._base_height(outline) + 0.3)
+
+    def _garden(self, side, s, width, front, house_front, drive):
+        """Shrubs and a tree between the property line and the house (off the driveway), and
+        trees behind the house. Crowns stay clear of the house front."""
+        rng = self.rng
+        spots = []  # (along the lot, lateral, largest crown radius or 0 for a shrub)
+        if house_front - front > 3.0:
+            for _ in range(rng.integers(0, 3)):
+                spots.append((rng.uniform(1.0, width - 1.0),
+                              rng.uniform(front + 1.2, house_front - 1.0), 0.0))
+            if rng.random() < 0.5:
+                lateral = rng.uniform(front + 2.0, house_front - 0.5)
+                spots.append((rng.uniform(2.0, width - 2.0), lateral,
+                              max(house_front - lateral, lateral - front) - 0.3))
+        for _ in range(rng.integers(0, 3)):  # backyard: seen over and beside the roofs
+            spots.append((rng.uniform(2.0, width - 2.0),
+                          house_front + rng.uniform(14.0, 24.0), 3.5))
+        for along, lateral, crown in spots:
+            if drive is not None and abs(along - drive) < 2.5:
+                continue
+            xy, heading, ground = self._at(s + along, side * lateral)
+            if not crown:
+                r = rng.uniform(0.4, 1.0)
+                if self._clear(xy, front + r):
+                    green = np.clip(np.array([0.20, 0.36, 0.14]) * rng.uniform(0.7, 1.2, 3), 0, 1)
+                    self.out.add(SPHERE, (xy[0], xy[1], ground + 0.5 * r), (r, r, r), 0.0,
+                                 FOLIAGE, green)
+            elif self._clear(xy, front + 1.0):
+                if rng.random() < 0.3:
+                    self._conifer(xy, ground, rng.uniform(5.0, 12.0))
+                else:
+                    self._tree(xy, heading, ground, min(rng.uniform(1.5, 3.5), crown))
+
+    def _conifer(self, xy, ground, height):
+        """A spruce: a short trunk under three stacked, narrowing spheres."""
+        rng = self.rng
+        r = rng.uniform(0.22, 0.32) * height
+        self.out.add(CYLINDER, (xy[0], xy[1], ground - 0.2 + 0.5 * (0.25 * height + 0.2)),
+                     (0.15, 0.15, 0.5 * (0.25 * height + 0.2)), 0.0, TRUNK, (0.30, 0.22, 0.15))
+        green = np.clip(np.array([0.10, 0.24, 0.12]) * rng.uniform(0.8, 1.2, size=3), 0, 1)
+        z = ground + 0.25 * height + r
+        for scale in (1.0, 0.72, 0.45):
+            self.out.add(SPHERE, (xy[0], xy[1], z), (r * scale,) * 3, 0.0, FOLIAGE, green)
+            z += 1.35 * r * scale
+
+    def _tree(self, xy, heading, ground, crown):
+        """A deciduous tree: trunk, and a round crown of one or two overlapping spheres whose
+        bottom clears 2.2 m (pruned for the traffic under it)."""
+        rng = self.rng
+        trunk_r, trunk_h = rng.uniform(0.12, 0.3), rng.uniform(2.2, 3.2) + 0.3 * crown
+        self.out.add(CYLINDER, (xy[0], xy[1], ground - 0.2 + 0.5 * (trunk_h + 0.2)),
+                     (trunk_r, trunk_r, 0.5 * (trunk_h + 0.2)), 0.0, TRUNK, (0.32, 0.24, 0.16))
+        green = np.clip(np.array([0.20, 0.38, 0.14]) * rng.uniform(0.7, 1.3, size=3), 0, 1)
+        top = ground + trunk_h + 0.7 * crown
+        self.out.add(SPHERE, (xy[0], xy[1], top), (crown,) * 3, 0.0, FOLIAGE, green)
+        if rng.random() < 0.5:
+            angle, r = rng.uniform(0.0, 2.0 * np.pi), crown * rng.uniform(0.55, 0.8)
+            off = (crown - 0.6 * r) * np.array([np.cos(angle), np.sin(angle)])
+            self.out.add(SPHERE, (xy[0] + off[0], xy[1] + off[1], top + 0.3 * crown),
+                         (r,) * 3, 0.0, FOLIAGE, green * rng.uniform(0.9, 1.1))
+
+    def _street_trees(self, side):
+        st, rng = self.style, self.rng
+        if st.planting_strip < 1.0:
+            return
+        s, end = self._span()
+        s += rng.uniform(0.0, 8.0)
+        lateral = self._edge(side) + side * (0.25 + 0.5 * st.planting_strip)
+        while s < end:
+            if rng.random() < st.tree_probability:
+                xy, heading, ground = self._at(s, lateral)
+                crown = rng.uniform(1.5, 3.0)
+                if self._clear(xy, crown + 1.2):
+                    self._tree(xy, heading, ground, crown)
+            s += rng.uniform(9.0, 16.0)
+
+
 # -- materials -------------------------------------------------------------------------------
 def object_surface(noise: NoiseTile, material: int, color, params, half, center, face, u, v,
                    footprint):
     """Albedo (k, 3) and reflectance (k,) of hits on one object.
 
-    face: 0..5 = box faces +x -x +y -y +z -z (cylinders/spheres: 0 side, 4 top);
+    face: 0..5 = box faces +x -x +y -y +z -z (cylinders/spheres: 0 side, 4 top; prisms: 0, 1
+    gables, 2, 3 roof slopes on the +y and -y sides, 5 bottom);
     u, v: metres along the face horizontally and up from the object's bottom.
     """
     k = len(u)
@@ -565,4 +817,22 @@ def object_surface(noise: NoiseTile, material: int, color, params, half, center,
         back = (face != 0) & (face != 1)
         albedo[back] = 0.5
         refl[back] = 0.5
+    elif material == HOUSE:  # plastered walls, a darker plinth, a window grid per floor
+        spacing, floor_h, offset, half_width = params
+        wu = _frac((u + offset) / spacing)
+        wv = _frac((v - HOUSE_FLOOR) / floor_h)
+        window = (np.abs(wu - 0.5) < half_width) & (wv > 0.3) & (wv < 0.78) \
+            & (v > HOUSE_FLOOR) & (v < 2.0 * half[2] - 0.4) & ~top & (_lod(footprint, 0.4) > 0)
+        albedo[(v < HOUSE_FLOOR) & ~top] *= 0.7
+        albedo[window] = GLASS * (1.0 + 0.6 * noise(u[window] * 0.3, v[window] * 0.3))[:, None]
+        refl[window] = GLASS_REFLECTANCE
+        albedo[top] = 0.3 * tone[top, None]
+    elif material == ROOF:  # tile courses on the slopes, the wall colour (params) on the gables
+        slope = (face == 2) | (face == 3)
+        course = slope & (_frac(v / 0.3) < 0.2)
+        albedo[course] *= (1.0 - 0.4 * _lod(footprint[course], 0.1))[:, None]
+        gable = face <= 1
+        albedo[gable] = np.asarray(params[:3], dtype=np.float32) * tone[gable, None]
+        refl[gable] = REFLECTANCE[HOUSE] * tone[gable]
+        albedo[face == 5] *= 0.4  # the eaves' underside, in shade
     return np.clip(albedo, 0.0, 1.0), np.clip(refl, 0.0, 1.0)

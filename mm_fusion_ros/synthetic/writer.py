@@ -29,6 +29,7 @@ from PIL import Image
 
 from mm_fusion_ros.geometry import base_link_to_cam0, invert_pose
 from mm_fusion_ros.kitti.odometry import (
+    Calib,
     normalize_sequence_id,
     write_calib,
     write_poses,
@@ -43,6 +44,7 @@ from mm_fusion_ros.synthetic.camera import (
     kitti_calib,
     KITTI_SIZE,
 )
+from mm_fusion_ros.synthetic.domain import DomainConfig
 from mm_fusion_ros.synthetic.imu import (
     imu_sample_times,
     kitti_T_velo_imu,
@@ -66,7 +68,7 @@ log = logging.getLogger(__name__)
 
 PNG_COMPRESSION = 1  # zlib level: deterministic, and 3x faster to encode than the default 6
 # Purposes of the per-sequence random streams (never reorder: it would change every dataset).
-_DRIVE, _WORLD, _TIMES, _IMU, _SCAN = range(5)
+_DRIVE, _WORLD, _TIMES, _IMU, _SCAN, _CAMERA = range(6)
 # Below this much work (full-size frames) a worker pool costs more than it saves.
 _POOL_MIN_FRAMES = 24
 
@@ -115,6 +117,7 @@ class SequenceSummary:
     trajectory: str = 'synthetic'
     workers: int = 1
     imu: str = 'synthetic'          # or 'real, from <.mat file>'
+    domain: dict = field(default_factory=dict)  # DomainConfig fields that differ from defaults
 
 
 @dataclass
@@ -135,16 +138,23 @@ class _FrameContext:
 def generate_sequence(out_dir, sequence, frames: int, seed: int = 0, *,
                       image_size=KITTI_SIZE, azimuth_steps: int = 2000, beams: int = 64,
                       trajectory=None, imu_source=None, workers=None, overwrite=False,
-                      images=True, scans=True) -> SequenceSummary:
+                      images=True, scans=True,
+                      domain: DomainConfig = None) -> SequenceSummary:
     """Generate one sequence of `frames` frames under out_dir (the KITTI layout above).
 
     image_size: (width, height); intrinsics scale with it. trajectory: a KITTI poses file
     (cam0 poses) to follow instead of a synthetic drive. imu_source: that drive's real
     frame-aligned IMU (.mat, see real_imu.py), written instead of the synthetic one; it needs
     trajectory. workers: processes rendering frames (None: 2 when the job is big enough).
-    overwrite: replace an existing sequence's files.
+    overwrite: replace an existing sequence's files. domain: scene style, LiDAR mount and
+    camera exposure (domain.py; None: DomainConfig(), the pretraining world).
+
+    The drive (synthetic or real) moves the vehicle reference frame, the KITTI car's Velodyne
+    mount; the LiDAR (base_link) rides on it at domain.T_vehicle_lidar(), the camera and the
+    IMU at their KITTI offsets from that reference.
     """
     start = time.perf_counter()
+    domain = DomainConfig() if domain is None else domain
     seq = normalize_sequence_id(sequence)
     _validate(frames, seed, image_size, trajectory, imu_source)
     paths = SequencePaths(Path(out_dir), seq)
@@ -155,38 +165,45 @@ def generate_sequence(out_dir, sequence, frames: int, seed: int = 0, *,
         return time.process_time()
 
     t0 = time.process_time()
-    calib = kitti_calib(*image_size)
-    T_velo_imu = kitti_T_velo_imu()
+    vehicle_calib = kitti_calib(*image_size)  # camera <- vehicle reference (KITTI's Velodyne)
+    T_vehicle_imu = kitti_T_velo_imu()
     rng = _streams(seed, int(seq))
-    traj, world_poses, times, route, source = _drive(rng, frames, trajectory, calib.Tr)
+    traj, vehicle_poses, times, route, source = _drive(rng, frames, trajectory,
+                                                       vehicle_calib.Tr)
     # Everything that can refuse the input runs before a file is touched.
-    real_imu = _real_imu(imu_source, trajectory, frames, times, world_poses, T_velo_imu)
+    real_imu = _real_imu(imu_source, trajectory, frames, times, vehicle_poses, T_vehicle_imu)
     _prepare_outputs(paths, overwrite, images, scans)
     t0 = lap('trajectory', t0)
-    world = sequence_world(seq, seed, route)
+    world = sequence_world(seq, seed, route, domain.scene)
     t0 = lap('world', t0)
 
+    calib, T_velo_imu, world_poses = mount_lidar(vehicle_calib, T_vehicle_imu, vehicle_poses,
+                                                 domain.T_vehicle_lidar())
     poses_base = invert_pose(world_poses[0]) @ world_poses
     write_calib(paths.seq_dir / 'calib.txt', calib)
     write_times(paths.seq_dir / 'times.txt', times)
     write_poses(paths.poses, base_link_to_cam0(poses_base, calib.Tr))
     write_calib_imu_to_velo(paths.seq_dir / 'calib_imu_to_velo.txt', T_velo_imu)
+    # The IMU rides on the vehicle, whatever the LiDAR's mount: its data follow the vehicle.
     if real_imu is None:
         imu_t = imu_sample_times(times[-1])
-        fields = synthesize_oxts(traj, imu_t, T_velo_imu, rng(_IMU))
+        fields = synthesize_oxts(traj, imu_t, T_vehicle_imu, rng(_IMU))
     else:
         imu_t = real_imu.stamps
-        fields = measured_oxts(traj, imu_t, T_velo_imu, real_imu.accel, real_imu.gyro)
+        fields = measured_oxts(traj, imu_t, T_vehicle_imu, real_imu.accel, real_imu.gyro)
     stamps = sequence_epoch_ns(seq) + np.rint(imu_t * 1e9).astype(np.int64)
     write_oxts_folder(paths.oxts_dir, stamps, fields)
     if real_imu is not None:
         _write_imu_provenance(paths.oxts_dir / 'source.txt', real_imu, trajectory)
     t0 = lap('imu+text', t0)
 
-    ctx = _FrameContext(world=world, lidar=Lidar(LidarConfig(beams=beams,
-                                                             azimuth_steps=azimuth_steps)),
-                        camera=Camera(CameraModel.from_calib(calib, *image_size)), calib=calib,
-                        paths=paths, seed=seed, seq_int=int(seq), images=images, scans=scans)
+    lidar = Lidar(LidarConfig(beams=beams, azimuth_steps=azimuth_steps,
+                              top_deg=domain.lidar_top_deg, bottom_deg=domain.lidar_bottom_deg))
+    camera = Camera(CameraModel.from_calib(calib, *image_size),
+                    exposure_ev=domain.camera_exposure_ev, gamma=domain.camera_gamma,
+                    noise=domain.camera_noise)
+    ctx = _FrameContext(world=world, lidar=lidar, camera=camera, calib=calib, paths=paths,
+                        seed=seed, seq_int=int(seq), images=images, scans=scans)
     workers = _choose_workers(workers, frames, image_size, beams * azimuth_steps)
     results = _render_all(ctx, world_poses, workers)
     for name in ('lidar', 'camera', 'png', 'bin'):
@@ -197,7 +214,8 @@ def generate_sequence(out_dir, sequence, frames: int, seed: int = 0, *,
         points=(int(counts.min()), float(counts.mean()), int(counts.max())),
         imu_samples=len(imu_t), wall_s=time.perf_counter() - start, cpu_s=cpu,
         trajectory=source, workers=workers,
-        imu='synthetic' if real_imu is None else f'real, from {imu_source}')
+        imu='synthetic' if real_imu is None else f'real, from {imu_source}',
+        domain=domain.changes())
     log.info('sequence %s: %d frames, %.1f s, %.0f points/scan, %.1f s wall, IMU %s', seq,
              frames, summary.duration_s, summary.points[1], summary.wall_s, summary.imu)
     return summary
@@ -239,9 +257,22 @@ def _write_imu_provenance(path, imu, trajectory):
         'lat lon alt, roll pitch yaw, vn ve vf vl vu: derived from the ground-truth poses\n')
 
 
-def sequence_world(sequence, seed, route):
+def sequence_world(sequence, seed, route, scene='street'):
     """The world that generate_sequence builds for (sequence, seed) along a route."""
-    return build_world(route, _streams(seed, int(sequence))(_WORLD))
+    return build_world(route, _streams(seed, int(sequence))(_WORLD), scene)
+
+
+def mount_lidar(vehicle_calib: Calib, T_vehicle_imu, vehicle_poses, T_vehicle_lidar):
+    """-> (calib, T_lidar_imu, T_world_lidar poses) for a LiDAR (= base_link) mounted at
+    T_vehicle_lidar on a vehicle whose camera calibration (Tr: vehicle reference -> cam0) and
+    IMU offset are given. Cameras and IMU keep their place on the vehicle, so the cam0 poses
+    Tr · T_odom_base · Tr^-1 are the camera's own motion whatever the mount. The KITTI mount
+    (identity) returns the inputs themselves, bit for bit."""
+    if np.array_equal(T_vehicle_lidar, np.eye(4)):
+        return vehicle_calib, T_vehicle_imu, vehicle_poses
+    calib = Calib(P=vehicle_calib.P, Tr=vehicle_calib.Tr @ T_vehicle_lidar)
+    return (calib, invert_pose(T_vehicle_lidar) @ T_vehicle_imu,
+            vehicle_poses @ T_vehicle_lidar)
 
 
 def _streams(seed, seq_int):
@@ -320,7 +351,9 @@ def _render_frame(ctx: _FrameContext, k, pose) -> dict:
         out.update(points=len(points), lidar=t1 - t0, bin=clock() - t1)
     if ctx.images:
         t0 = clock()
-        rgb, _ = ctx.camera.render(ctx.world, camera_pose(pose, ctx.calib))
+        noise = np.random.default_rng([ctx.seed, ctx.seq_int, _CAMERA, k]) \
+            if ctx.camera.noise else None
+        rgb, _ = ctx.camera.render(ctx.world, camera_pose(pose, ctx.calib), noise)
         t1 = clock()
         Image.fromarray(rgb).save(ctx.paths.image_dir / f'{k:06d}.png', format='PNG',
                                   compress_level=PNG_COMPRESSION)
