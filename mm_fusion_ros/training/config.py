@@ -45,6 +45,14 @@ class TrainConfig(ConfigBase):
     aug_brightness: float = field(default=0.0, metadata={
         'help': 'max brightness shift (fraction of 255)'})
     aug_contrast: float = field(default=0.0, metadata={'help': 'max contrast change (fraction)'})
+    aug_drop_camera: float = field(default=0.0, metadata={
+        'help': 'probability of masking off the camera of a training sample (as a missing '
+                'sensor is), on top of ModelConfig.modality_dropout'})
+    aug_drop_lidar: float = field(default=0.0, metadata={
+        'help': 'probability of masking off the LiDAR of a training sample, so that camera and '
+                'IMU learn to carry the estimate without it'})
+    aug_drop_imu: float = field(default=0.0, metadata={
+        'help': 'probability of masking off the IMU of a training sample'})
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -61,7 +69,8 @@ class TrainConfig(ConfigBase):
                      'aug_yaw_max_deg', 'aug_brightness', 'aug_contrast'):
             if getattr(self, name) < 0:
                 raise ValueError(f'TrainConfig.{name} must be >= 0, got {getattr(self, name)}')
-        for name in ('aug_point_dropout', 'aug_yaw_prob'):
+        for name in ('aug_point_dropout', 'aug_yaw_prob', 'aug_drop_camera', 'aug_drop_lidar',
+                     'aug_drop_imu'):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f'TrainConfig.{name} must be in [0, 1], got '
                                  f'{getattr(self, name)}')
@@ -86,4 +95,5 @@ class TrainConfig(ConfigBase):
         return AugmentParams(point_jitter_m=self.aug_point_jitter_m,
                              point_dropout=self.aug_point_dropout,
                              yaw_max_deg=self.aug_yaw_max_deg, yaw_prob=self.aug_yaw_prob,
-                             brightness=self.aug_brightness, contrast=self.aug_contrast)
+                             brightness=self.aug_brightness, contrast=self.aug_contrast,
+                             drop=(self.aug_drop_camera, self.aug_drop_lidar, self.aug_drop_imu))

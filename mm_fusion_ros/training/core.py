@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 TENSOR_KEYS = ('image', 'points', 'points_mask', 'imu', 'dt', 'target', 'target_valid',
                'modality_mask')
 FINITE_KEYS = ('points', 'imu', 'dt', 'target')
+# Carried to the model when a batch has them (model.net.CALIB_KEYS).
+OPTIONAL_KEYS = ('intrinsics', 't_cam_lidar')
 
 
 def is_empty(batch) -> bool:
@@ -86,6 +88,8 @@ class TrainerCore:
     # --- batches -------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
         out = {k: batch[k].to(self.device, non_blocking=True) for k in TENSOR_KEYS}
+        out.update({k: batch[k].to(self.device, non_blocking=True) for k in OPTIONAL_KEYS
+                    if k in batch})
         out['meta'] = batch.get('meta', [])
         return out
 
@@ -102,7 +106,7 @@ class TrainerCore:
             log.warning('skipping sample with non-finite input or target: %s', meta)
         if dropped == len(ok):
             return None, dropped
-        keep = {k: batch[k][ok] for k in TENSOR_KEYS}
+        keep = {k: batch[k][ok] for k in TENSOR_KEYS + OPTIONAL_KEYS if k in batch}
         keep['meta'] = [m for m, good in zip(batch['meta'], ok.tolist()) if good]
         return keep, dropped
 

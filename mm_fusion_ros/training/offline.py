@@ -46,7 +46,9 @@ DEFAULT_INITIAL = 'pretrain_models/multimodal_initial.pth'
 DEFAULT_FINETUNED = 'pretrain_models/multimodal_finetuned.pth'
 # CLI flag -> ModelConfig field, for flags that shape the network (default None = unset).
 MODEL_FLAGS = ('image_height', 'image_width', 'imu_steps', 'visual_encoder', 'point_encoder',
-               'imu_encoder', 'bev_cells', 'bev_range_m', 'bev_max_shift_cells', 'shift_prior')
+               'imu_encoder', 'bev_cells', 'bev_range_m', 'bev_max_shift_cells', 'shift_prior',
+               'visual_depth', 'camera_prior', 'ground_height_m')
+SWITCHES = ('shift_prior', 'visual_depth', 'camera_prior')
 ON_OFF = {'on': True, 'off': False}
 
 
@@ -87,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument('--image_width', type=int, default=None, help='image width [px] (320)')
     model.add_argument('--imu_steps', type=int, default=None, help='IMU steps K (11)')
     model.add_argument('--visual_encoder', default=None,
-                       help='real | dummy | cnn (real = cnn)')
+                       help='real | dummy | cnn | flow (real = cnn)')
     model.add_argument('--point_encoder', default=None,
                        help='real | dummy | bev | pointnet (real = bev)')
     model.add_argument('--imu_encoder', default=None, help='real | dummy | conv (real = conv)')
@@ -99,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument('--shift_prior', choices=sorted(ON_OFF), default=None,
                        help='BEV: forward translation = correlation estimate + learned '
                             'correction (on) or learned alone (off); default on')
+    model.add_argument('--visual_depth', choices=sorted(ON_OFF), default=None,
+                       help='flow: LiDAR depth as extra image channels (default on)')
+    model.add_argument('--camera_prior', choices=sorted(ON_OFF), default=None,
+                       help="flow: yaw (and x without LiDAR) = the camera's ground-sweep "
+                            'estimate + learned correction (on) or learned alone (off)')
+    model.add_argument('--ground_height_m', type=float, default=None,
+                       help='flow: height of base_link above the road [m] (1.73)')
 
     train = p.add_argument_group('training')
     train.add_argument('--finetune_checkpoint', type=Path, default=None,
@@ -136,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument('--aug_brightness', type=float, default=0.0,
                        help='max brightness shift (fraction of 255)')
     train.add_argument('--aug_contrast', type=float, default=0.0, help='max contrast change')
+    for name in ('camera', 'lidar', 'imu'):
+        train.add_argument(f'--aug_drop_{name}', type=float, default=0.0,
+                           help=f'probability of masking off the {name} of a training sample '
+                                '(as a missing sensor)')
     train.add_argument('--seed', type=int, default=0, help='seed of init, data order, dropout')
 
     run = p.add_argument_group('run')
@@ -160,7 +173,7 @@ def model_overrides(args) -> dict:
         value = getattr(args, name)
         if value is None:
             continue
-        if name == 'shift_prior':
+        if name in SWITCHES:
             value = ON_OFF[value]
         elif value == 'real' and name in REAL_ENCODER:
             value = REAL_ENCODER[name]
@@ -194,7 +207,9 @@ def train_config(args) -> TrainConfig:
         freeze_visual=args.freeze_visual, freeze_point=args.freeze_point,
         freeze_imu=args.freeze_imu, aug_point_jitter_m=args.aug_point_jitter,
         aug_point_dropout=args.aug_point_dropout, aug_yaw_max_deg=args.aug_yaw_deg,
-        aug_brightness=args.aug_brightness, aug_contrast=args.aug_contrast)
+        aug_brightness=args.aug_brightness, aug_contrast=args.aug_contrast,
+        aug_drop_camera=args.aug_drop_camera, aug_drop_lidar=args.aug_drop_lidar,
+        aug_drop_imu=args.aug_drop_imu)
 
 
 def sample_config(args, model_cfg: ModelConfig, ckpt=None) -> SampleConfig:
