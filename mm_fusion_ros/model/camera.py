@@ -108,24 +108,41 @@ def planar_motion(yaw, shift=None):
 
 
 def ground_view(image, homography, cells, pixel_size=None):
-    """Sample image (B, C, H, W) at the ground cells (X, Y, 2) through per-view homographies
-    (B, J, 3, 3) -> (B, J, C, X, Y); zero outside the image and behind the camera.
+    """Sample image (B, C, H, W) at the ground cells (X, Y, 2) of a regular grid through
+    per-view homographies (B, J, 3, 3) -> (B, J, C, X, Y); zero outside the image and behind
+    the camera.
 
     pixel_size: (height, width) of the frame the homography's pixels refer to, when `image` is
     a feature map covering that frame at a lower resolution."""
     b, j = homography.shape[:2]
     nx, ny = cells.shape[:2]
     h, w = pixel_size or image.shape[-2:]
-    x, y = cells[..., 0], cells[..., 1]
-    hm = homography.view(b, j, 1, 1, 3, 3)
-    u, v, d = (hm[..., i, 0] * x + hm[..., i, 1] * y + hm[..., i, 2] for i in range(3))
-    scale = 1.0 / d.clamp(min=1e-3)
-    grid = torch.stack([(u * scale + 0.5) * (2.0 / w) - 1.0,
-                        (v * scale + 0.5) * (2.0 / h) - 1.0], dim=-1)
+    # Pixel -> grid_sample coordinates folded into the homography: g = (2 / w) u + 1 / w - 1.
+    to_grid = torch.tensor([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0],
+                            [0.0, 0.0, 1.0]], dtype=homography.dtype, device=homography.device)
+    hm = to_grid @ homography
+    # On a regular grid each row of H applied to (x, y, 1) is a sum of an x and a y part.
+    x, y = cells[:, 0, 0].view(nx, 1), cells[0, :, 1].view(1, ny)
+    gu, gv, d = (hm[..., i, 0, None, None] * x + (hm[..., i, 1, None, None] * y +
+                                                  hm[..., i, 2, None, None]) for i in range(3))
+    scale = d.clamp(min=1e-3).reciprocal()
+    grid = torch.stack([gu * scale, gv * scale], dim=-1)
     # One grid_sample per image, the J views stacked along the output rows (no image copies).
     view = F.grid_sample(image, grid.view(b, j * nx, ny, 2), align_corners=False)
     view = view.view(b, -1, j, nx, ny).transpose(1, 2)
     return view * (d > 0.1).to(view.dtype).unsqueeze(2)
+
+
+def fft_size(n: int) -> int:
+    """Smallest 5-smooth integer >= n: FFTs of such sizes are several times faster."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
 
 
 def shift_correlation(first, second, max_x: int, max_y: int):
@@ -133,7 +150,7 @@ def shift_correlation(first, second, max_x: int, max_y: int):
     |d_y| <= max_y cells, zero-padded (no wrap-around): (B, C, X, Y), (B, J, C, X, Y) ->
     (B, J, 2 max_x + 1, 2 max_y + 1)."""
     # Zero padding by the largest shift is enough to keep wrapped-around products out.
-    size = (first.shape[-2] + max_x, first.shape[-1] + max_y)
+    size = (fft_size(first.shape[-2] + max_x), fft_size(first.shape[-1] + max_y))
     spec = torch.fft.rfft2(first.float(), s=size).unsqueeze(1) * \
         torch.fft.rfft2(second.float(), s=size).conj()
     corr = torch.fft.irfft2(spec.sum(dim=2), s=size)

@@ -33,8 +33,8 @@ class ModelConfig(ConfigBase):
     flow_channels: tuple = field(default=(16, 32, 64, 96), metadata={
         'help': 'flow encoder widths: two stride-2 stem layers per frame, then the layers of '
                 'the CNN over the ground-plane cost volume (each halves the resolution)'})
-    flow_corr_radius: int = field(default=3, metadata={
-        'help': 'flow: local cost-volume radius in ground cells of 2 ipm_cell_m'})
+    flow_corr_radius: int = field(default=2, metadata={
+        'help': 'flow: local cost-volume radius [cells of flow_cell_m]'})
     visual_depth: bool = field(default=True, metadata={
         'help': 'flow: LiDAR inverse depth projected into each frame as extra input channels '
                 '(zero where the LiDAR is missing)'})
@@ -49,7 +49,10 @@ class ModelConfig(ConfigBase):
         'help': 'flow: farthest road ahead mapped [m]; farther, the road is less plane'})
     ipm_half_width_m: float = field(default=3.2, metadata={
         'help': 'flow: half width of the road strip mapped [m]; wider takes in parked cars'})
-    ipm_cell_m: float = field(default=0.1, metadata={'help': 'flow: ground-plane cell [m]'})
+    ipm_cell_m: float = field(default=0.1, metadata={
+        'help': 'flow: ground-plane cell of the sweep [m]'})
+    flow_cell_m: float = field(default=0.4, metadata={
+        'help': 'flow: ground-plane cell of the learned cost volume [m]'})
     ipm_max_step_m: float = field(default=2.6, metadata={
         'help': 'flow: largest forward step searched [m]; cover the fastest step'})
     ipm_max_yaw: float = field(default=0.05, metadata={
@@ -114,6 +117,7 @@ class ModelConfig(ConfigBase):
             raise ValueError('ModelConfig.logvar_min must be < logvar_max')
         if not (0 < self.ipm_near_m < self.ipm_far_m and self.ipm_half_width_m > 0 and
                 0 < self.ipm_cell_m <= (self.ipm_far_m - self.ipm_near_m) / 8 and
+                0 < self.flow_cell_m <= (self.ipm_far_m - self.ipm_near_m) / 8 and
                 self.ipm_max_step_m > 0 and self.ipm_max_yaw > 0 and self.ground_height_m > 0
                 and self.flow_corr_radius >= 0):
             raise ValueError('ModelConfig ground plane needs 0 < ipm_near_m < ipm_far_m, '

@@ -85,6 +85,8 @@ class FlowVisualEncoder(nn.Module):
         self.register_buffer('fine_cells', camera.ground_cells(*region, cell), persistent=False)
         self.register_buffer('coarse_cells', camera.ground_cells(*region, 2 * cell),
                              persistent=False)
+        self.register_buffer('flow_cells', camera.ground_cells(*region, cfg.flow_cell_m),
+                             persistent=False)
         self.ground_z = -cfg.ground_height_m
         # Yaw hypotheses: coarse every 5 mrad, then nine around the coarse peak every 1.25 mrad.
         n = int(math.ceil(cfg.ipm_max_yaw / 0.005))
@@ -97,7 +99,7 @@ class FlowVisualEncoder(nn.Module):
         c_in = 3 + (2 if cfg.visual_depth else 0)
         c1, c2 = cfg.flow_channels[:2]
         self.stem = nn.Sequential(conv_bn_relu(c_in, c1, 2), conv_bn_relu(c1, c2, 2))
-        x, y = self.coarse_cells.shape[:2]
+        x, y = self.flow_cells.shape[:2]
         ax = (torch.arange(x, dtype=torch.float32) + 0.5) / x * 2.0 - 1.0
         ay = (torch.arange(y, dtype=torch.float32) + 0.5) / y * 2.0 - 1.0
         self.register_buffer('coords', torch.stack(torch.meshgrid(ax, ay, indexing='ij')),
@@ -166,10 +168,10 @@ class FlowVisualEncoder(nn.Module):
     def residual(self, feats, step, ground):
         """Local cost volume of frame k-1's ground view against frame k's, warped by `step`."""
         b = feats.shape[0]
-        view0 = camera.ground_view(feats[:, 0], ground.unsqueeze(1), self.coarse_cells,
+        view0 = camera.ground_view(feats[:, 0], ground.unsqueeze(1), self.flow_cells,
                                    self.size)[:, 0]
         moved = ground @ camera.planar_motion(step[:, 2], step[:, :2])
-        view1 = camera.ground_view(feats[:, 1], moved.unsqueeze(1), self.coarse_cells,
+        view1 = camera.ground_view(feats[:, 1], moved.unsqueeze(1), self.flow_cells,
                                    self.size)[:, 0]
         coords = self.coords.unsqueeze(0).expand(b, -1, -1, -1)
         return self.local(torch.cat([local_correlation(view0, view1, self.radius), view0,
