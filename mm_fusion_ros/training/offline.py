@@ -47,7 +47,8 @@ DEFAULT_FINETUNED = 'pretrain_models/multimodal_finetuned.pth'
 # CLI flag -> ModelConfig field, for flags that shape the network (default None = unset).
 MODEL_FLAGS = ('image_height', 'image_width', 'imu_steps', 'visual_encoder', 'point_encoder',
                'imu_encoder', 'bev_cells', 'bev_range_m', 'bev_max_shift_cells', 'shift_prior',
-               'visual_depth', 'camera_prior', 'ground_height_m')
+               'visual_depth', 'camera_prior', 'ground_height_m', 'flow_cell_m',
+               'flow_corr_radius')
 SWITCHES = ('shift_prior', 'visual_depth', 'camera_prior')
 ON_OFF = {'on': True, 'off': False}
 
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                             'estimate + learned correction (on) or learned alone (off)')
     model.add_argument('--ground_height_m', type=float, default=None,
                        help='flow: height of base_link above the road [m] (1.73)')
+    model.add_argument('--flow_cell_m', type=float, default=None,
+                       help='flow: ground cell of the learned cost volume [m] (0.4)')
+    model.add_argument('--flow_corr_radius', type=int, default=None,
+                       help='flow: radius of the learned cost volume [cells] (2)')
 
     train = p.add_argument_group('training')
     train.add_argument('--finetune_checkpoint', type=Path, default=None,
