@@ -19,6 +19,7 @@ from mm_fusion_ros.model import camera
 from mm_fusion_ros.model.augment import drop_modalities
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import FlowVisualEncoder
+from mm_fusion_ros.model.losses import auxiliary_loss
 from mm_fusion_ros.model.net import build_model
 from mm_fusion_ros.synthetic.camera import Camera, camera_pose, CameraModel, kitti_calib
 from mm_fusion_ros.synthetic.lidar import Lidar, LidarConfig
@@ -185,3 +186,21 @@ def mean_step(data, sequences) -> float:
     steps = [pose_to_vec6(relative_pose(p[:-1], p[1:]))[:, 0]
              for p in (KittiSequence(data, s).poses_base for s in sequences)]
     return float(np.concatenate(steps).mean())
+
+
+def test_camera_head_has_its_own_loss_on_samples_with_a_camera(scene):
+    cfg = SampleConfig(image_height=H, image_width=W, max_points=512)
+    batch = collate_samples([rendered_sample(scene, 1.0, 0.01, cfg),
+                             rendered_sample(scene, 0.5, -0.02, cfg)])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(visual_encoder='flow')).eval()
+    target = model.normalize_target(batch['target'])
+    valid = torch.ones(2, dtype=torch.bool)
+    out = model(batch)
+    mean, logvar, present = out['aux']['camera']
+    assert mean.shape == (2, 6) and present.tolist() == [True, True]
+    assert auxiliary_loss(out, target, valid, 'l1', 1.0) > 0
+    blind = model(dict(batch, modality_mask=torch.tensor([[False, True, True]] * 2)))
+    assert float(auxiliary_loss(blind, target, valid, 'l1', 1.0).detach()) == 0.0
+    assert 'aux' not in build_model(ModelConfig(visual_encoder='flow',
+                                                camera_head_hidden=0))(batch)

@@ -41,6 +41,9 @@ class ModelConfig(ConfigBase):
     camera_prior: bool = field(default=True, metadata={
         'help': "flow: yaw, and forward translation when the LiDAR is missing, = the camera's "
                 'ground-sweep estimate + a learned correction'})
+    camera_head_hidden: int = field(default=64, metadata={
+        'help': "flow: hidden size of the camera's own pose head, trained by an auxiliary loss; "
+                'its estimates replace the raw sweep ones (0 = no camera head)'})
     ground_height_m: float = field(default=1.73, metadata={
         'help': 'flow: height of base_link above the road [m] (KITTI: 1.73)'})
     ipm_near_m: float = field(default=6.4, metadata={
@@ -119,7 +122,7 @@ class ModelConfig(ConfigBase):
                 0 < self.ipm_cell_m <= (self.ipm_far_m - self.ipm_near_m) / 8 and
                 0 < self.flow_cell_m <= (self.ipm_far_m - self.ipm_near_m) / 8 and
                 self.ipm_max_step_m > 0 and self.ipm_max_yaw > 0 and self.ground_height_m > 0
-                and self.flow_corr_radius >= 0):
+                and self.flow_corr_radius >= 0 and self.camera_head_hidden >= 0):
             raise ValueError('ModelConfig ground plane needs 0 < ipm_near_m < ipm_far_m, '
                              'ipm_half_width_m > 0, 0 < ipm_cell_m <= (far - near) / 8, '
                              'positive ipm_max_step_m, ipm_max_yaw, ground_height_m and '

@@ -87,3 +87,16 @@ def rotation_angle_error(w_pred, w_true):
 def translation_error(t_pred, t_true):
     """(B,) Euclidean translation error [m]."""
     return torch.linalg.vector_norm(t_pred.double() - t_true.double(), dim=-1)
+
+
+def auxiliary_loss(out: dict, target_n, valid, kind: str, rotation_weight: float,
+                   calibrate_logvar: bool = True):
+    """Sum over the network's auxiliary heads (out['aux']: name -> (mean, logvar, present)) of
+    the pose loss on the samples where that head's input is present and the target valid."""
+    total = target_n.new_zeros(())
+    for mean, logvar, present in out.get('aux', {}).values():
+        per = per_sample_loss(mean.float(), logvar.float(), target_n, kind, rotation_weight,
+                              calibrate_logvar)
+        keep = valid & present & torch.isfinite(per)
+        total = total + masked_mean(torch.where(keep, per, torch.zeros_like(per)), keep)
+    return total

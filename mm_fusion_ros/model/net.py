@@ -37,6 +37,13 @@ class FusionOdometryNet(nn.Module):
         self.shift_estimates = getattr(self.point, 'shift_estimates', 0)
         # The flow encoder's (x, yaw) step estimates, likewise.
         self.camera_estimates = getattr(self.visual, 'motion_estimates', 0)
+        # The camera's own pose head: from the visual features alone, trained by an auxiliary
+        # loss (TrainConfig.aux_weight) on every sample with a camera; its (x, yaw) replace
+        # the raw sweep estimates, so that without the LiDAR the network starts from a
+        # learned camera estimate.
+        self.camera_head = PoseHead(self.visual.out_dim, cfg.camera_head_hidden, cfg.logvar_min,
+                                    cfg.logvar_max) \
+            if self.camera_estimates and cfg.camera_head_hidden > 0 else None
         self.head = PoseHead(self.fusion.out_dim + 2 * self.shift_estimates +
                              self.camera_estimates, cfg.head_hidden, cfg.logvar_min,
                              cfg.logvar_max)
@@ -94,7 +101,8 @@ class FusionOdometryNet(nn.Module):
         model's device. scan_cache: an encoders.ScanCache for online inference with the BEV
         point encoder.
 
-        Returns normalised `mean` and `logvar` (B, 6) and the mean fusion `gates` (B, 3).
+        Returns normalised `mean` and `logvar` (B, 6) and the mean fusion `gates` (B, 3); with
+        a camera head also `aux` = {'camera': (mean, logvar, camera present (B,))}.
         """
         missing = [k for k in INPUT_KEYS if k not in batch]
         if missing:
@@ -109,7 +117,7 @@ class FusionOdometryNet(nn.Module):
                  self.point(batch['points'], batch['points_mask'], cache=scan_cache),
                  self.imu(imu_norm, batch['dt'])]
         fused, gates, mask = self.fusion(feats, mask, dropped=True)
-        extra, prior = [], torch.zeros_like(fused[:, :6])
+        extra, prior, aux = [], torch.zeros_like(fused[:, :6]), {}
         lidar = mask[:, 1:2].to(fused.dtype)
         camera = mask[:, 0:1].to(fused.dtype)
         if self.camera_estimates:
@@ -117,6 +125,13 @@ class FusionOdometryNet(nn.Module):
             est = feats[0][:, -self.camera_estimates:]
             # Standardised like the target; a missing camera gives 0, i.e. the mean step.
             est = ((est - self.target_mean[dims]) / self.target_std[dims]).clamp(-20.0, 20.0)
+            if self.camera_head is not None:
+                own_mean, own_logvar = self.camera_head(torch.cat(
+                    [feats[0][:, :-self.camera_estimates], est], dim=1))
+                own_mean = own_mean + torch.cat([est[:, :1], own_mean.new_zeros(len(est), 4),
+                                                 est[:, 1:]], dim=1)
+                aux['camera'] = (own_mean, own_logvar, mask[:, 0])
+                est = own_mean[:, dims]
             extra.append(est * camera)
             if self.cfg.camera_prior:
                 # Yaw always, forward translation where no LiDAR estimate takes its place.
@@ -135,7 +150,10 @@ class FusionOdometryNet(nn.Module):
                 # estimate's noise.
                 prior[:, 0:1] += shifts[:, 0, :1] * lidar
         mean, logvar = self.head(torch.cat([fused, *extra], dim=1))
-        return {'mean': mean + prior, 'logvar': logvar, 'gates': gates}
+        out = {'mean': mean + prior, 'logvar': logvar, 'gates': gates}
+        if aux:
+            out['aux'] = aux
+        return out
 
     def visual_features(self, batch, mask):
         if not isinstance(self.visual, FlowVisualEncoder):

@@ -45,6 +45,9 @@ class TrainConfig(ConfigBase):
     aug_brightness: float = field(default=0.0, metadata={
         'help': 'max brightness shift (fraction of 255)'})
     aug_contrast: float = field(default=0.0, metadata={'help': 'max contrast change (fraction)'})
+    aux_weight: float = field(default=0.5, metadata={
+        'help': "weight of the auxiliary losses of the model's per-branch heads (the flow "
+                "encoder's camera head)"})
     aug_drop_camera: float = field(default=0.0, metadata={
         'help': 'probability of masking off the camera of a training sample (as a missing '
                 'sensor is), on top of ModelConfig.modality_dropout'})
@@ -65,7 +68,8 @@ class TrainConfig(ConfigBase):
                              f'{self.lr_min_ratio}')
         if not self.learning_rate > 0:
             raise ValueError(f'TrainConfig.learning_rate must be > 0, got {self.learning_rate}')
-        for name in ('weight_decay', 'grad_clip', 'rotation_weight', 'aug_point_jitter_m',
+        for name in ('weight_decay', 'grad_clip', 'rotation_weight', 'aux_weight',
+                     'aug_point_jitter_m',
                      'aug_yaw_max_deg', 'aug_brightness', 'aug_contrast'):
             if getattr(self, name) < 0:
                 raise ValueError(f'TrainConfig.{name} must be >= 0, got {getattr(self, name)}')

@@ -13,6 +13,7 @@ import torch
 from mm_fusion_ros.model.augment import augment_batch
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.losses import (
+    auxiliary_loss,
     masked_mean,
     per_sample_loss,
     rotation_angle_error,
@@ -156,6 +157,11 @@ class TrainerCore:
         dropped += int(bad.sum())
         valid = valid & ~bad
         loss = masked_mean(torch.where(valid, per, torch.zeros_like(per)), valid)
+        if self.train_cfg.aux_weight > 0 and 'aux' in out:
+            loss = loss + self.train_cfg.aux_weight * auxiliary_loss(
+                out, self.model.normalize_target(batch['target']), valid,
+                self.train_cfg.loss, self.train_cfg.rotation_weight,
+                self.train_cfg.calibrate_logvar)
         n = int(valid.sum())
         self.counters['skipped_nonfinite'] += dropped
         if n == 0 and not self.distributed:
@@ -217,7 +223,7 @@ class TrainerCore:
         try:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 out = self.model(batch)
-            return {k: v.float() for k, v in out.items()}
+            return {k: v.float() for k, v in out.items() if torch.is_tensor(v)}
         finally:
             self.model.train(was_training)
 

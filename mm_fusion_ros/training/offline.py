@@ -48,7 +48,7 @@ DEFAULT_FINETUNED = 'pretrain_models/multimodal_finetuned.pth'
 MODEL_FLAGS = ('image_height', 'image_width', 'imu_steps', 'visual_encoder', 'point_encoder',
                'imu_encoder', 'bev_cells', 'bev_range_m', 'bev_max_shift_cells', 'shift_prior',
                'visual_depth', 'camera_prior', 'ground_height_m', 'flow_cell_m',
-               'flow_corr_radius')
+               'flow_corr_radius', 'camera_head_hidden')
 SWITCHES = ('shift_prior', 'visual_depth', 'camera_prior')
 ON_OFF = {'on': True, 'off': False}
 
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='flow: ground cell of the learned cost volume [m] (0.4)')
     model.add_argument('--flow_corr_radius', type=int, default=None,
                        help='flow: radius of the learned cost volume [cells] (2)')
+    model.add_argument('--camera_head_hidden', type=int, default=None,
+                       help="flow: hidden size of the camera's own pose head (64; 0 = none)")
 
     train = p.add_argument_group('training')
     train.add_argument('--finetune_checkpoint', type=Path, default=None,
@@ -138,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument('--loss', default='l1', help='l1 | l2 | gaussian_nll | laplace_nll')
     train.add_argument('--rotation_weight', type=float, default=1.0,
                        help='weight of rotation vs translation dims (normalised units)')
+    train.add_argument('--aux_weight', type=float, default=0.5,
+                       help="weight of the per-branch heads' auxiliary losses (flow encoder)")
     for branch in ('visual', 'point', 'imu'):
         train.add_argument(f'--freeze_{branch}', action='store_true',
                            help=f'freeze the {branch} encoder (weights and BatchNorm statistics)')
@@ -208,6 +212,7 @@ def train_config(args) -> TrainConfig:
         learning_rate=args.learning_rate, lr_schedule=args.lr_schedule,
         lr_min_ratio=args.lr_min_ratio, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, loss=args.loss, rotation_weight=args.rotation_weight,
+        aux_weight=args.aux_weight,
         batch_size=args.batch_size, num_epochs=args.num_epochs, seed=args.seed, amp=args.amp,
         freeze_visual=args.freeze_visual, freeze_point=args.freeze_point,
         freeze_imu=args.freeze_imu, aug_point_jitter_m=args.aug_point_jitter,
