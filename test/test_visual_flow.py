@@ -204,3 +204,25 @@ def test_camera_head_has_its_own_loss_on_samples_with_a_camera(scene):
     assert float(auxiliary_loss(blind, target, valid, 'l1', 1.0).detach()) == 0.0
     assert 'aux' not in build_model(ModelConfig(visual_encoder='flow',
                                                 camera_head_hidden=0))(batch)
+
+
+def test_batch_calibration_is_used_where_known(scene):
+    """A batch's own intrinsics / t_cam_lidar replace the default; unknown ones (calib_valid
+    off, zeros) fall back to it instead of projecting through a zero matrix."""
+    cfg = SampleConfig(image_height=H, image_width=W, max_points=512)
+    batch = collate_samples([rendered_sample(scene, 1.0, 0.0, cfg)] * 2)
+    model = build_model(ModelConfig(visual_encoder='flow')).eval()
+    k, t = camera.default_calibration(H, W)
+    with torch.no_grad():
+        default = model.visual_features(batch, batch['modality_mask'])
+        same = model.visual_features(dict(batch, intrinsics=k.expand(2, 3, 3),
+                                          t_cam_lidar=t.expand(2, 4, 4)), batch['modality_mask'])
+        shifted = k.clone()
+        shifted[1, 2] += 8.0   # principal point 8 px lower: the road moves in the image
+        other = model.visual_features(dict(batch, intrinsics=shifted.expand(2, 3, 3),
+                                           t_cam_lidar=t.expand(2, 4, 4),
+                                           calib_valid=torch.tensor([[True] * 3, [False] * 3])),
+                                      batch['modality_mask'])
+    torch.testing.assert_close(same, default)
+    assert not torch.allclose(other[0], default[0])
+    torch.testing.assert_close(other[1], default[1])

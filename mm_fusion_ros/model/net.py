@@ -16,7 +16,8 @@ from mm_fusion_ros.model.head import PoseHead
 BRANCHES = ('visual', 'point', 'imu')
 NORM_KEYS = ('imu_mean', 'imu_std', 'target_mean', 'target_std')
 INPUT_KEYS = ('image', 'points', 'points_mask', 'imu', 'dt', 'modality_mask')
-# Optional batch keys: the camera calibration of the resized image (else the model's default).
+# Optional batch keys: the camera calibration of the resized image (else the model's default),
+# and calib_valid (B, 3): which of intrinsics, t_cam_lidar, t_imu_lidar are known.
 CALIB_KEYS = ('intrinsics', 't_cam_lidar')
 # Target dims of the camera's motion estimates (forward translation, yaw).
 CAMERA_DIMS = (0, 5)
@@ -158,12 +159,17 @@ class FusionOdometryNet(nn.Module):
     def visual_features(self, batch, mask):
         if not isinstance(self.visual, FlowVisualEncoder):
             return self.visual(batch['image'])
-        calib = (batch['intrinsics'], batch['t_cam_lidar']) \
-            if all(k in batch for k in CALIB_KEYS) else None
+        b = batch['image'].shape[0]
+        calib = self.visual.calibration(b, None)
+        if all(k in batch for k in CALIB_KEYS):
+            known = torch.ones(b, dtype=torch.bool, device=batch['image'].device)
+            if 'calib_valid' in batch:
+                known = batch['calib_valid'][:, :2].bool().all(dim=1)
+            calib = tuple(torch.where(known.view(b, 1, 1), batch[k].float(), default)
+                          for k, default in zip(CALIB_KEYS, calib))
         depth = None
         if self.cfg.visual_depth:
-            k, t = self.visual.calibration(batch['image'].shape[0], calib)
-            depth = lidar_depth_image(batch['points'], batch['points_mask'], mask[:, 1], k, t,
+            depth = lidar_depth_image(batch['points'], batch['points_mask'], mask[:, 1], *calib,
                                       *self.visual.size)
         return self.visual(batch['image'], calib, depth)
 

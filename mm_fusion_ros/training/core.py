@@ -28,7 +28,7 @@ TENSOR_KEYS = ('image', 'points', 'points_mask', 'imu', 'dt', 'target', 'target_
                'modality_mask')
 FINITE_KEYS = ('points', 'imu', 'dt', 'target')
 # Carried to the model when a batch has them (model.net.CALIB_KEYS).
-OPTIONAL_KEYS = ('intrinsics', 't_cam_lidar')
+OPTIONAL_KEYS = ('intrinsics', 't_cam_lidar', 'calib_valid')
 
 
 def is_empty(batch) -> bool:
