@@ -12,7 +12,7 @@ VISUAL_ENCODERS = ('cnn', 'flow', 'dummy')
 POINT_ENCODERS = ('bev', 'pointnet', 'dummy')
 IMU_ENCODERS = ('conv', 'dummy')
 # What `real` means on the command line for each encoder slot.
-REAL_ENCODER = {'visual_encoder': 'cnn', 'point_encoder': 'bev', 'imu_encoder': 'conv'}
+REAL_ENCODER = {'visual_encoder': 'flow', 'point_encoder': 'bev', 'imu_encoder': 'conv'}
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class ModelConfig(ConfigBase):
     image_height: int = field(default=96, metadata={'help': 'input image height [px]'})
     image_width: int = field(default=320, metadata={'help': 'input image width [px]'})
     imu_steps: int = field(default=11, metadata={'help': 'K, IMU samples per window'})
-    visual_encoder: str = field(default='cnn', metadata={
+    visual_encoder: str = field(default='flow', metadata={
         'help': 'cnn (the frame pair through a CNN) | flow (measures the motion between the '
                 'frames: ground-plane sweep + siamese cost volume) | dummy'})
     point_encoder: str = field(default='bev', metadata={'help': 'bev | pointnet | dummy'})

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument('--image_width', type=int, default=None, help='image width [px] (320)')
     model.add_argument('--imu_steps', type=int, default=None, help='IMU steps K (11)')
     model.add_argument('--visual_encoder', default=None,
-                       help='real | dummy | cnn | flow (real = cnn)')
+                       help='real | dummy | cnn | flow (real = flow, the default)')
     model.add_argument('--point_encoder', default=None,
                        help='real | dummy | bev | pointnet (real = bev)')
     model.add_argument('--imu_encoder', default=None, help='real | dummy | conv (real = conv)')
