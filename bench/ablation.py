@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument('--max_points', type=int, default=8192, help='points per scan')
     p.add_argument('--rows', default='all',
                    help="comma-separated modality sets to score (default: the table's six)")
+    p.add_argument('--reuse', action='store_true',
+                   help='keep the trained model (and training time) and the scores a run '
+                        'folder already has')
     p.add_argument('--tag', default='',
                    help='suffix of the run folders and report (to compare training flags)')
     p.add_argument('--ref_all', type=float, default=2.86,
@@ -97,7 +100,9 @@ def train_and_score(args, data: Path, encoder: str, seed: int, rows) -> dict:
     """{'train_s', 'rows': {label: {t_rel, rpe_trans, samples_per_s}}} of one model."""
     out = args.workdir / f'{data.name}_{encoder}{args.tag}_s{seed}'
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / 'model.pth'
+    ckpt, timing = out / 'model.pth', out / 'train_s.txt'
+    if args.reuse and ckpt.is_file() and timing.is_file():
+        return score(args, data, encoder, seed, rows, out, float(timing.read_text()))
     train_s = run([sys.executable, REPO / 'train_multimodal.py', '--data_path', data,
                    '--pointcloud_path', data / 'pointclouds', '--visual_encoder', encoder,
                    '--max_points', args.max_points, '--train_sequences', TRAIN,
@@ -105,13 +110,24 @@ def train_and_score(args, data: Path, encoder: str, seed: int, rows) -> dict:
                    '--learning_rate', '1e-3', '--seed', seed, '--threads', 1,
                    '--output_checkpoint', ckpt, '--log_csv', out / 'train.csv',
                    *args.train_args], out / 'train.log')
+    timing.write_text(f'{train_s:.1f}\n')
+    return score(args, data, encoder, seed, rows, out, train_s)
+
+
+def score(args, data: Path, encoder: str, seed: int, rows, out: Path, train_s: float) -> dict:
+    ckpt = out / 'model.pth'
     result = {'train_s': train_s, 'rows': {}}
     for label, modalities in rows:
         pred = out / f'pred_{modalities.replace(",", "_")}'
+        if args.reuse and (pred / 'eval.json').is_file():
+            m = json.loads((pred / 'eval.json').read_text())
+            result['rows'][label] = {'t_rel': m['t_rel'], 'rpe_trans': m['rpe_trans']}
+            continue
         predict_s = run([sys.executable, '-m', 'mm_fusion_ros.cli.predict_odometry',
                          '--checkpoint', ckpt, '--data_path', data, '--pointcloud_path',
                          data / 'pointclouds', '--sequences', TEST, '--out_dir', pred,
-                         '--modalities', modalities, '--device', 'cpu'], pred.with_suffix('.log'))
+                         '--modalities', modalities, '--device', 'cpu'],
+                        pred.with_suffix('.log'))
         m = evaluate(data, pred / 'eval.json', pred / 'eval.log', pred_dir=pred)
         result['rows'][label] = {'t_rel': m['t_rel'], 'rpe_trans': m['rpe_trans'],
                                  'predict_s': predict_s}
