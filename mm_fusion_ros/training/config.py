@@ -45,7 +45,7 @@ class TrainConfig(ConfigBase):
     aug_brightness: float = field(default=0.0, metadata={
         'help': 'max brightness shift (fraction of 255)'})
     aug_contrast: float = field(default=0.0, metadata={'help': 'max contrast change (fraction)'})
-    aux_weight: float = field(default=0.5, metadata={
+    aux_weight: float = field(default=1.0, metadata={
         'help': "weight of the auxiliary losses of the model's per-branch heads (the flow "
                 "encoder's camera head)"})
     aug_drop_camera: float = field(default=0.0, metadata={

@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument('--loss', default='l1', help='l1 | l2 | gaussian_nll | laplace_nll')
     train.add_argument('--rotation_weight', type=float, default=1.0,
                        help='weight of rotation vs translation dims (normalised units)')
-    train.add_argument('--aux_weight', type=float, default=0.5,
+    train.add_argument('--aux_weight', type=float, default=1.0,
                        help="weight of the per-branch heads' auxiliary losses (flow encoder)")
     for branch in ('visual', 'point', 'imu'):
         train.add_argument(f'--freeze_{branch}', action='store_true',
