@@ -1,15 +1,17 @@
 """Training throughput and peak memory of TrainerCore on CPU.
 
 Full-resolution synthetic KITTI frames (1242x375 images, HDL-64E-like scans) become DESIGN §5
-samples at the default 96x320 image size; each configuration (visual encoder real | dummy,
-batch 1 | 2 | 8, max_points 16k | 32k | all) then runs training steps on batches already in
-memory, in its own process so that its peak RSS (ru_maxrss) is its own. Data loading (PNG
+samples at the default 96x320 image size; each configuration (visual encoder cnn | flow |
+dummy, batch 1 | 2 | 8, max_points 16k | 32k | all) then runs training steps on batches already
+in memory, in its own process so that its peak RSS (ru_maxrss) is its own, and times inference
+(eval-mode forward, no gradient) on the same batch. Data loading (PNG
 decode + resize + scan read + subsampling) is timed separately. The same run measures the
 PointNet point encoder as the baseline for the BEV encoder, and compares the dummy-visual 16k
 figures with the 20 samples/s target.
 
     python bench/train_throughput.py                # all configurations, 2 threads
     python bench/train_throughput.py --quick        # 16k points only
+    python bench/train_throughput.py --quick --visuals cnn,flow --batches 4
 """
 import argparse
 import json
@@ -33,6 +35,8 @@ def parse_args(argv=None):
                         'the 2 cores; docs/stage2_tracking.md)')
     p.add_argument('--min_time', type=float, default=4.0, help='seconds timed per config')
     p.add_argument('--quick', action='store_true', help='only max_points 16k')
+    p.add_argument('--visuals', default='cnn,dummy,flow', help='visual encoders measured')
+    p.add_argument('--batches', default='1,2,8', help='batch sizes measured')
     p.add_argument('--worker', type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument('--batch', type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument('--visual', default='cnn', help=argparse.SUPPRESS)
@@ -71,9 +75,16 @@ def worker(args) -> None:
         steps += 1
     elapsed = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    core.infer(batch)
+    infers, start = 0, time.perf_counter()
+    while infers < 3 or time.perf_counter() - start < args.min_time / 2:
+        core.infer(batch)
+        infers += 1
+    infer_s = (time.perf_counter() - start) / infers
     print(json.dumps({'samples_per_s': steps * args.batch / elapsed,
                       'step_ms': 1000.0 * elapsed / steps, 'rss_before_mb': before,
-                      'peak_mb': peak, 'points': int(batch['points'].shape[2])}))
+                      'peak_mb': peak, 'points': int(batch['points'].shape[2]),
+                      'infer_ms_per_sample': 1000.0 * infer_s / args.batch}))
 
 
 def make_data(root: Path, frames: int) -> None:
@@ -135,22 +146,26 @@ def main(argv=None) -> int:
             cache, load_ms = cache_samples(tmp / 'kitti', name, max_points, tmp)
             print(f'data loading, max_points {name}: {load_ms:.1f} ms/sample '
                   f'({1000.0 / load_ms:.0f} samples/s in one process)')
-            for visual in ('cnn', 'dummy'):
-                for batch in (1, 2, 8):
+            for visual in args.visuals.split(','):
+                for batch in (int(b) for b in args.batches.split(',')):
                     r = measure(cache, batch, visual, 'bev', args)
                     rows.append((name, visual, 'bev', batch, r))
                     if name == '16k' and visual == 'dummy':
                         dummy16[batch] = r['samples_per_s']
-            if name == '16k':
+            if name == '16k' and not args.quick:
                 for batch in (2, 8):
                     rows.append((name, 'dummy', 'pointnet', batch,
                                  measure(cache, batch, 'dummy', 'pointnet', args)))
         print(f'\n{"points":>6} {"N":>7} {"visual":>6} {"point":>8} {"batch":>5} '
-              f'{"samples/s":>9} {"ms/step":>8} {"RSS MB":>7} {"peak MB":>7}')
+              f'{"samples/s":>9} {"ms/step":>8} {"train ms/sample":>15} '
+              f'{"infer ms/sample":>15} {"RSS MB":>7} {"peak MB":>7}')
         for name, visual, point, batch, r in rows:
             print(f'{name:>6} {r["points"]:>7} {visual:>6} {point:>8} {batch:>5} '
-                  f'{r["samples_per_s"]:>9.1f} {r["step_ms"]:>8.1f} {r["rss_before_mb"]:>7.0f} '
-                  f'{r["peak_mb"]:>7.0f}')
+                  f'{r["samples_per_s"]:>9.1f} {r["step_ms"]:>8.1f} '
+                  f'{1000.0 / r["samples_per_s"]:>15.1f} {r["infer_ms_per_sample"]:>15.1f} '
+                  f'{r["rss_before_mb"]:>7.0f} {r["peak_mb"]:>7.0f}')
+        if not dummy16:
+            return 0
         best = max(dummy16.values())
         verdict = 'meets' if best >= TARGET_SAMPLES_PER_S else 'MISSES'
         print(f'\ntarget: dummy visual, 16k points >= {TARGET_SAMPLES_PER_S:.0f} samples/s: '

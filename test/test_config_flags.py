@@ -124,7 +124,7 @@ def test_train_multimodal_keeps_the_plan_and_documented_flag_names():
                                 batch_size=4, aug_point_jitter_m=0.02, aug_yaw_max_deg=5.0,
                                 calibrate_logvar=False, aug_yaw_prob=0.25, seed=7, amp=True)
     assert offline.MODEL_FLAGS.values(args) == {
-        'visual_encoder': 'cnn', 'point_encoder': 'dummy', 'shift_prior': False,
+        'visual_encoder': 'flow', 'point_encoder': 'dummy', 'shift_prior': False,
         'bev_cells': 64, 'bev_channels': (8, 16, 32)}
     sample = offline.sample_config(args, ModelConfig(image_height=32), train)
     assert sample == SampleConfig(image_height=32, max_points=1024, modalities=('lidar', 'imu'),

@@ -289,13 +289,13 @@ def test_non_finite_samples_and_losses_are_skipped_and_counted(samples):
 def test_predict_evaluate_and_learning_rate(samples, caplog):
     data, norm = samples
     with caplog.at_level(logging.WARNING):
-        core = TrainerCore(TINY_CFG.replace(shift_prior=False), TrainConfig(amp=True), 'cpu',
-                           norm)
+        core = TrainerCore(TINY_CFG.replace(shift_prior=False, camera_prior=False),
+                           TrainConfig(amp=True), 'cpu', norm)
     assert 'CUDA-only' in caplog.text and not core.amp
     batch = collate_samples(data[:2])
     mean, logvar = core.predict(batch)
     assert mean.shape == logvar.shape == (2, 6) and core.model.training
-    # Without the LiDAR shift prior the untrained head predicts the training-set mean step.
+    # Without the LiDAR and camera priors the untrained head predicts the training-set mean step.
     torch.testing.assert_close(mean, core.model.target_mean.expand(2, 6))
     metrics = core.evaluate([batch])
     assert metrics['trans_err'] == pytest.approx(metrics['mean_motion_trans_err'], rel=1e-6)

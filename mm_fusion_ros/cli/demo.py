@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     run('2. integrity check', [py, '-m', 'mm_fusion_ros.cli.check_kitti', '--data_path', data,
                                '--sequences', all_seqs], work, env)
     common = ['--data_path', 'data', '--pointcloud_path', 'data/pointclouds',
-              '--visual_encoder', 'dummy', '--max_points', '8192']
+              '--visual_encoder', 'flow', '--max_points', '8192']
     run('3a. initial model (offline)', [
         py, _repo() / 'train_multimodal.py', *common, '--train_sequences', TRAIN,
         '--val_sequences', VAL,

@@ -8,6 +8,7 @@ and gyro vectors in a yawed body frame are R times the original, exact when imu_
 axis-aligned with base_link (KITTI: within about 1 deg) and gravity stays on z. Images cannot
 be re-rendered from a yawed viewpoint, so rotated samples have their camera masked off,
 exactly like a dropped camera; `yaw_prob` < 1 keeps the rest of the batch with images.
+Modality dropout (`drop`) masks whole inputs exactly as a missing sensor is masked.
 """
 from dataclasses import dataclass
 import math
@@ -23,11 +24,12 @@ class AugmentParams:
     yaw_prob: float = 0.5            # fraction of samples that get a yaw rotation
     brightness: float = 0.0          # additive shift ~ U(-b, b) * 255, same for both frames
     contrast: float = 0.0            # gain ~ U(1 - c, 1 + c) around the image mean
+    drop: tuple = (0.0, 0.0, 0.0)    # probability of masking off camera, LiDAR, IMU per sample
 
     @property
     def active(self) -> bool:
         return any(v > 0 for v in (self.point_jitter_m, self.point_dropout, self.yaw_max_deg,
-                                   self.brightness, self.contrast))
+                                   self.brightness, self.contrast, *self.drop))
 
 
 def yaw_matrices(angles):
@@ -68,6 +70,15 @@ def photometric(image, brightness: float, contrast: float):
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
+def drop_modalities(mask, probs):
+    """Mask off each present modality (B, 3) with its own probability, never all of a sample's:
+    a sample that would lose every input keeps its mask. Trains each branch to carry the
+    estimate without the others (a LiDAR dropped often makes the camera learn the step)."""
+    keep = torch.rand(mask.shape, device=mask.device) >= torch.tensor(probs, device=mask.device)
+    dropped = mask & keep
+    return torch.where(dropped.any(dim=1, keepdim=True), dropped, mask)
+
+
 def augment_batch(batch: dict, params: AugmentParams) -> dict:
     """Random augmentation drawn from torch's global RNG (seeded per epoch by the trainer)."""
     if not params.active:
@@ -91,4 +102,6 @@ def augment_batch(batch: dict, params: AugmentParams) -> dict:
         out = rotate_yaw(out, angles)
     if params.brightness > 0 or params.contrast > 0:
         out['image'] = photometric(batch['image'], params.brightness, params.contrast)
+    if any(p > 0 for p in params.drop):
+        out['modality_mask'] = drop_modalities(out['modality_mask'].bool(), params.drop)
     return out

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from mm_fusion_ros.model import camera
 from mm_fusion_ros.model.config import ModelConfig
 
 # uint8 pixels -> roughly zero-mean, unit-variance inputs (fixed, so no data statistics needed).
@@ -49,6 +50,132 @@ class VisualEncoder(nn.Module):
                              f'(image_height, image_width) = {self.size}')
         x = image.flatten(1, 2).float()
         return self.net((x - PIXEL_MEAN) / PIXEL_STD)
+
+
+class FlowVisualEncoder(nn.Module):
+    """Measures the motion between the two frames (visual_encoder = 'flow').
+
+    - Ground sweep (model/camera.py, no parameters but the softmax sharpness): both frames'
+      high-passed grey images, weighted by where they differ (the pixels that carry motion:
+      lane lines parallel to the motion and camera-fixed haze do not change and would read as
+      zero motion), are mapped onto the road plane; a coarse then a fine sweep over the yaw,
+      each scoring every translation by FFT correlation, gives the step (x, y, yaw) in
+      metres and radians. `motion_estimates` = (x, yaw) are the last two outputs; the network
+      standardises them like the target, as it does the BEV encoder's shift estimates.
+    - Learned residual (the siamese part): a shared two-layer stem over each frame (RGB, plus
+      the LiDAR's inverse depth and hit channels where the LiDAR is present), both frames'
+      features mapped onto the road plane, frame k's warped by the sweep's step (so what is
+      left is the sweep's error), then a local cost volume with frame k-1's features and
+      coordinate planes through a strided CNN, as the BEV encoder's local path.
+    Matching is parameter-free, so what is learned is how the residual maps to motion, not the
+    scenes of a small training set.
+    """
+
+    motion_estimates = 2
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, w = self.size = (cfg.image_height, cfg.image_width)
+        intrinsics, t_cam_lidar = camera.default_calibration(h, w)
+        self.register_buffer('intrinsics', intrinsics, persistent=False)
+        self.register_buffer('t_cam_lidar', t_cam_lidar, persistent=False)
+        cell = cfg.ipm_cell_m
+        region = (cfg.ipm_near_m, cfg.ipm_far_m, cfg.ipm_half_width_m)
+        self.register_buffer('fine_cells', camera.ground_cells(*region, cell), persistent=False)
+        self.register_buffer('coarse_cells', camera.ground_cells(*region, 2 * cell),
+                             persistent=False)
+        self.register_buffer('flow_cells', camera.ground_cells(*region, cfg.flow_cell_m),
+                             persistent=False)
+        self.ground_z = -cfg.ground_height_m
+        # Yaw hypotheses: coarse every 5 mrad, then nine around the coarse peak every 1.25 mrad.
+        n = int(math.ceil(cfg.ipm_max_yaw / 0.005))
+        self.register_buffer('coarse_yaws', torch.arange(-n, n + 1) * 0.005, persistent=False)
+        self.register_buffer('fine_yaws', torch.arange(-4, 5) * 0.00125, persistent=False)
+        self.shift = {s: (int(math.ceil(cfg.ipm_max_step_m / (s * cell))),
+                          int(math.ceil(0.6 / (s * cell)))) for s in (1, 2)}
+        self.box = max(3, int(round(w / 36)) // 2 * 2 + 1)   # 9 px at 320 px wide
+        self.log_beta = nn.Parameter(torch.tensor(math.log(5.0)))
+        c_in = 3 + (2 if cfg.visual_depth else 0)
+        c1, c2 = cfg.flow_channels[:2]
+        self.stem = nn.Sequential(conv_bn_relu(c_in, c1, 2), conv_bn_relu(c1, c2, 2))
+        x, y = self.flow_cells.shape[:2]
+        ax = (torch.arange(x, dtype=torch.float32) + 0.5) / x * 2.0 - 1.0
+        ay = (torch.arange(y, dtype=torch.float32) + 0.5) / y * 2.0 - 1.0
+        self.register_buffer('coords', torch.stack(torch.meshgrid(ax, ay, indexing='ij')),
+                             persistent=False)
+        self.radius = cfg.flow_corr_radius
+        self.local = strided_cnn((2 * self.radius + 1) ** 2 + c2 + 2, cfg.flow_channels[2:],
+                                 (4, 2), cfg.visual_dim)
+        self.out_dim = cfg.visual_dim + 1 + self.motion_estimates
+
+    def calibration(self, b, calib):
+        if calib is not None:
+            return calib[0].float(), calib[1].float()
+        return (self.intrinsics.expand(b, -1, -1), self.t_cam_lidar.expand(b, -1, -1))
+
+    def forward(self, image, calib=None, depth=None):
+        """image (B, 2, 3, H, W) uint8; calib (intrinsics (B, 3, 3), t_cam_lidar (B, 4, 4)) or
+        None for the default; depth (B, 2, 2, H, W) from camera.lidar_depth_image or None."""
+        if tuple(image.shape[-2:]) != self.size:
+            raise ValueError(f'image size {tuple(image.shape[-2:])} does not match the model '
+                             f'(image_height, image_width) = {self.size}')
+        b = image.shape[0]
+        k, t = self.calibration(b, calib)
+        ground = camera.ground_homography(k, t, self.ground_z)
+        x = (image.float() - PIXEL_MEAN) / PIXEL_STD
+        scores, yaw0 = self.sweep(x, ground)
+        cell = self.cfg.ipm_cell_m
+        mx, my = self.shift[1]
+        axes = (self.fine_yaws, torch.arange(-mx, mx + 1, device=x.device) * cell,
+                torch.arange(-my, my + 1, device=x.device) * cell)
+        est, peak = camera.peak_soft_argmax(scores, axes, (2, 3, 3), self.log_beta)
+        step = torch.stack([est[:, 1], est[:, 2], est[:, 0] + yaw0], dim=1)   # x, y, yaw
+        if self.cfg.visual_depth:
+            frames = torch.cat([x, depth if depth is not None else
+                                x.new_zeros(b, 2, 2, *self.size)], dim=2)
+        else:
+            frames = x
+        feats = self.stem(frames.flatten(0, 1)).view(b, 2, -1, *self.stem_size())
+        residual = self.residual(feats, step.detach(), ground)
+        return torch.cat([residual, peak.unsqueeze(1) / 10.0, step[:, [0, 2]]], dim=1)
+
+    def stem_size(self):
+        h, w = self.size
+        for _ in range(2):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return h, w
+
+    @torch.no_grad()
+    def sweep(self, x, ground):
+        """Score volume (B, 9, 2 mx + 1, 2 my + 1) of the fine sweep and its yaw centre (B,)."""
+        b = x.shape[0]
+        gray = camera.high_pass_gray(x.flatten(0, 1), self.box).view(b, 2, 1, *self.size)
+        change = (gray[:, 1] - gray[:, 0]).abs()
+        weight = (camera.box_mean(camera.box_mean(change, 5, -1), 5, -2) + 1e-3).sqrt()
+        first, second = gray[:, 0] * weight, gray[:, 1] * weight
+
+        def scores(cells, yaws, shift):
+            view0 = camera.ground_view(first, ground.unsqueeze(1), cells)[:, 0]
+            view1 = camera.ground_view(second, ground.unsqueeze(1) @ camera.planar_motion(yaws),
+                                       cells)
+            return camera.shift_correlation(view0, view1, *shift)
+
+        coarse = scores(self.coarse_cells, self.coarse_yaws.expand(b, -1), self.shift[2])
+        yaw0 = self.coarse_yaws[coarse.flatten(2).amax(dim=2).argmax(dim=1)]
+        return scores(self.fine_cells, yaw0.unsqueeze(1) + self.fine_yaws, self.shift[1]), yaw0
+
+    def residual(self, feats, step, ground):
+        """Local cost volume of frame k-1's ground view against frame k's, warped by `step`."""
+        b = feats.shape[0]
+        view0 = camera.ground_view(feats[:, 0], ground.unsqueeze(1), self.flow_cells,
+                                   self.size)[:, 0]
+        moved = ground @ camera.planar_motion(step[:, 2], step[:, :2])
+        view1 = camera.ground_view(feats[:, 1], moved.unsqueeze(1), self.flow_cells,
+                                   self.size)[:, 0]
+        coords = self.coords.unsqueeze(0).expand(b, -1, -1, -1)
+        return self.local(torch.cat([local_correlation(view0, view1, self.radius), view0,
+                                     coords], dim=1))
 
 
 def bev_grid(points, mask, cfg: ModelConfig):
@@ -307,7 +434,8 @@ class DummyEncoder(nn.Module):
 
 def build_encoders(cfg: ModelConfig) -> dict:
     """{'visual', 'point', 'imu'} -> encoder modules chosen by the config."""
-    visual = VisualEncoder(cfg) if cfg.visual_encoder == 'cnn' else DummyEncoder(cfg.visual_dim)
+    visual = {'cnn': VisualEncoder, 'flow': FlowVisualEncoder}.get(cfg.visual_encoder)
+    visual = visual(cfg) if visual else DummyEncoder(cfg.visual_dim)
     point = {'bev': BevPointEncoder, 'pointnet': PointNetEncoder}.get(cfg.point_encoder)
     point = point(cfg) if point else DummyEncoder(cfg.point_dim)
     imu = ImuEncoder(cfg) if cfg.imu_encoder == 'conv' else DummyEncoder(cfg.imu_dim)

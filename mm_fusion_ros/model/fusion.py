@@ -37,13 +37,15 @@ class GatedFusion(nn.Module):
         emptied = ~dropped.any(dim=1, keepdim=True)
         return torch.where(emptied, mask, dropped)
 
-    def forward(self, feats, mask):
-        """feats: list of (B, d_m); mask: (B, 3) bool.
+    def forward(self, feats, mask, dropped: bool = False):
+        """feats: list of (B, d_m); mask: (B, 3) bool; dropped: the caller already applied
+        drop_modalities (so that encoders that read another modality, e.g. the LiDAR depth in
+        the camera branch, saw the same mask).
 
         Returns fused (B, out_dim), mean gate per modality (B, 3) and the mask actually used
         (after training-time modality dropout).
         """
-        mask = self.drop_modalities(mask.bool())
+        mask = mask.bool() if dropped else self.drop_modalities(mask.bool())
         emb = torch.stack([p(f.float()) for p, f in zip(self.proj, feats)], dim=1)  # (B, 3, D)
         emb = torch.where(mask.unsqueeze(-1), emb, self.missing.unsqueeze(0).to(emb.dtype))
         flat = emb.flatten(1)

@@ -86,3 +86,16 @@ def rotation_angle_error(w_pred, w_true):
 def translation_error(t_pred, t_true):
     """(B,) Euclidean translation error [m]."""
     return torch.linalg.vector_norm(t_pred.double() - t_true.double(), dim=-1)
+
+
+def auxiliary_parts(out: dict, target_n, valid, kind: str, rotation_weight: float,
+                    calibrate_logvar: bool = True) -> dict:
+    """{'aux_<head>': (per-sample loss (B,), valid (B,))} for each auxiliary head of the network
+    (out['aux']: name -> (mean, logvar, present)): the pose loss on the samples where that
+    head's input is present and the target valid (TrainerCore.combine weighs and averages)."""
+    parts = {}
+    for name, (mean, logvar, present) in out.get('aux', {}).items():
+        per = per_sample_loss(mean.float(), logvar.float(), target_n, kind, rotation_weight,
+                              calibrate_logvar)
+        parts[f'aux_{name}'] = (per, valid & present)
+    return parts

@@ -7,14 +7,20 @@ normalised target units; `denormalize` maps its output back to metres and radian
 import torch
 from torch import nn
 
+from mm_fusion_ros.model.camera import lidar_depth_image
 from mm_fusion_ros.model.config import ModelConfig
-from mm_fusion_ros.model.encoders import build_encoders
+from mm_fusion_ros.model.encoders import build_encoders, FlowVisualEncoder
 from mm_fusion_ros.model.fusion import GatedFusion
 from mm_fusion_ros.model.head import PoseHead
 
 BRANCHES = ('visual', 'point', 'imu')
 NORM_KEYS = ('imu_mean', 'imu_std', 'target_mean', 'target_std')
 INPUT_KEYS = ('image', 'points', 'points_mask', 'imu', 'dt', 'modality_mask')
+# Optional batch keys: the camera calibration of the resized image (else the model's default),
+# and calib_valid (B, 3): which of intrinsics, t_cam_lidar, t_imu_lidar are known.
+CALIB_KEYS = ('intrinsics', 't_cam_lidar')
+# Target dims of the camera's motion estimates (forward translation, yaw).
+CAMERA_DIMS = (0, 5)
 
 
 class FusionOdometryNet(nn.Module):
@@ -30,8 +36,18 @@ class FusionOdometryNet(nn.Module):
         # Encoders may expose direct (x, y) translation estimates [m] as their last outputs;
         # standardised like the target they reach the head beside the fused vector.
         self.shift_estimates = getattr(self.point, 'shift_estimates', 0)
-        self.head = PoseHead(self.fusion.out_dim + 2 * self.shift_estimates, cfg.head_hidden,
-                             cfg.logvar_min, cfg.logvar_max)
+        # The flow encoder's (x, yaw) step estimates, likewise.
+        self.camera_estimates = getattr(self.visual, 'motion_estimates', 0)
+        # The camera's own pose head: from the visual features alone, trained by an auxiliary
+        # loss (TrainConfig.aux_weight) on every sample with a camera; its (x, yaw) replace
+        # the raw sweep estimates, so that without the LiDAR the network starts from a
+        # learned camera estimate.
+        self.camera_head = PoseHead(self.visual.out_dim, cfg.camera_head_hidden, cfg.logvar_min,
+                                    cfg.logvar_max) \
+            if self.camera_estimates and cfg.camera_head_hidden > 0 else None
+        self.head = PoseHead(self.fusion.out_dim + 2 * self.shift_estimates +
+                             self.camera_estimates, cfg.head_hidden, cfg.logvar_min,
+                             cfg.logvar_max)
         for name in NORM_KEYS:
             init = torch.ones(6) if name.endswith('std') else torch.zeros(6)
             self.register_buffer(name, init)
@@ -82,34 +98,80 @@ class FusionOdometryNet(nn.Module):
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, batch: dict, scan_cache=None) -> dict:
-        """batch: the collated DESIGN §5 tensors (INPUT_KEYS) on the model's device.
-        scan_cache: an encoders.ScanCache for online inference with the BEV point encoder.
+        """batch: the collated DESIGN §5 tensors (INPUT_KEYS, optionally CALIB_KEYS) on the
+        model's device. scan_cache: an encoders.ScanCache for online inference with the BEV
+        point encoder.
 
-        Returns normalised `mean` and `logvar` (B, 6) and the mean fusion `gates` (B, 3).
+        Returns normalised `mean` and `logvar` (B, 6) and the mean fusion `gates` (B, 3); with
+        a camera head also `aux` = {'camera': (mean, logvar, camera present (B,))}.
         """
         missing = [k for k in INPUT_KEYS if k not in batch]
         if missing:
             raise ValueError(f'batch lacks {missing}; expected the DESIGN §5 keys {INPUT_KEYS}')
+        # Training-time modality dropout first: the camera branch reads the LiDAR's depth only
+        # where the LiDAR is kept.
+        mask = self.fusion.drop_modalities(batch['modality_mask'].bool())
         imu_norm = (batch['imu'].float() - self.imu_mean) / self.imu_std
-        feats = [self.visual(batch['image']),
+        feats = [self.visual_features(batch, mask),
                  self.point(batch['points'], batch['points_mask'])
                  if scan_cache is None else
                  self.point(batch['points'], batch['points_mask'], cache=scan_cache),
                  self.imu(imu_norm, batch['dt'])]
-        fused, gates, mask = self.fusion(feats, batch['modality_mask'])
-        if not self.shift_estimates:
-            mean, logvar = self.head(fused)
-            return {'mean': mean, 'logvar': logvar, 'gates': gates}
-        shifts = feats[1][:, -2 * self.shift_estimates:].view(-1, self.shift_estimates, 2)
-        # Standardised like the target; a missing LiDAR gives 0, i.e. the mean step.
-        lidar = mask[:, 1:2].to(shifts.dtype)
-        shifts = ((shifts - self.target_mean[:2]) / self.target_std[:2]).clamp(-20.0, 20.0)
-        mean, logvar = self.head(torch.cat([fused, shifts.flatten(1) * lidar], dim=1))
-        if self.cfg.shift_prior:
-            # Forward translation = the raw-grid correlation estimate + a learned correction.
-            # Only x: lateral steps of a car are centimetres, below the estimate's noise.
-            mean = torch.cat([mean[:, :1] + shifts[:, 0, :1] * lidar, mean[:, 1:]], dim=1)
-        return {'mean': mean, 'logvar': logvar, 'gates': gates}
+        fused, gates, mask = self.fusion(feats, mask, dropped=True)
+        extra, prior, aux = [], torch.zeros_like(fused[:, :6]), {}
+        lidar = mask[:, 1:2].to(fused.dtype)
+        camera = mask[:, 0:1].to(fused.dtype)
+        if self.camera_estimates:
+            dims = list(CAMERA_DIMS)
+            est = feats[0][:, -self.camera_estimates:]
+            # Standardised like the target; a missing camera gives 0, i.e. the mean step.
+            est = ((est - self.target_mean[dims]) / self.target_std[dims]).clamp(-20.0, 20.0)
+            if self.camera_head is not None:
+                own_mean, own_logvar = self.camera_head(torch.cat(
+                    [feats[0][:, :-self.camera_estimates], est], dim=1))
+                own_mean = own_mean + torch.cat([est[:, :1], own_mean.new_zeros(len(est), 4),
+                                                 est[:, 1:]], dim=1)
+                aux['camera'] = (own_mean, own_logvar, mask[:, 0])
+                est = own_mean[:, dims]
+            extra.append(est * camera)
+            if self.cfg.camera_prior:
+                # Yaw always, forward translation where no LiDAR estimate takes its place.
+                own = camera * (1.0 - lidar) if self.shift_estimates and self.cfg.shift_prior \
+                    else camera
+                prior[:, 0:1] += est[:, 0:1] * own
+                prior[:, 5:6] += est[:, 1:2] * camera
+        if self.shift_estimates:
+            shifts = feats[1][:, -2 * self.shift_estimates:].view(-1, self.shift_estimates, 2)
+            # Standardised like the target; a missing LiDAR gives 0, i.e. the mean step.
+            shifts = ((shifts - self.target_mean[:2]) / self.target_std[:2]).clamp(-20.0, 20.0)
+            extra.insert(0, shifts.flatten(1) * lidar)
+            if self.cfg.shift_prior:
+                # Forward translation = the raw-grid correlation estimate + a learned
+                # correction. Only x: lateral steps of a car are centimetres, below the
+                # estimate's noise.
+                prior[:, 0:1] += shifts[:, 0, :1] * lidar
+        mean, logvar = self.head(torch.cat([fused, *extra], dim=1))
+        out = {'mean': mean + prior, 'logvar': logvar, 'gates': gates}
+        if aux:
+            out['aux'] = aux
+        return out
+
+    def visual_features(self, batch, mask):
+        if not isinstance(self.visual, FlowVisualEncoder):
+            return self.visual(batch['image'])
+        b = batch['image'].shape[0]
+        calib = self.visual.calibration(b, None)
+        if all(k in batch for k in CALIB_KEYS):
+            known = torch.ones(b, dtype=torch.bool, device=batch['image'].device)
+            if 'calib_valid' in batch:
+                known = batch['calib_valid'][:, :2].bool().all(dim=1)
+            calib = tuple(torch.where(known.view(b, 1, 1), batch[k].float(), default)
+                          for k, default in zip(CALIB_KEYS, calib))
+        depth = None
+        if self.cfg.visual_depth:
+            depth = lidar_depth_image(batch['points'], batch['points_mask'], mask[:, 1], *calib,
+                                      *self.visual.size)
+        return self.visual(batch['image'], calib, depth)
 
 
 def build_model(cfg: ModelConfig) -> FusionOdometryNet:

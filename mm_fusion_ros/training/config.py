@@ -56,6 +56,17 @@ class TrainConfig(ConfigBase):
     aug_brightness: float = field(default=0.0, metadata={
         'help': 'max brightness shift (fraction of 255)'})
     aug_contrast: float = field(default=0.0, metadata={'help': 'max contrast change (fraction)'})
+    aux_weight: float = field(default=1.0, metadata={
+        'help': "weight of the auxiliary losses of the model's per-branch heads (the flow "
+                "encoder's camera head)"})
+    aug_drop_camera: float = field(default=0.0, metadata={
+        'help': 'probability of masking off the camera of a training sample (as a missing '
+                'sensor is), on top of ModelConfig.modality_dropout'})
+    aug_drop_lidar: float = field(default=0.0, metadata={
+        'help': 'probability of masking off the LiDAR of a training sample, so that camera and '
+                'IMU learn to carry the estimate without it'})
+    aug_drop_imu: float = field(default=0.0, metadata={
+        'help': 'probability of masking off the IMU of a training sample'})
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -74,12 +85,13 @@ class TrainConfig(ConfigBase):
                              f'{self.lr_min_ratio}')
         if not self.learning_rate > 0:
             raise ValueError(f'TrainConfig.learning_rate must be > 0, got {self.learning_rate}')
-        for name in ('weight_decay', 'grad_clip', 'rotation_weight', 'self_geometric_weight',
-                     'self_photometric_weight', 'self_inertial_weight', 'aug_point_jitter_m',
-                     'aug_yaw_max_deg', 'aug_brightness', 'aug_contrast'):
+        for name in ('weight_decay', 'grad_clip', 'rotation_weight', 'aux_weight',
+                     'self_geometric_weight', 'self_photometric_weight', 'self_inertial_weight',
+                     'aug_point_jitter_m', 'aug_yaw_max_deg', 'aug_brightness', 'aug_contrast'):
             if getattr(self, name) < 0:
                 raise ValueError(f'TrainConfig.{name} must be >= 0, got {getattr(self, name)}')
-        for name in ('aug_point_dropout', 'aug_yaw_prob'):
+        for name in ('aug_point_dropout', 'aug_yaw_prob', 'aug_drop_camera', 'aug_drop_lidar',
+                     'aug_drop_imu'):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f'TrainConfig.{name} must be in [0, 1], got '
                                  f'{getattr(self, name)}')
@@ -117,4 +129,5 @@ class TrainConfig(ConfigBase):
         return AugmentParams(point_jitter_m=self.aug_point_jitter_m,
                              point_dropout=self.aug_point_dropout,
                              yaw_max_deg=self.aug_yaw_max_deg, yaw_prob=self.aug_yaw_prob,
-                             brightness=self.aug_brightness, contrast=self.aug_contrast)
+                             brightness=self.aug_brightness, contrast=self.aug_contrast,
+                             drop=(self.aug_drop_camera, self.aug_drop_lidar, self.aug_drop_imu))

@@ -20,6 +20,7 @@ from mm_fusion_ros.kitti.sample import TENSOR_KEYS, unknown_calibration
 from mm_fusion_ros.model.augment import augment_batch
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.losses import (
+    auxiliary_parts,
     masked_mean,
     per_sample_loss,
     rotation_angle_error,
@@ -149,6 +150,11 @@ class TrainerCore:
                                   self.train_cfg.loss, self.train_cfg.rotation_weight,
                                   self.train_cfg.calibrate_logvar)
             parts['gt'] = (per, batch['target_valid'].bool())
+            if self.train_cfg.aux_weight > 0:
+                parts.update(auxiliary_parts(
+                    out, self.model.normalize_target(batch['target']),
+                    batch['target_valid'].bool(), self.train_cfg.loss,
+                    self.train_cfg.rotation_weight, self.train_cfg.calibrate_logvar))
         own = [t for t in terms if t in TERMS]
         if own:
             pose = self.model.denormalize(out['mean'].float(), out['logvar'].float())[0]
@@ -161,6 +167,8 @@ class TrainerCore:
         Returns (loss, contributing (B,), non-finite (B,), {part: mean}, {part: count}).
         """
         weights = {'gt': 1.0, **self.train_cfg.self_weights}
+        weights.update({name: self.train_cfg.aux_weight for name in parts
+                        if name.startswith('aux_')})
         loss = None
         contributing = nonfinite = None
         means, counts = {}, {}
@@ -262,7 +270,7 @@ class TrainerCore:
         try:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 out = self.model(batch)
-            return {k: v.float() for k, v in out.items()}
+            return {k: v.float() for k, v in out.items() if torch.is_tensor(v)}
         finally:
             self.model.train(was_training)
 
