@@ -86,6 +86,9 @@ class FilterConfig(ConfigBase):
         'help': 'standstill when every |gyro| of the span is below this [rad/s]'})
     zupt_accel_std_max: float = field(default=0.05, metadata={
         'help': 'and the std of |accel| over the span is below this [m/s^2]'})
+    zupt_max_speed: float = field(default=1.0, metadata={
+        'help': 'standstill also needs the estimated speed below this [m/s] (the IMU test '
+                'alone fires on smooth roads at speed)'})
     zupt_sigma: float = field(default=0.02, metadata={
         'help': 'sigma of the zero-velocity update [m/s] (0 = no zero-velocity updates)'})
     speed_mode: str = field(default='init', metadata={
@@ -119,7 +122,7 @@ class FilterConfig(ConfigBase):
                   'init_accel_bias_sigma', 'init_window_s', 'nhc_lateral_sigma',
                   'nhc_vertical_sigma', 'zupt_window_s', 'zupt_gyro_max', 'zupt_accel_std_max',
                   'speed_var_scale', 'pseudo_var_scale', 'max_gyro', 'max_accel', 'max_gap_s')
-        _nonnegative(self, 'nhc_min_speed', 'zupt_sigma', 'relpose_gate_chi2')
+        _nonnegative(self, 'nhc_min_speed', 'zupt_sigma', 'zupt_max_speed', 'relpose_gate_chi2')
         for name in ('nhc_every', 'speed_every', 'max_clones'):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -21,7 +21,14 @@ import numpy as np
 
 from mm_fusion_ros.filter.config import FilterConfig
 from mm_fusion_ros.filter.ekf import InvariantEKF
-from mm_fusion_ros.geometry import invert_pose, make_pose, rpy_to_rot, so3_exp, so3_log
+from mm_fusion_ros.geometry import (
+    invert_pose,
+    make_pose,
+    rot_to_rpy,
+    rpy_to_rot,
+    so3_exp,
+    so3_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -224,15 +231,17 @@ class InertialOdometry:
         self.zupt_n = max(2, int(round(cfg.zupt_window_s / dt_med)))
         self._zupt_buf = deque(maxlen=self.zupt_n)
         head = t - t[0] <= cfg.init_window_s
-        a_mean = acc[head].mean(axis=0)
-        roll = math.atan2(a_mean[1], a_mean[2])
-        pitch = math.atan2(-a_mean[0], math.hypot(a_mean[1], a_mean[2]))
-        R0 = rpy_to_rot(roll, pitch, 0.0)
-        still = self._is_still(acc[head], gyr[head])
-        bg0 = gyr[head].mean(axis=0) if still else np.zeros(3)
         fwd = self.R_ic[:, 0]
         sig_f = cfg.init_speed_sigma
         sig_l = cfg.init_vel_sigma
+        net = (self.window_n and self.noise_model.has_speed and cfg.speed_mode != 'off'
+               and len(t) >= self.window_n)
+        out = self._noise_for(self.window_n, acc[:self.window_n],
+                              gyr[:self.window_n]) if net else None
+        # A quiet IMU is not enough on a smooth road: with a speed network, it must agree.
+        still = self._is_still(acc[head], gyr[head]) and (
+            out is None or out['speed0'] < cfg.zupt_max_speed)
+        bg0 = gyr[head].mean(axis=0) if still else np.zeros(3)
         if still:
             v_body, sig_f, sig_l = np.zeros(3), cfg.zupt_sigma or 0.02, cfg.zupt_sigma or 0.02
             self.init_info = {'method': 'standstill', 'speed': 0.0}
@@ -240,14 +249,20 @@ class InertialOdometry:
             v_body, sig_f = self.true_velocity, cfg.init_vel_sigma
             self.init_info = {'method': 'true_velocity (ground truth)',
                               'speed': float(np.linalg.norm(v_body))}
-        elif self.window_n and self.noise_model.has_speed and cfg.speed_mode != 'off':
-            out = self._noise_for(self.window_n, acc[:self.window_n], gyr[:self.window_n])
+        elif out is not None:
             v_body = fwd * max(out['speed0'], 0.0)
             sig_f = math.sqrt(math.exp(out['speed0_logvar']) * cfg.speed_var_scale)
             self.init_info = {'method': 'speed network', 'speed': float(out['speed0'])}
         else:
             v_body = np.zeros(3)
             self.init_info = {'method': 'unknown speed (zero, wide prior)', 'speed': 0.0}
+        # Gravity from the specific force over the buffer, less the velocity change that the
+        # speeds at its ends (network) and the gyro's turning imply.
+        span = slice(0, self.window_n) if out is not None else head
+        v_end = fwd * max(out['speed'], 0.0) if out is not None and not still else v_body
+        R0 = gravity_alignment(t[span], acc[span], gyr[span] - bg0, v_body, v_end)
+        self.init_info['tilt_deg'] = [round(float(math.degrees(a)), 3)
+                                      for a in rot_to_rpy(R0)[:2]]
         tilt = math.radians(cfg.init_tilt_sigma_deg)
         P0 = np.zeros((15, 15))
         P0[0:3, 0:3] = np.diag([tilt**2, tilt**2, math.radians(cfg.init_yaw_sigma_deg)**2])
@@ -340,7 +355,8 @@ class InertialOdometry:
         if nhc_due:
             buf = np.asarray(self._zupt_buf)
             self.standstill = (len(buf) >= self.zupt_n
-                               and self._is_still(buf[:, :3], buf[:, 3:]))
+                               and self._is_still(buf[:, :3], buf[:, 3:])
+                               and float(np.linalg.norm(self.ekf.v)) < cfg.zupt_max_speed)
             if self.standstill:
                 self.ekf.update_body_velocity((0, 1, 2), np.zeros(3), [cfg.zupt_sigma] * 3)
                 self.ekf.update_zero_rate(buf[:, 3:].mean(axis=0), cfg.zupt_gyro_max / 3.0)
@@ -451,6 +467,31 @@ class InertialOdometry:
         J[:3, :3] = Rw.T
         J[3:, 3:] = Rw.T
         return J @ cov_world @ J.T
+
+
+def gravity_alignment(t, accel, gyro, v_start, v_end) -> np.ndarray:
+    """Initial attitude (roll, pitch; yaw 0) from IMU samples over [t0, t1] and the body
+    velocities at both ends: in the first body frame B0, mean(R_B0_B f) = dv/T - g_B0, where
+    dv = R_B0_B(t1) v_end - v_start, so a car that turns or speeds up is not taken as tilted."""
+    t = np.asarray(t, dtype=np.float64)
+    if len(t) < 2:
+        a = np.asarray(accel, dtype=np.float64).reshape(-1, 3).mean(axis=0)
+        R_end, mean_f, span = np.eye(3), a, 1.0
+    else:
+        dt = np.diff(t)
+        incs = so3_exp(0.5 * (gyro[:-1] + gyro[1:]) * dt[:, None])
+        rots = np.empty((len(t), 3, 3))
+        rots[0] = np.eye(3)
+        for i, inc in enumerate(incs):
+            rots[i + 1] = rots[i] @ inc
+        f = np.einsum('nij,nj->ni', rots, accel)
+        span = t[-1] - t[0]
+        mean_f = (0.5 * (f[:-1] + f[1:]) * dt[:, None]).sum(axis=0) / span
+        R_end = rots[-1]
+    up = mean_f - (R_end @ np.asarray(v_end, float) - np.asarray(v_start, float)) / span
+    roll = math.atan2(up[1], up[2])
+    pitch = math.atan2(-up[0], math.hypot(up[1], up[2]))
+    return rpy_to_rot(roll, pitch, 0.0)
 
 
 def _skew(v):
