@@ -70,7 +70,8 @@ class NoiseNet(nn.Module):
         lo, hi = self.cfg.logvar_min, self.cfg.logvar_max
         cols = [out[:, 0:1].clamp(lo, hi), out[:, 1:2].clamp(lo, hi)]
         if self.cfg.speed_head:
-            cols += [out[:, 2:3], out[:, 3:4].clamp(lo, hi), out[:, 4:5], out[:, 5:6].clamp(lo, hi)]
+            cols += [out[:, 2:3], out[:, 3:4].clamp(lo, hi),
+                     out[:, 4:5], out[:, 5:6].clamp(lo, hi)]
         return torch.cat(cols, dim=1)
 
 
