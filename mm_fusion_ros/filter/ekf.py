@@ -50,7 +50,11 @@ class InvariantEKF:
         if self._pending_n == 0:
             self._pending_state = (self.R, self.v, self.p)
         w = (gyro - self.bg) * dt
-        acc = self.R @ (accel - self.ba) + self.g
+        a = accel - self.ba
+        # Specific force rotated with the interval's mid attitude R Exp(w/2) (first order).
+        half = 0.5 * np.array([w[1] * a[2] - w[2] * a[1], w[2] * a[0] - w[0] * a[2],
+                               w[0] * a[1] - w[1] * a[0]])
+        acc = self.R @ (a + half) + self.g
         self.p = self.p + self.v * dt + (0.5 * dt * dt) * acc
         self.v = self.v + acc * dt
         self.R = self.R @ so3_exp(w)

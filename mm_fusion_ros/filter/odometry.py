@@ -59,7 +59,11 @@ class InertialOdometry:
     """
 
     def __init__(self, cfg: FilterConfig = None, noise_model=None, true_velocity=None,
-                 precomputed_noise=None):
+                 precomputed_noise=None, initial_state=None):
+        """true_velocity: IMU velocity at the first sample in IMU axes, used only with
+        cfg.init_source true_velocity (ground truth; label such runs). initial_state: a known
+        (R_world_imu, v_world) at the first sample, in a gravity-aligned world (z up), instead of
+        the alignment (e.g. handed over from a previous run, or a test's truth)."""
         cfg = FilterConfig() if cfg is None else cfg
         self.cfg = cfg
         self.noise_model = noise_model
@@ -68,6 +72,7 @@ class InertialOdometry:
                              '(initial IMU velocity in IMU axes) was given')
         self.true_velocity = None if true_velocity is None else np.asarray(true_velocity, float)
         self.precomputed_noise = precomputed_noise or {}
+        self.initial_state = initial_state
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
         self.T_imu_lidar = cfg.T_imu_lidar_matrix
         self.R_ic = rpy_to_rot(*np.radians(cfg.nhc_rpy_deg))
@@ -214,6 +219,8 @@ class InertialOdometry:
         return None
 
     def _ready_to_initialise(self) -> bool:
+        if self.initial_state is not None:
+            return True
         t_first, t_last = self._init_samples[0][0], self._init_samples[-1][0]
         need_speed = (self.cfg.init_source == 'estimate' and self.cfg.speed_mode != 'off'
                       and self.noise_model is not None and self.noise_model.has_speed)
@@ -261,6 +268,11 @@ class InertialOdometry:
         span = slice(0, self.window_n) if out is not None else head
         v_end = fwd * max(out['speed'], 0.0) if out is not None and not still else v_body
         R0 = gravity_alignment(t[span], acc[span], gyr[span] - bg0, v_body, v_end)
+        if self.initial_state is not None:
+            R0 = np.asarray(self.initial_state[0], dtype=np.float64)
+            v_body, sig_f = R0.T @ np.asarray(self.initial_state[1], float), cfg.init_vel_sigma
+            self.init_info = {'method': 'given initial state',
+                              'speed': float(np.linalg.norm(v_body))}
         self.init_info['tilt_deg'] = [round(float(math.degrees(a)), 3)
                                       for a in rot_to_rpy(R0)[:2]]
         tilt = math.radians(cfg.init_tilt_sigma_deg)
@@ -514,7 +526,7 @@ class FilterResult:
 
 def run_filter(cfg: FilterConfig, stamps, accel, gyro, scan_stamps, rel_poses=None,
                rel_logvars=None, rel_mask=None, noise_model=None, true_velocity=None,
-               precompute=True) -> FilterResult:
+               precompute=True, initial_state=None) -> FilterResult:
     """Offline: run the online object over a sequence, with relative poses at zero latency.
 
     rel_poses (K-1, 6) are the motions between consecutive scan stamps (DESIGN §5), rel_logvars
@@ -539,7 +551,7 @@ def run_filter(cfg: FilterConfig, stamps, accel, gyro, scan_stamps, rel_poses=No
     pre = None
     if precompute and noise_model is not None:
         pre = precompute_noise(cfg, noise_model, stamps, accel, gyro)
-    odo = InertialOdometry(cfg, noise_model, true_velocity, pre)
+    odo = InertialOdometry(cfg, noise_model, true_velocity, pre, initial_state)
     imu_t, imu_T, imu_speed = [], [], []
     next_scan = 0
     for i in range(len(stamps)):
