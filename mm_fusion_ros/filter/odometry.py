@@ -204,19 +204,8 @@ class InertialOdometry:
 
     # ------------------------------------------------------------ internals
     def _screen(self, stamp, accel, gyro):
-        cfg = self.cfg
-        if accel.shape != (3,) or gyro.shape != (3,):
-            raise ValueError(f'IMU sample needs 3 accel and 3 gyro values, got {accel.shape} '
-                             f'and {gyro.shape}')
-        g2 = float(gyro @ gyro)
-        a2 = float(accel @ accel)
-        if not (math.isfinite(stamp) and math.isfinite(g2) and math.isfinite(a2)):
-            return 'imu_rejected_nonfinite'
-        if g2 > cfg.max_gyro**2 or a2 > cfg.max_accel**2:
-            return 'imu_rejected_spike'
-        if self._last is not None and stamp <= self._last[0]:
-            return 'imu_rejected_stamp'
-        return None
+        return screen_imu_sample(self.cfg, None if self._last is None else self._last[0],
+                                 stamp, accel, gyro)
 
     def _ready_to_initialise(self) -> bool:
         if self.initial_state is not None:
@@ -481,6 +470,23 @@ class InertialOdometry:
         return J @ cov_world @ J.T
 
 
+def screen_imu_sample(cfg: FilterConfig, last_stamp, stamp, accel, gyro):
+    """Why an IMU sample is rejected (a counts key), or None: non-finite values, a rate or
+    specific force beyond cfg.max_gyro / cfg.max_accel, a stamp not after the last accepted."""
+    if accel.shape != (3,) or gyro.shape != (3,):
+        raise ValueError(f'IMU sample needs 3 accel and 3 gyro values, got {accel.shape} and '
+                         f'{gyro.shape}')
+    g2 = float(gyro @ gyro)
+    a2 = float(accel @ accel)
+    if not (math.isfinite(stamp) and math.isfinite(g2) and math.isfinite(a2)):
+        return 'imu_rejected_nonfinite'
+    if g2 > cfg.max_gyro**2 or a2 > cfg.max_accel**2:
+        return 'imu_rejected_spike'
+    if last_stamp is not None and stamp <= last_stamp:
+        return 'imu_rejected_stamp'
+    return None
+
+
 def gravity_alignment(t, accel, gyro, v_start, v_end) -> np.ndarray:
     """Initial attitude (roll, pitch; yaw 0) from IMU samples over [t0, t1] and the body
     velocities at both ends: in the first body frame B0, mean(R_B0_B f) = dv/T - g_B0, where
@@ -596,12 +602,12 @@ def _scan_event(odo, scan_stamps, j, rel_poses, rel_logvars, rel_mask):
 def precompute_noise(cfg: FilterConfig, noise_model, stamps, accel, gyro) -> dict:
     """Noise-model outputs for every valid-sample count at which the online object asks for
     them, computed in batches (same windows: the last `window` accepted samples)."""
-    screen = InertialOdometry(cfg.replace(init_source='estimate'))
     valid = np.zeros(len(stamps), bool)
+    last = None
     for i in range(len(stamps)):
-        valid[i] = screen._screen(float(stamps[i]), accel[i], gyro[i]) is None
+        valid[i] = screen_imu_sample(cfg, last, float(stamps[i]), accel[i], gyro[i]) is None
         if valid[i]:
-            screen._last = (float(stamps[i]), None, None)
+            last = float(stamps[i])
     data = np.concatenate([accel, gyro], axis=1)[valid]
     n = noise_model.window
     counts = np.arange(1, len(data) + 1)
