@@ -51,7 +51,7 @@ def trained(tmp_path_factory):
     cfg = TrainFilterConfig(kitti_sample=str(kitti_sample), out=str(out),
                             train_sequences='05,08', val_sequences='04', epochs=4,
                             max_windows_per_sequence=600, window=100, channels=16, hidden=32,
-                            tune_scales='', threads=1)
+                            tune_scales='', tune_speed_scales='', threads=1)
     metrics = train_run(cfg)
     assert snapshot(kitti_sample) == before        # nothing written under the data
     return out, metrics

@@ -50,7 +50,7 @@ class FilterConfig(ConfigBase):
         'help': 'gyro bias random walk [rad/s^2/sqrt(Hz)]'})
     accel_bias_walk: float = field(default=1e-3, metadata={
         'help': 'accelerometer bias random walk [m/s^3/sqrt(Hz)]'})
-    init_tilt_sigma_deg: float = field(default=2.0, metadata={
+    init_tilt_sigma_deg: float = field(default=1.0, metadata={
         'help': 'prior sigma of the initial roll and pitch from gravity alignment [deg]'})
     init_yaw_sigma_deg: float = field(default=1e-3, metadata={
         'help': 'prior sigma of the initial yaw [deg]; yaw is the odom frame gauge, so tiny'})
@@ -59,7 +59,7 @@ class FilterConfig(ConfigBase):
     init_vel_sigma: float = field(default=0.3, metadata={
         'help': 'prior sigma of the initial lateral/vertical velocity, and of the forward speed '
                 'with a known initial velocity [m/s]'})
-    init_gyro_bias_sigma: float = field(default=2e-3, metadata={
+    init_gyro_bias_sigma: float = field(default=2e-4, metadata={
         'help': 'prior sigma of the gyro bias [rad/s]'})
     init_accel_bias_sigma: float = field(default=5e-2, metadata={
         'help': 'prior sigma of the accelerometer bias [m/s^2]'})
@@ -96,6 +96,9 @@ class FilterConfig(ConfigBase):
                 '(initial speed and an update every speed_every samples)'})
     speed_every: int = field(default=10, metadata={
         'help': 'IMU samples between learned-speed updates with speed_mode on'})
+    speed_max: float = field(default=0.0, metadata={
+        'help': 'learned-speed updates only while the estimated speed is below this [m/s]: '
+                'the network cannot measure speeds it never saw in training (0 = no limit)'})
     speed_var_scale: float = field(default=1.0, metadata={
         'help': 'factor on the speed network variance (its errors are correlated in time)'})
     pseudo_var_scale: float = field(default=1.0, metadata={
@@ -122,7 +125,8 @@ class FilterConfig(ConfigBase):
                   'init_accel_bias_sigma', 'init_window_s', 'nhc_lateral_sigma',
                   'nhc_vertical_sigma', 'zupt_window_s', 'zupt_gyro_max', 'zupt_accel_std_max',
                   'speed_var_scale', 'pseudo_var_scale', 'max_gyro', 'max_accel', 'max_gap_s')
-        _nonnegative(self, 'nhc_min_speed', 'zupt_sigma', 'zupt_max_speed', 'relpose_gate_chi2')
+        _nonnegative(self, 'nhc_min_speed', 'zupt_sigma', 'zupt_max_speed', 'relpose_gate_chi2',
+                     'speed_max')
         for name in ('nhc_every', 'speed_every', 'max_clones'):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -373,7 +373,8 @@ class InertialOdometry:
                     self.ekf.update_body_velocity((1, 2), np.zeros(2), sig, self.R_ic,
                                                   self.lever, self._last[2])
                     self.counts['nhc_updates'] += 1
-        if speed_due and out is not None and not self.standstill:
+        in_range = cfg.speed_max <= 0 or float(np.linalg.norm(self.ekf.v)) < cfg.speed_max
+        if speed_due and out is not None and not self.standstill and in_range:
             sig = math.sqrt(math.exp(out['speed_logvar']) * cfg.speed_var_scale)
             self.ekf.update_body_velocity((0,), [max(out['speed'], 0.0)], [sig], self.R_ic,
                                           self.lever, self._last[2])

@@ -40,6 +40,8 @@ from mm_fusion_ros.kitti.odometry import parse_sequences
 log = logging.getLogger(__name__)
 
 STOP_SPEED = 0.3   # [m/s] a training window ending slower than this is a standstill
+TUNED = ('pseudo_var_scale', 'speed_mode', 'speed_var_scale')
+SPEED_RANGE_MARGIN = 0.95   # speed updates below this share of the fastest training speed
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,14 @@ class TrainFilterConfig(ConfigBase):
         'help': 'repeat training windows that end at a standstill this often (they are rare)'})
     max_windows_per_sequence: int = field(default=0, metadata={
         'help': 'keep at most N evenly spaced windows per sequence (0 = all; for quick runs)'})
-    tune_scales: str = field(default='1,3,10,30', metadata={
+    tune_scales: str = field(default='1,3,10', metadata={
         'help': 'candidate pseudo-measurement variance factors (empty = keep 1)'})
-    tune_speed_mode: str = field(default='init', metadata={
-        'help': 'speed_mode of the filter written to the checkpoint (off, init, on)'})
+    tune_speed_scales: str = field(default='10,30,100', metadata={
+        'help': 'candidate speed-network variance factors for learned speed updates; the '
+                'filter keeps them only if they lower t_rel (empty = initial speed only)'})
+    tune_sequences: str = field(default='00,02,05,06,08,04', metadata={
+        'help': 'sequences whose mean t_rel chooses the variance factors (the training ones '
+                'see an in-sample network, so the validation sequence is included)'})
     seed: int = field(default=0, metadata={'help': 'torch and shuffling seed'})
     threads: int = field(default=2, metadata={'help': 'torch CPU threads'})
 
@@ -206,17 +212,33 @@ def train_noise_net(cfg: TrainFilterConfig, train_ws, val_ws):
     return net.eval(), history, best_epoch
 
 
-def tune_variance_scale(base_cfg: FilterConfig, model, seqs, scales):
-    """Mean t_rel over seqs for each pseudo-measurement variance factor; the best factor."""
+def mean_t_rel(cfg: FilterConfig, model, seqs) -> float:
+    t_rel = [run_on_sequence(s, cfg, model)[2]['t_rel'] for s in seqs]
+    log.info('%s: mean t_rel %.3f %% (%s)', ' '.join(f'{k}={v}' for k, v in cfg.to_dict().items()
+                                                     if k in TUNED), float(np.nanmean(t_rel)),
+             ', '.join(f'{s.name} {t:.2f}' for s, t in zip(seqs, t_rel)))
+    return float(np.nanmean(t_rel))
+
+
+def tune_filter(base: FilterConfig, model, seqs, scales, speed_scales):
+    """Variance factors by mean t_rel over seqs: first the pseudo-measurements', then whether
+    learned speed updates (and with which factor) beat the initial speed alone."""
     table = {}
-    for scale in scales:
-        cfg = base_cfg.replace(pseudo_var_scale=float(scale))
-        t_rel = [run_on_sequence(s, cfg, model)[2]['t_rel'] for s in seqs]
-        table[float(scale)] = float(np.nanmean(t_rel))
-        log.info('pseudo_var_scale %g: mean t_rel %.3f %% (%s)', scale, table[float(scale)],
-                 ', '.join(f'{s.name} {t:.2f}' for s, t in zip(seqs, t_rel)))
-    best = min(table, key=table.get)
-    return best, table
+    best_cfg, best = base, np.inf
+    for scale in scales or [base.pseudo_var_scale]:
+        cfg = base.replace(pseudo_var_scale=float(scale))
+        table[f'pseudo_var_scale={scale:g}'] = score = mean_t_rel(cfg, model, seqs)
+        if score < best:
+            best_cfg, best = cfg, score
+    if model is not None and model.has_speed:
+        base = best_cfg
+        for scale in speed_scales:
+            cfg = base.replace(speed_mode='on', speed_var_scale=float(scale))
+            table[f'speed_mode=on speed_var_scale={scale:g}'] = score = mean_t_rel(
+                cfg, model, seqs)
+            if score < best:
+                best_cfg, best = cfg, score
+    return best_cfg, table
 
 
 def run(cfg: TrainFilterConfig) -> dict:
@@ -243,15 +265,21 @@ def run(cfg: TrainFilterConfig) -> dict:
     net, history, best_epoch = train_noise_net(cfg, train_ws, val_ws)
     train_s = time.perf_counter() - t0
     model = NoiseModel(net)
+    # Speed updates only inside the speed range the network was trained on.
+    speed_max = SPEED_RANGE_MARGIN * float(np.abs(train_ws.speed).max())
     filter_cfg = FilterConfig(nhc_rpy_deg=calib.nhc_rpy_deg,
-                              speed_mode=cfg.tune_speed_mode if cfg.speed_head else 'off')
+                              speed_mode='init' if cfg.speed_head else 'off',
+                              speed_max=speed_max if cfg.speed_head else 0.0)
     scales = [float(s) for s in cfg.tune_scales.split(',') if s.strip()]
+    speed_scales = [float(s) for s in cfg.tune_speed_scales.split(',') if s.strip()]
     table = {}
-    if scales:
-        best, table = tune_variance_scale(filter_cfg, model, train, scales)
-        filter_cfg = filter_cfg.replace(pseudo_var_scale=best)
+    if scales or speed_scales:
+        loaded = {s.name: s for s in train + val}
+        tune = [loaded.get(s) or load_imu_sequence(root, s, imu_path)
+                for s in parse_sequences(cfg.tune_sequences)]
+        filter_cfg, table = tune_filter(filter_cfg, model, tune, scales, speed_scales)
     metrics = {'history': history, 'best_epoch': best_epoch, 'train_seconds': train_s,
-               'tune_t_rel': {str(k): v for k, v in table.items()},
+               'tune_t_rel': table,
                'calibration': {'R_base_imu': calib.R_base_imu.tolist(),
                                'nhc_rpy_deg': list(calib.nhc_rpy_deg),
                                'nhc_point_base': calib.nhc_point_base.tolist()}}
@@ -262,8 +290,7 @@ def run(cfg: TrainFilterConfig) -> dict:
                  metrics[f'val_{s.name}']['t_rel'], metrics[f'val_{s.name}']['r_rel'])
     payload = filter_payload(filter_cfg, net, cfg, metrics, step=0, epoch=best_epoch)
     path = save_filter_checkpoint(cfg.out, payload)
-    log.info('wrote %s (pseudo_var_scale %g, speed_mode %s)', path, filter_cfg.pseudo_var_scale,
-             filter_cfg.speed_mode)
+    log.info('wrote %s (%s)', path, ', '.join(f'{k} {getattr(filter_cfg, k)}' for k in TUNED))
     return metrics
 
 
