@@ -44,7 +44,9 @@ from mm_fusion_ros.kitti.odometry import parse_sequences
 from mm_fusion_ros.kitti.sample import ImuData
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SAMPLE = Path(os.environ.get('MMF_KITTI_SAMPLE', REPO.parent / 'shared' / 'kitti_sample'))
+DEFAULT_SAMPLE = REPO.parent / 'shared' / 'kitti_sample'
+if not DEFAULT_SAMPLE.is_dir():   # a worktree beside, not inside, the shared folder
+    DEFAULT_SAMPLE = Path(os.environ.get('MMF_KITTI_SAMPLE', '/work/shared/kitti_sample'))
 TRAIN = ('00', '02', '05', '06', '08')
 # docs/stage2_tracking.md, "Results on 01 and 07" (pretrain_models/imu_real.pth): cited, not rerun.
 LEARNED_IMU_ONLY = {'01': (52.68, 1.047), '07': (8.81, 3.063)}

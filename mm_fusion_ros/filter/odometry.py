@@ -92,6 +92,7 @@ class InertialOdometry:
         self._pending_scans = []   # scan stamps ahead of the filter, ascending
         self._waiting_rel = []     # relative poses whose end scan is still ahead
         self._open_scans = {}      # cloned scan stamp -> (T_odom_base, cov6), still improving
+        self._record_only = set()  # scan stamps to read out, not clone
         self._finished_scans = []  # (stamp, T_odom_base, cov6) whose clone was let go
         self.standstill = False
 
@@ -116,10 +117,16 @@ class InertialOdometry:
         self._step(stamp, accel, gyro)
         return True
 
-    def add_scan(self, stamp):
-        """A scan's stamp: its pose is cloned (exactly, or back-dated when already passed)."""
+    def add_scan(self, stamp, clone=True):
+        """A scan's stamp: its pose is cloned (exactly, or back-dated when already passed).
+
+        clone=False only records the pose there (pop_scan_poses), for runs that will never get
+        a relative pose for this scan: cloning costs 6 state dimensions per held scan.
+        """
         stamp = float(stamp)
         self.counts['scans'] += 1
+        if not clone:
+            self._record_only.add(stamp)
         if self.ekf is None:
             self._events.append(('scan', (stamp,)))
             return
@@ -387,6 +394,13 @@ class InertialOdometry:
         return None
 
     def _clone(self, stamp, rot=None, pos=None, back_s=0.0):
+        if stamp in self._record_only:
+            self._record_only.discard(stamp)
+            T = self.T_world_odom_inv @ make_pose(self.ekf.R if rot is None else rot,
+                                                  self.ekf.p if pos is None else pos)
+            cov = self._odom_cov(self.ekf.pose_covariance(self.T_imu_lidar))
+            self._finished_scans.append((stamp, T @ self.T_imu_lidar, cov))
+            return
         if self._clone_key(stamp) is not None:
             return
         while len(self.ekf.clones) >= self.cfg.max_clones:
@@ -594,7 +608,7 @@ def run_filter(cfg: FilterConfig, stamps, accel, gyro, scan_stamps, rel_poses=No
 
 
 def _scan_event(odo, scan_stamps, j, rel_poses, rel_logvars, rel_mask):
-    odo.add_scan(scan_stamps[j])
+    odo.add_scan(scan_stamps[j], clone=rel_poses is not None)
     if rel_poses is not None and j > 0 and rel_mask[j - 1]:
         odo.add_relative_pose(scan_stamps[j - 1], scan_stamps[j], rel_poses[j - 1],
                               rel_logvars[j - 1])
