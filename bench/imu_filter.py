@@ -7,7 +7,7 @@
 Accuracy (KITTI devkit t_rel [%], r_rel [deg/100 m], eval.metrics) per sequence, for:
 - the filter from its own initial state (gravity alignment + the speed network);
 - the filter from the TRUE initial velocity (ground truth; AI-IMU's protocol; labelled);
-- ablations: no noise network (fixed noise, no learned speed), learned speed updates on;
+- ablations: no noise network (fixed noise, no learned speed), no learned speed updates;
 - baselines: IMU dead reckoning (GT initial pose and velocity), the gyro integral with the true
   speed along the forward axis, the gyro integral with the true per-step translation, mean
   motion (mean step of the training sequences) and the constant-velocity oracle.
@@ -105,8 +105,8 @@ def filter_rows(seq, cfg, model):
             (cfg.replace(init_source='true_velocity'), model),
         'ablation: filter without noise network (fixed noise, no learned speed)':
             (cfg.replace(speed_mode='off'), None),
-        'ablation: filter + learned speed updates (speed_mode on)':
-            (cfg.replace(speed_mode='on'), model),
+        'ablation: initial speed only, no learned speed updates (speed_mode init)':
+            (cfg.replace(speed_mode='init'), model),
     }
     out = {}
     for name, (c, m) in variants.items():
