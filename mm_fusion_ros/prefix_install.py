@@ -21,6 +21,7 @@ ENTRY_POINTS = {
     'kitti_to_bag': 'mm_fusion_ros.cli.kitti_to_bag:main',
     'bag_player': 'mm_fusion_ros.ros.bag_player:main',
     'train_multimodal': 'mm_fusion_ros.training.offline:main',
+    'train_imu_filter': 'mm_fusion_ros.filter.train:main',
     'predict_odometry': 'mm_fusion_ros.cli.predict_odometry:main',
     'evaluate_odometry': 'mm_fusion_ros.cli.evaluate_odometry:main',
     'online_finetune': 'mm_fusion_ros.ros.online:main',

@@ -1,0 +1,280 @@
+"""Inertial filter (mm_fusion_ros.filter) on synthetic drives: exact reproduction with a perfect
+IMU, NEES consistency, pseudo-measurements against lateral drift, covariance growth and shrink,
+bad-sample rejection, relative-pose updates with missing and late scans, online = offline."""
+import numpy as np
+import pytest
+from scipy.stats import chi2
+
+from mm_fusion_ros.filter.config import FilterConfig
+from mm_fusion_ros.filter.odometry import InertialOdometry, run_filter
+from mm_fusion_ros.geometry import invert_pose, make_pose, pose_to_vec6, so3_exp, so3_log
+from mm_fusion_ros.synthetic.imu import add_sensor_noise, imu_kinematics
+from mm_fusion_ros.synthetic.trajectory import synthesize_drive
+
+RATE = 100.0
+SCAN_EVERY = 10          # IMU samples per scan (10 Hz scans)
+
+
+def drive(seed, duration=20.0):
+    """Truth of a synthetic drive at 100 Hz: stamps, R_world_imu, p, v, specific force, rate."""
+    rng = np.random.default_rng(seed)
+    traj, _ = synthesize_drive(rng, duration + 1.0)
+    t = np.arange(0.0, duration, 1.0 / RATE)
+    rot, pos, vel, force, rate = imu_kinematics(traj, t + traj.t_start, np.eye(4))
+    return t, rot, pos - pos[0], vel, force, rate     # the filter starts at the origin
+
+
+def noisy(force, rate, cfg, seed):
+    """IMU samples with the white noise and bias the filter's config describes."""
+    rng = np.random.default_rng(seed)
+    dt = 1.0 / RATE
+    acc = add_sensor_noise(force, rng, cfg.accel_noise / np.sqrt(dt), cfg.init_accel_bias_sigma,
+                           cfg.accel_bias_walk, dt)
+    gyr = add_sensor_noise(rate, rng, cfg.gyro_noise / np.sqrt(dt), cfg.init_gyro_bias_sigma,
+                           cfg.gyro_bias_walk, dt)
+    return acc, gyr
+
+
+def truth_poses(rot, pos, idx):
+    """T_odom_imu at sample indices, odom = the first pose."""
+    T = make_pose(rot[idx], pos[idx])
+    return invert_pose(make_pose(rot[0], pos[0])) @ T
+
+
+def true_relative(rot, pos, scan_idx):
+    T = make_pose(rot[scan_idx], pos[scan_idx])
+    return pose_to_vec6(invert_pose(T[:-1]) @ T[1:])
+
+
+IMU_ONLY = dict(nhc_every=0, zupt_sigma=0.0, speed_mode='off')
+
+
+def test_perfect_imu_reproduces_the_trajectory():
+    t, rot, pos, vel, force, rate = drive(seed=1)
+    cfg = FilterConfig(**IMU_ONLY)
+    scans = t[::SCAN_EVERY]
+    res = run_filter(cfg, t, force, rate, scans, initial_state=(rot[0], vel[0]))
+    assert res.init_info['method'] == 'given initial state'
+    truth = truth_poses(rot, pos, np.arange(0, len(t), SCAN_EVERY))
+    pos_err = np.linalg.norm(res.scan_poses[:, :3, 3] - truth[:, :3, 3], axis=1)
+    rot_err = np.linalg.norm(so3_log(np.swapaxes(truth[:, :3, :3], 1, 2)
+                                     @ res.scan_poses[:, :3, :3]), axis=1)
+    path = np.linalg.norm(np.diff(pos, axis=0), axis=1).sum()
+    assert path > 100.0
+    assert pos_err.max() < 0.05, pos_err.max()        # over 20 s and > 100 m
+    assert rot_err.max() < 1e-4, rot_err.max()
+    # The IMU-rate trajectory passes through the scan poses.
+    at_scans = np.searchsorted(res.imu_stamps, scans[1:])
+    np.testing.assert_allclose(res.imu_poses[at_scans], res.scan_poses[1:], atol=1e-9)
+
+
+def _right_invariant_error(R_hat, v_hat, p_hat, R, v, p):
+    eta = R @ R_hat.T
+    return np.concatenate([so3_log(eta), v - eta @ v_hat, p - eta @ p_hat])
+
+
+def test_nees_within_chi2_bounds_over_simulated_drives():
+    """Monte Carlo over a drive with the network's relative poses: the 9-dim (attitude,
+    velocity, position) NEES averaged over runs stays inside the two-sided 99 % chi-square
+    bounds of its degrees of freedom at >= 90 % of the scan times, and on average."""
+    cfg = FilterConfig(**IMU_ONLY, gyro_noise=2e-3, accel_noise=5e-2, gyro_bias_walk=1e-4,
+                       accel_bias_walk=2e-3, init_gyro_bias_sigma=1e-3,
+                       init_accel_bias_sigma=5e-2)
+    sig_t, sig_r = 0.05, 2e-3     # relative pose noise per scan step [m], [rad]
+    logvar = np.log(np.array([sig_t] * 3 + [sig_r] * 3) ** 2)
+    t, rot, pos, vel, force, rate = drive(seed=2, duration=8.0)
+    scan_idx = np.arange(0, len(t), SCAN_EVERY)
+    rel_true = true_relative(rot, pos, scan_idx)
+    runs, nees = 24, []
+    for run in range(runs):
+        rng = np.random.default_rng(100 + run)
+        acc, gyr = noisy(force, rate, cfg, seed=200 + run)
+        rel = rel_true + rng.normal(0.0, [sig_t] * 3 + [sig_r] * 3, size=rel_true.shape)
+        # The initial state is drawn from the filter's own prior (tilt, velocity) around truth.
+        tilt = np.radians(cfg.init_tilt_sigma_deg)
+        xi_r = rng.normal(0.0, [tilt, tilt, 0.0])
+        xi_v = rng.normal(0.0, cfg.init_vel_sigma, 3)
+        R_hat = so3_exp(-xi_r) @ rot[0]
+        odo = InertialOdometry(cfg, initial_state=(R_hat, so3_exp(-xi_r) @ (vel[0] - xi_v)))
+        per_run = []
+        for i in range(len(t)):
+            odo.add_imu(t[i], acc[i], gyr[i])
+            if i % SCAN_EVERY == 0:
+                k = i // SCAN_EVERY
+                odo.add_scan(t[i])
+                if k > 0:
+                    odo.add_relative_pose(t[i - SCAN_EVERY], t[i], rel[k - 1], logvar)
+                    ekf = odo.ekf
+                    ekf.flush()
+                    err = _right_invariant_error(ekf.R, ekf.v, ekf.p, rot[i], vel[i], pos[i])
+                    per_run.append(err @ np.linalg.solve(ekf.P[:9, :9], err))
+        nees.append(per_run)
+    per_time = np.asarray(nees).mean(axis=0)          # average over runs, per scan time
+    lo, hi = chi2.ppf([0.005, 0.995], 9 * runs) / runs
+    inside = (per_time > lo) & (per_time < hi)
+    assert inside.mean() >= 0.9, (lo, hi, per_time.round(1))
+    assert lo < per_time.mean() < hi, (lo, hi, per_time.mean())
+
+
+def test_pseudo_measurements_remove_lateral_drift():
+    """A lateral accelerometer bias makes the IMU alone drift sideways; the zero lateral
+    velocity pseudo-measurement keeps the car on its track."""
+    t, rot, pos, vel, force, rate = drive(seed=3)
+    acc = force + np.array([0.0, 0.08, 0.0])
+    idx = np.arange(0, len(t), SCAN_EVERY)
+    truth = truth_poses(rot, pos, idx)
+    lateral = {}
+    for name, nhc_every in (('imu_only', 0), ('pseudo', 10)):
+        cfg = FilterConfig(nhc_every=nhc_every, zupt_sigma=0.0, speed_mode='off',
+                           init_accel_bias_sigma=1e-3, nhc_lateral_sigma=0.05,
+                           nhc_vertical_sigma=0.2)
+        res = run_filter(cfg, t, acc, rate, t[idx], initial_state=(rot[0], vel[0]))
+        err = res.scan_poses[:, :3, 3] - truth[:, :3, 3]
+        lat = np.einsum('ni,ni->n', err, truth[:, :3, 1])   # along the true body y axis
+        lateral[name] = np.abs(lat).max()
+    assert lateral['imu_only'] > 5.0, lateral
+    assert lateral['pseudo'] < 0.1 * lateral['imu_only'], lateral
+
+
+def test_missing_measurements_widen_and_a_measurement_shrinks_the_covariance():
+    t, rot, pos, vel, force, rate = drive(seed=4, duration=8.0)
+    cfg = FilterConfig(**IMU_ONLY)
+    acc, gyr = noisy(force, rate, cfg, seed=5)
+    scan_idx = np.arange(0, len(t), SCAN_EVERY)
+    rel = true_relative(rot, pos, scan_idx)
+    logvar = np.log(np.array([0.02] * 3 + [1e-3] * 3) ** 2)
+    odo = InertialOdometry(cfg, initial_state=(rot[0], vel[0]))
+    pos_trace, vel_trace = [], []
+    gap = range(30, 60)         # scans 30..59: camera and LiDAR gone
+    for i in range(len(t)):
+        odo.add_imu(t[i], acc[i], gyr[i])
+        if i % SCAN_EVERY:
+            continue
+        k = i // SCAN_EVERY
+        odo.add_scan(t[i])
+        if k in gap or k == 0:
+            cov = odo.pose()[2]
+        else:
+            odo.ekf.flush()
+            before = np.trace(odo.ekf.P[3:6, 3:6])
+            odo.add_relative_pose(t[i - SCAN_EVERY], t[i], rel[k - 1], logvar)
+            after = np.trace(odo.ekf.P[3:6, 3:6])
+            assert after < before, (k, before, after)      # a measurement shrinks it
+            cov = odo.pose()[2]
+        pos_trace.append(np.trace(cov[:3, :3]))
+        vel_trace.append(np.trace(odo.ekf.P[3:6, 3:6]))
+    pos_trace, vel_trace = np.array(pos_trace), np.array(vel_trace)
+    in_gap = np.array(list(gap))
+    assert np.all(np.diff(pos_trace[in_gap]) > 0)             # grows at every scan of the gap
+    assert np.all(np.diff(vel_trace[in_gap]) > 0)
+    assert vel_trace[in_gap[-1]] > 3 * vel_trace[in_gap[0] - 1]
+    assert vel_trace[in_gap[-1] + 3] < 0.5 * vel_trace[in_gap[-1]]   # shrinks after the gap
+    assert odo.counts['relpose_applied'] == sum(1 for k in range(1, len(scan_idx))
+                                                if k not in gap)
+
+
+def test_bad_imu_samples_are_rejected_and_counted():
+    t, rot, pos, vel, force, rate = drive(seed=6, duration=5.0)
+    cfg = FilterConfig(**IMU_ONLY)
+    scans = t[::SCAN_EVERY]
+    clean = run_filter(cfg, t, force, rate, scans, initial_state=(rot[0], vel[0]))
+    acc, gyr, st = force.copy(), rate.copy(), t.copy()
+    acc[100, 1] = np.nan                  # NaN
+    gyr[205] = [0.0, 0.0, 50.0]           # a gyro spike far beyond a car's rates
+    acc[307] = [400.0, 0.0, 9.8]          # an accelerometer spike
+    bad = run_filter(cfg, st, acc, gyr, scans, initial_state=(rot[0], vel[0]))
+    assert bad.counts['imu_rejected_nonfinite'] == 1
+    assert bad.counts['imu_rejected_spike'] == 2
+    assert bad.counts['imu_accepted'] == len(t) - 3
+    # Rejecting a sample is the same as never having received it.
+    keep = np.setdiff1d(np.arange(len(t)), [100, 205, 307])
+    ref = run_filter(cfg, t[keep], force[keep], rate[keep], scans,
+                     initial_state=(rot[0], vel[0]))
+    np.testing.assert_allclose(bad.scan_poses, ref.scan_poses, atol=1e-12)
+    assert np.abs(bad.scan_poses - clean.scan_poses).max() < 0.05
+    # A sample whose stamp goes back is refused as well.
+    odo = InertialOdometry(cfg, initial_state=(rot[0], vel[0]))
+    assert odo.add_imu(t[0], force[0], rate[0]) and odo.add_imu(t[1], force[1], rate[1])
+    assert not odo.add_imu(t[0], force[0], rate[0])
+    assert odo.counts['imu_rejected_stamp'] == 1
+
+
+def test_relative_poses_with_missing_and_late_scans():
+    """Noisy IMU plus the network's relative poses: accurate; a masked step is bridged; scan
+    stamps that arrive after the filter passed them (online latency) give nearly the same."""
+    t, rot, pos, vel, force, rate = drive(seed=7, duration=15.0)
+    cfg = FilterConfig(nhc_every=0, zupt_sigma=0.0, speed_mode='off')
+    acc, gyr = noisy(force, rate, cfg, seed=8)
+    scan_idx = np.arange(0, len(t), SCAN_EVERY)
+    rng = np.random.default_rng(9)
+    rel = true_relative(rot, pos, scan_idx) + rng.normal(0, [0.03] * 3 + [1e-3] * 3,
+                                                          (len(scan_idx) - 1, 6))
+    logvar = np.tile(np.log(np.array([0.03] * 3 + [1e-3] * 3) ** 2), (len(rel), 1))
+    mask = np.ones(len(rel), bool)
+    mask[50:80] = False          # 3 s without camera and LiDAR
+    truth = truth_poses(rot, pos, scan_idx)
+    imu_only = run_filter(cfg, t, acc, gyr, t[scan_idx], initial_state=(rot[0], vel[0]))
+    fused = run_filter(cfg, t, acc, gyr, t[scan_idx], rel, logvar, mask,
+                       initial_state=(rot[0], vel[0]))
+    err = lambda r: np.linalg.norm(r.scan_poses[:, :3, 3] - truth[:, :3, 3], axis=1)  # noqa
+    assert fused.counts['relpose_applied'] == mask.sum()
+    assert np.isfinite(fused.scan_poses).all()
+    assert err(fused).max() < 0.5 * err(imu_only).max()
+
+    # Online: each scan is announced 3 IMU samples late, its relative pose 5 samples late.
+    odo = InertialOdometry(cfg, initial_state=(rot[0], vel[0]))
+    late_scans, late_rel, poses = [], [], {}
+    for i in range(len(t)):
+        odo.add_imu(t[i], acc[i], gyr[i])
+        if i % SCAN_EVERY == 0:
+            late_scans.append((i + 3, t[i]))
+            k = i // SCAN_EVERY
+            if k > 0 and mask[k - 1]:
+                late_rel.append((i + 5, k))
+        while late_scans and late_scans[0][0] == i:
+            odo.add_scan(late_scans.pop(0)[1])
+        while late_rel and late_rel[0][0] == i:
+            k = late_rel.pop(0)[1]
+            odo.add_relative_pose(t[scan_idx[k - 1]], t[scan_idx[k]], rel[k - 1], logvar[k - 1])
+        for stamp, T, _ in odo.pop_scan_poses():
+            poses[stamp] = T
+    for stamp, T, _ in odo.close():
+        poses[stamp] = T
+    assert odo.counts['scans_late'] == len(scan_idx)
+    online = np.stack([poses[s] for s in t[scan_idx] if s in poses])
+    assert len(online) == len(scan_idx)
+    gap = np.abs(online[:, :3, 3] - fused.scan_poses[:, :3, 3]).max()
+    assert gap < 0.2, gap
+
+
+def test_online_object_equals_offline_run():
+    t, rot, pos, vel, force, rate = drive(seed=10, duration=6.0)
+    cfg = FilterConfig(speed_mode='off')
+    acc, gyr = noisy(force, rate, cfg, seed=11)
+    scans = t[::SCAN_EVERY]
+    off = run_filter(cfg, t, acc, gyr, scans)
+    odo = InertialOdometry(cfg)
+    got = {}
+    for i in range(len(t)):
+        odo.add_imu(t[i], acc[i], gyr[i])
+        if i % SCAN_EVERY == 0:
+            odo.add_scan(t[i])
+    for stamp, T, cov in odo.close():
+        got[stamp] = (T, cov)
+    on = np.stack([got[s][0] for s in scans])
+    np.testing.assert_allclose(on, off.scan_poses, atol=1e-12)
+    assert off.init_info['method'] == 'unknown speed (zero, wide prior)'
+    # The car drives at > 5 m/s: the pseudo-measurements cannot know its speed, so without
+    # a speed network the start is wrong, but gravity alignment still gives the tilt.
+    assert abs(off.init_info['tilt_deg'][0]) < 5 and abs(off.init_info['tilt_deg'][1]) < 5
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match='init_source'):
+        FilterConfig(init_source='oracle')
+    with pytest.raises(ValueError, match='T_imu_lidar'):
+        FilterConfig(T_imu_lidar=(2.0,) * 12)
+    with pytest.raises(ValueError, match='gyro_noise'):
+        FilterConfig(gyro_noise=-1.0)
+    with pytest.raises(ValueError, match='true_velocity'):
+        InertialOdometry(FilterConfig(init_source='true_velocity'))
