@@ -13,11 +13,11 @@ ROS_NAME = re.compile(r'^(rclpy|rcl_\w+|\w+_(msgs|srvs|interfaces)|rosidl_\w+|rm
 # DESIGN §1, from the ground up: a module imports modules of its own layer or below.
 LAYERS = {
     'mm_fusion_ros': 0, 'mm_fusion_ros.config': 0, 'mm_fusion_ros.geometry': 0,
-    'mm_fusion_ros.stamps': 0,
+    'mm_fusion_ros.stamps': 0, 'mm_fusion_ros.fileio': 0,
     'mm_fusion_ros.kitti': 1, 'mm_fusion_ros.synthetic': 1, 'mm_fusion_ros.messages': 1,
     'mm_fusion_ros.bag': 2, 'mm_fusion_ros.sync': 2, 'mm_fusion_ros.model': 2,
-    'mm_fusion_ros.eval': 2,
-    'mm_fusion_ros.training': 3,
+    'mm_fusion_ros.eval': 2, 'mm_fusion_ros.trajectory': 2, 'mm_fusion_ros.runtime': 2,
+    'mm_fusion_ros.training': 3, 'mm_fusion_ros.filter': 3,
     'mm_fusion_ros.ros': 4,
     'mm_fusion_ros.cli': 5, 'mm_fusion_ros.prefix_install': 5,
 }
