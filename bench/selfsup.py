@@ -92,7 +92,7 @@ def run(cmd, log_path: Path, threads: int):
 def make_data(args) -> Path:
     if args.data_path is not None:
         return args.data_path
-    from mm_fusion_ros.kitti.odometry import parse_sequences
+    from mm_fusion_ros.kitti.ids import parse_sequences
     from mm_fusion_ros.synthetic.writer import generate_sequence
     root = args.work_dir / 'data'
     for seq in parse_sequences(args.train_sequences) + parse_sequences(args.test_sequences):

@@ -17,7 +17,7 @@ import torch
 
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
-from mm_fusion_ros.kitti.odometry import parse_sequences
+from mm_fusion_ros.kitti.ids import parse_sequences
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.net import build_model
 

@@ -18,7 +18,7 @@ from mm_fusion_ros.bag import topics
 from mm_fusion_ros.bag.playback import BagSource, MatchWait, Pacer
 from mm_fusion_ros.bag.writer import convert_sequence, ConvertOptions
 from mm_fusion_ros.ros import bag_player
-from mm_fusion_ros.ros.qos import REPLAY_IMU_QOS, replay_qos, REPLAY_SENSOR_QOS
+from mm_fusion_ros.ros.qos import replay_qos, REPLAY_SENSOR_QOS
 
 FRAMES = 20
 RATE = 4.0
@@ -85,7 +85,7 @@ def test_replay_qos_keeps_latching_and_is_reliable(bag):
     assert cloud_qos.reliability == ReliabilityPolicy.RELIABLE
     assert cloud_qos.depth == REPLAY_SENSOR_QOS.depth >= 100
     # the bag records a 100 Hz-sized queue for the IMU, and the player honours it
-    assert imu_qos.depth == REPLAY_IMU_QOS.depth >= 1000
+    assert imu_qos.depth == topics.IMU_QUEUE_DEPTH >= 1000
     assert imu_qos.reliability == ReliabilityPolicy.RELIABLE
 
 

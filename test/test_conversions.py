@@ -6,6 +6,7 @@ from nav_msgs.msg import Odometry
 import numpy as np
 from PIL import Image
 import pytest
+from ros_messages import array_to_cloud, array_to_image, cloud_msg_fields, image_msg_fields
 from rosbags.typesys import get_typestore, Stores
 from sensor_msgs.msg import Imu, PointCloud2
 
@@ -47,7 +48,7 @@ def test_stamps():
 
 def test_rclpy_cloud_round_trip():
     pts = points(1000)
-    msg = cv.array_to_cloud(pts, 5_000_000_001, 'velodyne')
+    msg = array_to_cloud(pts, 5_000_000_001, 'velodyne')
     assert isinstance(msg, PointCloud2)
     assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (5, 1)
     assert msg.header.frame_id == 'velodyne'
@@ -62,13 +63,13 @@ def test_raw_subscription_bytes_decode_as_views_with_the_same_decoders():
     the payload, and the decoders give what the rclpy message gives."""
     from rclpy.serialization import serialize_message
     pts = points(500)
-    raw = serialize_message(cv.array_to_cloud(pts, 5_000_000_001, 'velodyne'))
+    raw = serialize_message(array_to_cloud(pts, 5_000_000_001, 'velodyne'))
     msg = cv.decode_cdr(raw, 'sensor_msgs/msg/PointCloud2')
     assert cv.stamp_to_ns(msg.header.stamp) == 5_000_000_001
     assert np.shares_memory(msg.data, np.frombuffer(raw, np.uint8))
     np.testing.assert_array_equal(cv.cloud_to_array(msg), pts)
     im = rgb_image(6, 9)
-    raw = serialize_message(cv.array_to_image(im, 7, 'camera2', 'bgr8'))
+    raw = serialize_message(array_to_image(im, 7, 'camera2', 'bgr8'))
     np.testing.assert_array_equal(cv.image_to_array(cv.decode_cdr(raw, 'sensor_msgs/msg/Image')),
                                   im)
     with pytest.raises(ValueError, match='PointCloud2: serialized message does not decode'):
@@ -77,7 +78,7 @@ def test_raw_subscription_bytes_decode_as_views_with_the_same_decoders():
 
 def test_rosbags_cloud_round_trip():
     pts = points(300)
-    attrs = cv.cloud_msg_fields(pts)
+    attrs = cloud_msg_fields(pts)
     PointField = STORE.types['sensor_msgs/msg/PointField']
     fields = [PointField(name=n, offset=o, datatype=d, count=c) for n, o, d, c in attrs['fields']]
     msg = STORE.types['sensor_msgs/msg/PointCloud2'](
@@ -197,10 +198,10 @@ def test_image_errors_name_the_problem():
 def test_rclpy_and_rosbags_images():
     im = rgb_image(6, 9)
     for encoding in ('rgb8', 'bgr8'):
-        msg = cv.array_to_image(im, 7, 'camera2', encoding)
+        msg = array_to_image(im, 7, 'camera2', encoding)
         assert msg.encoding == encoding and msg.header.frame_id == 'camera2'
         np.testing.assert_array_equal(cv.image_to_array(msg), im)
-    attrs = cv.image_msg_fields(im, 'bgr8')
+    attrs = image_msg_fields(im, 'bgr8')
     msg = STORE.types['sensor_msgs/msg/Image'](
         header=rosbags_header(), **{**attrs, 'data': np.frombuffer(attrs['data'], np.uint8)})
     np.testing.assert_array_equal(
@@ -266,5 +267,5 @@ def test_odometry_pose_round_trip_and_covariance():
 
 def test_full_size_kitti_cloud_round_trip():
     pts = points(120_000)
-    msg = cv.array_to_cloud(pts, 0, 'velodyne')
+    msg = array_to_cloud(pts, 0, 'velodyne')
     np.testing.assert_array_equal(cv.cloud_to_array(msg), pts)

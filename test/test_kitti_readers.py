@@ -11,10 +11,9 @@ from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.geometry import pose_to_vec6, relative_pose
 from mm_fusion_ros.kitti.checks import check_sequence
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
+from mm_fusion_ros.kitti.ids import normalize_sequence_id, parse_sequences
 from mm_fusion_ros.kitti.odometry import (
     KittiSequence,
-    normalize_sequence_id,
-    parse_sequences,
     read_calib,
     read_poses,
     read_times,

@@ -227,9 +227,8 @@ def test_kill_9_then_restart_resumes_buffer_and_model(online_world, tmp_path):
 def wrong_messages():
     """(topic, message) pairs the synchronizer must refuse: an unknown image encoding, a
     truncated cloud, and a cloud and an IMU sample in frames it knows no transform for."""
+    from ros_messages import array_to_cloud
     from sensor_msgs.msg import Image, Imu
-
-    from mm_fusion_ros.ros.conversions import array_to_cloud
     image = Image(height=4, width=4, encoding='yuv_weird', step=8, data=bytes(32))
     truncated = array_to_cloud(np.zeros((100, 4), np.float32), 10**9, 'velodyne')
     truncated.data = bytes(truncated.data)[:800]

@@ -326,7 +326,7 @@ def test_queues_stay_bounded_on_a_long_stream():
     assert peak == {'scans': 1, 'images': 5, 'imu': 261, 'ground_truth': 2, 'ready': 1}
 
 
-def test_flush_and_reset():
+def test_flush_releases_a_waiting_scan():
     sync = make()
     feed_imu(sync, 0, 100)
     sync.add_cloud(0, scan(0))
@@ -336,10 +336,6 @@ def test_flush_and_reset():
     sync.flush()
     (sample,) = sync.pop_ready()
     assert sample['modality_mask'].tolist() == [False, True, True]
-    sync.reset()
-    feed_imu(sync, 0, 100)                 # the bag restarted: same stamps accepted again
-    feed_scans(sync, [0, 100])
-    assert pairs(sync.pop_ready()) == [(0, 100)]
 
 
 def play(sync, t0_ms, t1_ms):
@@ -380,8 +376,6 @@ def test_time_going_back_starts_a_new_run_with_the_same_samples():
     stats = sync.stats
     assert (stats['run'], stats['rewinds']) == (1, 1)
     assert stats['dropped'] == {'before_rewind': 1, 'duplicate': 1, 'late': 1}
-    # the clock jumping back to where the streams already are starts nothing
-    assert not sync.rewind(200 * MS) and sync.rewind(-5 * S) and sync.stats['run'] == 2
 
 
 def test_a_stream_that_goes_back_alone_starts_the_run_after_max_lateness():

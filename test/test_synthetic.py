@@ -21,7 +21,6 @@ from mm_fusion_ros.synthetic.imu import (
     imu_sample_times,
     ImuNoise,
     kitti_T_velo_imu,
-    NO_NOISE,
     sequence_epoch_ns,
     synthesize_oxts,
 )
@@ -33,6 +32,8 @@ from mm_fusion_ros.synthetic.writer import generate_sequence
 SMALL = dict(image_size=(320, 96), azimuth_steps=1000)
 ACCEL = [OXTS_INDEX[n] for n in ('ax', 'ay', 'az')]
 GYRO = [OXTS_INDEX[n] for n in ('wx', 'wy', 'wz')]
+
+NO_NOISE = ImuNoise(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def _drive_and_world(seed=0, seq=0, duration=12.0):

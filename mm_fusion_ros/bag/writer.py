@@ -60,6 +60,7 @@ from mm_fusion_ros.bag.messages import MessageFactory
 from mm_fusion_ros.fileio import replace_dir
 from mm_fusion_ros.geometry import invert_pose, rot_to_quat, rpy_to_rot, so3_log
 from mm_fusion_ros.kitti.odometry import KittiSequence, read_velodyne
+from mm_fusion_ros.stamps import NS_PER_S
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,7 @@ DISTROS = {
 }
 STORAGES = {'mcap': StoragePlugin.MCAP, 'sqlite3': StoragePlugin.SQLITE3}
 IMAGE_FORMATS = ('raw', 'png')
-FALLBACK_EPOCH_NS = int(dt.datetime(2011, 9, 30, tzinfo=dt.timezone.utc).timestamp()) \
-    * 1_000_000_000
+FALLBACK_EPOCH_NS = int(dt.datetime(2011, 9, 30, tzinfo=dt.timezone.utc).timestamp()) * NS_PER_S
 IMU_MARGIN_S = 0.1
 PREFETCH_FRAMES = 4
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -237,7 +237,7 @@ class SequenceSource:
             raise FileNotFoundError(f'sequence {self.seq.sequence}: no images '
                                     f'({self.seq.image_dir}), scans ({self.seq.velodyne_dir}) '
                                     'or IMU; nothing to convert')
-        self.frame_ns = self.t0_ns + np.round(times * 1e9).astype(np.int64)
+        self.frame_ns = self.t0_ns + np.round(times * NS_PER_S).astype(np.int64)
         self.calib = self.seq.calib if (self.has_images or self.has_scans) else None
 
     def _available(self, present: bool, path, consequence: str) -> bool:
@@ -256,8 +256,8 @@ class SequenceSource:
     def imu_selection(self):
         """(stamps_ns, accel, gyro, quats or None) of the samples around the frame span."""
         imu = self.imu
-        stamps_ns = self.t0_ns + np.round(imu.stamps * 1e9).astype(np.int64)
-        margin = int(IMU_MARGIN_S * 1e9)
+        stamps_ns = self.t0_ns + np.round(imu.stamps * NS_PER_S).astype(np.int64)
+        margin = int(IMU_MARGIN_S * NS_PER_S)
         lo = self.frame_ns[self.frames[0]] - margin
         hi = self.frame_ns[self.frames[-1]] + margin
         keep = (stamps_ns >= lo) & (stamps_ns <= hi)

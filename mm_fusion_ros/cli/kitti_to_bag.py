@@ -18,7 +18,7 @@ from mm_fusion_ros.bag.writer import (
     IMAGE_FORMATS,
     STORAGES,
 )
-from mm_fusion_ros.kitti.odometry import normalize_sequence_id
+from mm_fusion_ros.kitti.ids import normalize_sequence_id
 
 
 def build_parser() -> argparse.ArgumentParser:

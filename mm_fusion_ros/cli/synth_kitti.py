@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 import sys
 
-from mm_fusion_ros.kitti.odometry import parse_sequences
+from mm_fusion_ros.kitti.ids import parse_sequences
 from mm_fusion_ros.synthetic.camera import KITTI_SIZE
 from mm_fusion_ros.synthetic.domain import DomainConfig, SCENES
 from mm_fusion_ros.synthetic.writer import generate_sequence

@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.geometry import invert_pose
 from mm_fusion_ros.kitti.checks import check_sequence
-from mm_fusion_ros.kitti.odometry import KittiSequence, parse_sequences
+from mm_fusion_ros.kitti.ids import parse_sequences
+from mm_fusion_ros.kitti.odometry import KittiSequence
 from mm_fusion_ros.kitti.sample import build_sample, Calibration, TENSOR_KEYS
 
 log = logging.getLogger(__name__)

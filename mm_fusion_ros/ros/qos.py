@@ -1,8 +1,8 @@
 """QoS profiles, chosen on purpose and named once (STYLE §4).
 
-Replay feeds training, so replayed sensor topics are RELIABLE with deep queues: measured here,
-best effort loses most 1-2 MB clouds over localhost, and a 100 Hz IMU beside image and cloud
-subscriptions needs a queue of ~1000 (bag/topics.py has the measurement). A RELIABLE publisher
+Replay feeds training, so replayed sensor topics are RELIABLE with deep queues: best effort
+loses MB-sized clouds over localhost, and a 100 Hz IMU beside image and cloud subscriptions
+needs a deep queue (docs/measured_figures.md has both figures). A RELIABLE publisher
 also matches best-effort subscribers, so the replay side loses no compatibility by it.
 Sensor-data QoS is for live drivers only.
 """
@@ -14,14 +14,11 @@ from rclpy.qos import (
     ReliabilityPolicy,
 )
 
-from mm_fusion_ros.bag.topics import IMU_QUEUE_DEPTH, SENSOR_QUEUE_DEPTH
+from mm_fusion_ros.bag.topics import SENSOR_QUEUE_DEPTH
 
 REPLAY_SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=SENSOR_QUEUE_DEPTH,
                                reliability=ReliabilityPolicy.RELIABLE,
                                durability=DurabilityPolicy.VOLATILE)
-REPLAY_IMU_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=IMU_QUEUE_DEPTH,
-                            reliability=ReliabilityPolicy.RELIABLE,
-                            durability=DurabilityPolicy.VOLATILE)
 LIVE_SENSOR_QOS = qos_profile_sensor_data
 PATH_QOS = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)  # late RViz sees it
 # Reading /tf_static: every broadcaster's latched message, also those sent before we started.

@@ -257,25 +257,6 @@ class Synchronizer:
             finally:
                 self._flushing = False
 
-    def reset(self) -> None:
-        """Forget all pending data and the chain (e.g. the bag restarted); stats are kept."""
-        with self._lock:
-            self._clear_streams()
-            self._imu.clear()
-            self._newest, self._awaiting, self._run_ref = {}, set(), None
-            self._held, self._held_streams = [], set()
-
-    def rewind(self, stamp_ns: int) -> bool:
-        """Start a new run at stamp_ns now, unless the streams are there already (they came
-        round first), for a caller that knows the data restarted. Returns whether a new run
-        started. (The nodes let the scans decide: a reset here races old messages in flight.)"""
-        with self._lock:
-            newest = max(self._newest.values(), default=None)
-            if newest is None or newest <= int(stamp_ns) + self._rewind:
-                return False
-            self._start_run(int(stamp_ns), 'clock')
-            return True
-
     def imu_between(self, t0_ns: int, t1_ns: int):
         """(stamps_ns, gyro (M, 3)) copies of the IMU held over [t0, t1] plus IMU_MARGIN_NS on
         either side, or None when fewer than two samples are held there."""

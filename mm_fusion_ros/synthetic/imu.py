@@ -41,9 +41,6 @@ class ImuNoise:
     gyro_walk: float = 2e-5          # rad/s / sqrt(s)
 
 
-NO_NOISE = ImuNoise(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
-
-
 def orthonormalize(rot) -> np.ndarray:
     u, _, vt = np.linalg.svd(np.asarray(rot, dtype=np.float64))
     return u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt

@@ -28,15 +28,16 @@ import numpy as np
 from PIL import Image
 
 from mm_fusion_ros.geometry import base_link_to_cam0, invert_pose
+from mm_fusion_ros.kitti.ids import normalize_sequence_id
 from mm_fusion_ros.kitti.odometry import (
     Calib,
-    normalize_sequence_id,
     write_calib,
     write_poses,
     write_times,
     write_velodyne,
 )
 from mm_fusion_ros.kitti.raw import write_calib_imu_to_velo, write_oxts_folder
+from mm_fusion_ros.stamps import NS_PER_S
 from mm_fusion_ros.synthetic.camera import (
     Camera,
     camera_pose,
@@ -66,7 +67,7 @@ from mm_fusion_ros.synthetic.world import build_world
 
 log = logging.getLogger(__name__)
 
-PNG_COMPRESSION = 1  # zlib level: deterministic, and 3x faster to encode than the default 6
+PNG_COMPRESSION = 1  # zlib level: deterministic, and faster than the default 6 (measured_figures)
 # Purposes of the per-sequence random streams (never reorder: it would change every dataset).
 _DRIVE, _WORLD, _TIMES, _IMU, _SCAN, _CAMERA = range(6)
 # Below this much work (full-size frames) a worker pool costs more than it saves.
@@ -191,7 +192,7 @@ def generate_sequence(out_dir, sequence, frames: int, seed: int = 0, *,
     else:
         imu_t = real_imu.stamps
         fields = measured_oxts(traj, imu_t, T_vehicle_imu, real_imu.accel, real_imu.gyro)
-    stamps = sequence_epoch_ns(seq) + np.rint(imu_t * 1e9).astype(np.int64)
+    stamps = sequence_epoch_ns(seq) + np.rint(imu_t * NS_PER_S).astype(np.int64)
     write_oxts_folder(paths.oxts_dir, stamps, fields)
     if real_imu is not None:
         _write_imu_provenance(paths.oxts_dir / 'source.txt', real_imu, trajectory)
