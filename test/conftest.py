@@ -102,3 +102,13 @@ def online_world(tmp_path_factory):
     """The synthetic world of the multi-process online tests, built once (online_harness.py)."""
     from online_harness import build_world  # torch and rclpy: only for the tests that use it
     return build_world(tmp_path_factory.mktemp('online_world'))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """2-core machines: one intra-op thread avoids OpenMP oversubscription stalls."""
+    import torch  # only the tests that use it pay for importing torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -42,12 +42,7 @@ PERTURB = (0.3, 0.3, 0.3, 0.02, 0.02, 0.02)   # m, m, m, rad, rad, rad
 DOF = ('x', 'y', 'z', 'roll', 'pitch', 'yaw')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 @pytest.fixture(scope='module')

@@ -31,13 +31,7 @@ TINY_MODEL = ['--image_height', '32', '--image_width', '96', '--bev_cells', '32'
 SMALL_SCANS = ['--max_points', '1024']
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """2-core machines: one intra-op thread avoids OpenMP oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def synth(root, sequences, frames, azimuth_steps=180, beams=16):
