@@ -156,6 +156,18 @@ def _show(value) -> str:
     return repr(value) if value == '' else str(value)
 
 
+def parameter_help(sections) -> str:
+    """One line per ROS parameter of the (config class, prefix) sections, with its default and
+    the field's help: what a node executable's --help prints."""
+    lines = []
+    for cls, prefix in sections:
+        for f in dataclasses.fields(cls):
+            default = _field_default(cls, f)
+            shown = str(default).lower() if isinstance(default, bool) else _show(default)
+            lines.append(f'  {prefix}{f.name} ({shown}): {f.metadata.get("help", "")}')
+    return '\n'.join(lines)
+
+
 def _on_off(text: str) -> bool:
     if text not in ('on', 'off'):
         raise argparse.ArgumentTypeError(f'expected on or off, got {text!r}')

@@ -207,7 +207,6 @@ def test_pip_install_alone_gives_runnable_commands(wheel, scratch):
     venv = tmp_path / 'venv'
     subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True,
                    timeout=120)
-    python = str(venv / 'bin' / 'python')
 
     _pip_install(venv, house, str(wheel))
     site = next((venv / 'lib').glob('python3*/site-packages'))
@@ -215,11 +214,9 @@ def test_pip_install_alone_gives_runnable_commands(wheel, scratch):
     _all_answer(venv, [[name, '--help'] for name in sorted(set(ENTRY_POINTS) - set(ROS_SCRIPTS))])
 
     _pip_install(venv, house, f'{wheel}[ros]')
-    # The node executables take --ros-args, not --help (they would start a node): their
-    # modules, and with them rclpy, the interfaces and torch, must import.
-    modules = sorted({ENTRY_POINTS[name].split(':')[0] for name in ROS_SCRIPTS})
-    _all_answer(venv, [['bag_player', '--help'], ['mm_fusion_run', '--help'],
-                       [python, '-c', ';'.join(f'import {m}' for m in modules)]])
+    # The nodes' --help lists their parameters without starting anything; importing their
+    # modules brings rclpy, the interfaces and torch.
+    _all_answer(venv, [[name, '--help'] for name in ROS_SCRIPTS])
     print(f'fresh venv: wheels, installs and {len(ENTRY_POINTS)} commands in '
           f'{time.monotonic() - t0:.0f} s')
 

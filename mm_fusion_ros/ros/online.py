@@ -17,6 +17,7 @@ the other; only then do threads start and the nodes spin. SIGINT (Ctrl-C, `ros2 
 shutdown) ends it cleanly: training stops, then the final checkpoint (save_on_shutdown), the
 buffer (buffer_path) and the trajectories (trajectory_dir) are written atomically.
 """
+from mm_fusion_ros.config import parameter_help
 from mm_fusion_ros.ros.spin import spin_nodes
 from mm_fusion_ros.ros.synchronizer_node import SynchronizerNode
 from mm_fusion_ros.ros.trainer_node import TrainerNode
@@ -31,13 +32,26 @@ def build_online_nodes():
     return [trainer, sync]
 
 
+def usage(program: str, what: str, sections) -> str:
+    return (f'usage: {program} [--ros-args -p NAME:=VALUE ... --params-file FILE]\n\n{what}\n\n'
+            f'ROS parameters (default): config/finetune.yaml sets them for the launch files\n'
+            f'{parameter_help(sections)}')
+
+
 def main(args=None) -> int:
-    return spin_nodes(build_online_nodes, args)
+    sync = SynchronizerNode.PARAMETERS
+    sections = [*TrainerNode.PARAMETERS.values(), sync['inputs'], sync['frames'], sync['sync']]
+    return spin_nodes(build_online_nodes, args, usage(
+        'online_finetune', 'Synchronizer and trainer in one process: fine-tunes the fusion '
+        'model on live or replayed camera, LiDAR and IMU topics, publishes its poses.', sections))
 
 
 def synchronizer_main(args=None) -> int:
     """The `synchronizer` executable: the synchronizer node alone, filling its buffer."""
-    return spin_nodes(lambda: [SynchronizerNode()], args)
+    return spin_nodes(lambda: [SynchronizerNode()], args, usage(
+        'synchronizer', 'The synchronizer alone: aligns camera, LiDAR and IMU topics into '
+        'samples and keeps them in a replay buffer file (buffer_path).',
+        SynchronizerNode.PARAMETERS.values()))
 
 
 if __name__ == '__main__':

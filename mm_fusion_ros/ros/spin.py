@@ -13,11 +13,13 @@ out of spin, a worker thread ended (runtime/workers.py), or a file was not writt
 """
 import logging
 import signal
+import sys
 import threading
 
 import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.signals import SignalHandlerOptions
+from rclpy.utilities import remove_ros_args
 
 from mm_fusion_ros.bag.topics import READY_LINE
 from mm_fusion_ros.runtime.process import freeze_gc, keep_freed_memory, MemoryTrimmer
@@ -25,7 +27,11 @@ from mm_fusion_ros.runtime.process import freeze_gc, keep_freed_memory, MemoryTr
 log = logging.getLogger(__name__)
 
 
-def spin_nodes(make_nodes, args=None) -> int:
+def spin_nodes(make_nodes, args=None, usage: str = '') -> int:
+    """usage: printed for -h/--help (outside --ros-args), and nothing is started then."""
+    if usage and {'-h', '--help'} & set(remove_ros_args(sys.argv if args is None else args)):
+        print(usage)
+        return 0
     logging.basicConfig(level=logging.INFO, format='[%(levelname)s] [%(name)s]: %(message)s')
     trimmer = MemoryTrimmer(keep_freed_memory())
     stop = threading.Event()

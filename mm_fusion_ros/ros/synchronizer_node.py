@@ -51,16 +51,22 @@ SMALL_MSG_REPLAY_DEPTH = topics.IMU_QUEUE_DEPTH
 class SynchronizerNode(Node):
     """Subscribes to camera, LiDAR, IMU and ground truth; emits samples in stamp order."""
 
+    # (config, parameter prefix); sample and buffer only when the node runs alone (in
+    # online_finetune the trainer's sample shape and buffer are used).
+    PARAMETERS = {'inputs': (InputConfig, ''), 'frames': (FrameConfig, 'frames.'),
+                  'sync': (SyncConfig, 'sync.'), 'sample': (SampleConfig, 'sample.'),
+                  'buffer': (BufferConfig, 'buffer.')}
+
     def __init__(self, sample_cfg: SampleConfig = None, buffer=None, sink=None,
                  name=topics.SYNCHRONIZER_NODE):
         super().__init__(name)
-        self.inputs = declare_config(self, InputConfig)
-        self.frames = FrameGuard(declare_config(self, FrameConfig, prefix='frames.'))
-        sync_cfg = declare_config(self, SyncConfig, prefix='sync.')
-        self.sample_cfg = sample_cfg or declare_config(self, SampleConfig, prefix='sample.')
+        self.inputs = declare_config(self, *self.PARAMETERS['inputs'])
+        self.frames = FrameGuard(declare_config(self, *self.PARAMETERS['frames']))
+        sync_cfg = declare_config(self, *self.PARAMETERS['sync'])
+        self.sample_cfg = sample_cfg or declare_config(self, *self.PARAMETERS['sample'])
         self.standalone = sink is None
         self.buffer = buffer if buffer is not None else open_buffer(
-            self.inputs.buffer_path, declare_config(self, BufferConfig, prefix='buffer.'),
+            self.inputs.buffer_path, declare_config(self, *self.PARAMETERS['buffer']),
             self.sample_cfg)
         self.sync = Synchronizer(self.sample_cfg, sync_cfg)
         self.faults, self.log_throttle = FaultLog(), LogThrottle(5.0)

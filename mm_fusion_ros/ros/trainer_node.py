@@ -51,16 +51,20 @@ class TrainerNode(Node):
     """Owns the OnlineTrainer; the synchronizer hands it samples (on_sample), the prediction
     backlog (on_backlog) and the recorded ground truth (on_ground_truth)."""
 
+    # (config, parameter prefix) in declaration order; online and train parameters are
+    # writable (runtime/params.py says which of them change at run time).
+    PARAMETERS = {'online': (OnlineConfig, ''), 'train': (TrainConfig, 'train.'),
+                  'publish': (PublishConfig, ''), 'model': (ModelConfig, 'model.'),
+                  'sample': (SampleConfig, 'sample.'), 'buffer': (BufferConfig, 'buffer.'),
+                  'trajectory': (TrajectoryConfig, 'trajectory.')}
+
     def __init__(self, name=topics.TRAINER_NODE):
         super().__init__(name)
-        online_cfg = declare_config(self, OnlineConfig, read_only=False)
-        train_cfg = declare_config(self, TrainConfig, prefix='train.', read_only=False)
-        self.pub_cfg = declare_config(self, PublishConfig)
-        self.trainer = build_online_trainer(
-            online_cfg, train_cfg, declare_config(self, ModelConfig, prefix='model.'),
-            declare_config(self, SampleConfig, prefix='sample.'),
-            declare_config(self, BufferConfig, prefix='buffer.'),
-            declare_config(self, TrajectoryConfig, prefix='trajectory.'))
+        cfg = {key: declare_config(self, cls, prefix, read_only=key not in ('online', 'train'))
+               for key, (cls, prefix) in self.PARAMETERS.items()}
+        self.pub_cfg = cfg['publish']
+        self.trainer = build_online_trainer(cfg['online'], cfg['train'], cfg['model'],
+                                            cfg['sample'], cfg['buffer'], cfg['trajectory'])
         self.sample_cfg, self.buffer = self.trainer.sample_cfg, self.trainer.buffer
         self.on_backlog = self.trainer.set_backlog
         self.on_ground_truth = self.trainer.trajectory.add_ground_truth
