@@ -212,6 +212,7 @@ def test_pip_install_alone_gives_runnable_commands(wheel, scratch):
     site = next((venv / 'lib').glob('python3*/site-packages'))
     assert [p.name for p in site.glob('torch-*.dist-info')] == ['torch-2.13.0+cpu.dist-info']
     _all_answer(venv, [[name, '--help'] for name in sorted(set(ENTRY_POINTS) - set(ROS_SCRIPTS))])
+    _main_commands_run(venv, tmp_path / 'tiny')
 
     _pip_install(venv, house, f'{wheel}[ros]')
     # The nodes' --help lists their parameters without starting anything; importing their
@@ -219,6 +220,27 @@ def test_pip_install_alone_gives_runnable_commands(wheel, scratch):
     _all_answer(venv, [[name, '--help'] for name in ROS_SCRIPTS])
     print(f'fresh venv: wheels, installs and {len(ENTRY_POINTS)} commands in '
           f'{time.monotonic() - t0:.0f} s')
+
+
+def _main_commands_run(venv, work):
+    """pip install . alone runs the offline job on a tiny tree: synthetic data, training, a
+    prediction and its KITTI metrics (one torch thread, a tiny model)."""
+    env = {'PATH': f'{venv / "bin"}:/usr/bin:/bin', 'HOME': str(venv), 'OMP_NUM_THREADS': '1'}
+    data, ckpt, pred = work / 'data', work / 'tiny.pth', work / 'pred'
+    for cmd in (
+            ['synth_kitti', '--out', data, '--sequences', '00,01', '--frames', '6',
+             '--image_width', '96', '--image_height', '32', '--azimuth_steps', '300'],
+            ['train_multimodal', '--data_path', data, '--train_sequences', '00',
+             '--val_sequences', '01', '--num_epochs', '1', '--batch_size', '2',
+             '--output_checkpoint', ckpt, '--image_height', '32', '--image_width', '96',
+             '--visual_encoder', 'dummy', '--bev_cells', '32', '--max_points', '512'],
+            ['predict_odometry', '--checkpoint', ckpt, '--data_path', data, '--sequences', '01',
+             '--out_dir', pred],
+            ['evaluate_odometry', '--gt', data / 'poses' / '01.txt', '--pred', pred / '01.txt']):
+        out = subprocess.run([str(c) for c in cmd], env=env, cwd=work.parent, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, f'{cmd[0]}: {out.stdout[-2000:]}{out.stderr[-4000:]}'
+    assert 'ATE[m]' in out.stdout and 'prediction' in out.stdout, out.stdout
 
 
 def _all_answer(venv, commands):

@@ -135,8 +135,8 @@ def test_sigint_exits_cleanly_and_writes_final_files(scenario):
 def test_synchronizer_node_skips_and_counts_messages_that_do_not_decode():
     """The node's raw callbacks, called directly: a bad message is counted, not fatal."""
     from rclpy.serialization import serialize_message
-
     from ros_messages import array_to_cloud
+
     from mm_fusion_ros.ros.synchronizer_node import SynchronizerNode
     env = fresh_env()
     with ros_domain(env):
