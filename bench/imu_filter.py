@@ -40,7 +40,7 @@ from mm_fusion_ros.geometry import (
     pose_to_vec6,
     so3_exp,
 )
-from mm_fusion_ros.kitti.odometry import parse_sequences
+from mm_fusion_ros.kitti.ids import parse_sequences
 from mm_fusion_ros.kitti.sample import ImuData
 
 REPO = Path(__file__).resolve().parents[1]

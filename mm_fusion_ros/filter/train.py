@@ -35,7 +35,7 @@ from mm_fusion_ros.filter.kitti_data import (
     window_labels,
 )
 from mm_fusion_ros.filter.noise_net import NoiseModel, NoiseNet, NoiseNetConfig
-from mm_fusion_ros.kitti.odometry import parse_sequences
+from mm_fusion_ros.kitti.ids import parse_sequences
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mm_fusion_ros.fileio import atomic_write_text
 from mm_fusion_ros.geometry import cam0_to_base_link, make_pose
-from mm_fusion_ros.kitti.ids import normalize_sequence_id, parse_sequences  # noqa: F401
+from mm_fusion_ros.kitti.ids import normalize_sequence_id
 from mm_fusion_ros.kitti.imu import load_sequence_imu
 from mm_fusion_ros.kitti.raw import read_calib_imu_to_velo
 
