@@ -351,8 +351,9 @@ def play(sync, t0_ms, t1_ms):
 
 def test_time_going_back_starts_a_new_run_with_the_same_samples():
     """A looped bag: the second pass is not dropped as late; it is a new run whose samples are
-    those of the first pass. The IMU leads the second pass; it is held until the scans go back,
-    so the first pass's last frame, coming late on the other streams, still makes its sample."""
+    those of the first pass. The IMU leads the second pass, then the scans: each is held until
+    every stream has gone back, so the first pass's last frame, coming late on the other
+    streams, still makes its sample and nothing of the first pass is dropped."""
     sync = make(ground_truth='require', rewind_s=0.5)
     play(sync, 0, 600)
     feed_imu(sync, 610, 750)
@@ -375,7 +376,41 @@ def test_time_going_back_starts_a_new_run_with_the_same_samples():
                 np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     stats = sync.stats
     assert (stats['run'], stats['rewinds']) == (1, 1)
-    assert stats['dropped'] == {'before_rewind': 1, 'duplicate': 1, 'late': 1}
+    assert stats['dropped'] == {'duplicate': 1, 'late': 1}
+
+
+def test_a_scan_of_the_next_pass_overtaking_the_last_frame_loses_nothing():
+    """Across topics the next pass's first scan can arrive before the last pass's final image
+    (seen in a 20-minute looped replay): the scan is held, the image still pairs in run 0."""
+    sync = make(ground_truth='require', rewind_s=0.5)
+    play(sync, 0, 600)
+    feed_imu(sync, 610, 700)
+    sync.add_cloud(700 * MS, scan(7))
+    sync.add_ground_truth(700 * MS, np.eye(4))
+    sync.add_imu(0, [0.0, 0.0, 9.81], [0.0, 0.0, 0.0])    # pass two: IMU and scan first
+    sync.add_cloud(0, scan(0))
+    sync.add_image(700 * MS, image(7))                     # pass one's last frame, late
+    assert sync.stats['run'] == 0
+    play(sync, 0, 600)                         # (IMU and scan at 0 come a second time)
+    samples = sync.pop_ready()
+    last = [s for s in samples if s['meta']['run'] == 0][-1]
+    assert pairs([last]) == [(600, 700)] and camera_values(last) == [6, 7]
+    assert [s['meta']['run'] for s in samples].count(1) == 6
+    assert sync.stats['dropped'] == {'duplicate': 1, 'late': 1}   # the repeats only
+
+
+def test_flush_starts_the_run_that_was_held():
+    sync = make(rewind_s=0.5)
+    play(sync, 0, 1000)
+    for t in (0, 100):                         # the next pass, then the bag stops
+        feed_imu(sync, t, t + 90)
+        sync.add_image(t * MS, image(t // 100))
+        sync.add_cloud(t * MS, scan(t // 100))
+    assert sync.stats['run'] == 0              # ground truth has not gone back: held
+    sync.pop_ready()
+    sync.flush()
+    (sample,) = sync.pop_ready()
+    assert sample['meta']['run'] == 1 and pairs([sample]) == [(0, 100)]
 
 
 def test_a_stream_that_goes_back_alone_starts_the_run_after_max_lateness():

@@ -20,10 +20,10 @@ Scans further apart than `max_scan_gap_s` restart the chain. Every drop is count
 Time going back: when the scans jump back by more than `rewind_s` (a looped bag, a restarted
 player) a new run starts: what is pending is flushed (emitted as far as it can be), then
 forgotten, and the samples of the new run carry meta['run'] + 1, so the trajectory starts a new
-segment. Another stream that jumps back first (the IMU leads a bag) is held until the scans
-follow, so the old run still gets what comes late on the other streams; messages of the old run
-that come after the new run started are dropped as 'before_rewind'. `rewind(stamp)` starts a new
-run at once.
+segment. A stream that jumps back (the IMU leads a bag) is held until every stream of the old
+run has followed, so the old run still gets what comes late on the others; a stream that does
+not follow within max_lateness_s of held sensor time no longer holds the run back, and its
+old-run messages that come after the new run started are dropped as 'before_rewind'.
 The IMU is kept `imu_keep_s` behind the newest scan: imu_between() hands it to the trajectory
 to bridge a hole in the scans with the gyro.
 """
@@ -251,6 +251,8 @@ class Synchronizer:
     def flush(self) -> None:
         """End of stream: resolve every pending scan as if all timeouts had expired."""
         with self._lock:
+            if self._held:   # nothing of the old run can come any more
+                self._start_run(min(s for _, s, _ in self._held), self._held[0][0])
             self._flushing = True
             try:
                 self._advance()
@@ -402,12 +404,12 @@ class Synchronizer:
             self._dropped['queue_full'] += 1
 
     def _hold(self, kind: str, stamp: int, payload) -> bool:
-        """A stream other than the scans that went back starts the next run early: its
-        messages wait here until the scans go back too (the run changes there), so what the
-        old run still receives on the other streams is used. If the scans do not follow within
-        max_lateness_s of held sensor time, the new run starts anyway."""
-        if kind == 'cloud':
-            return False
+        """A stream that goes back starts the next run early: its messages wait here until
+        every stream of the old run has gone back too (the run changes there), so what the old
+        run still receives on the other streams is used, whichever stream leads the next pass
+        (the IMU leads a bag; across topics the next pass's first scan can overtake the last
+        pass's final image). A stream that does not follow within max_lateness_s of held sensor
+        time (a lost sensor) does not hold the new run back any longer."""
         if kind not in self._held_streams:
             newest = self._newest.get(kind)
             if newest is None or stamp >= newest - self._rewind:
@@ -415,7 +417,8 @@ class Synchronizer:
             self._held_streams.add(kind)
         self._held.append((kind, stamp, payload))
         stamps = [s for _, s, _ in self._held]
-        if max(stamps) - min(stamps) > self._lateness or len(self._held) > MAX_HELD:
+        if self._held_streams >= set(self._newest) or \
+                max(stamps) - min(stamps) > self._lateness or len(self._held) > MAX_HELD:
             self._start_run(min(stamps), kind)
         return True
 
