@@ -169,7 +169,7 @@ def predict_trajectory(args, core, sample_cfg, run_cfg, inertial, seq_id):
         poses = chain_relative(vec6_to_pose(pred.steps))
         return base_link_poses_to_cam0(poses, seq.Tr), note + '; network steps chained'
     run = filter_sequence(seq, *inertial, pred.steps, pred.logvars, pred.predicted & ~masked,
-                          run_cfg.relpose_var_scale)
+                          run_cfg.relpose_var_scale, run_cfg.relpose_min_logvar)
     note += (f'; filter: {run.result.counts["relpose_applied"]} relative poses applied, '
              f'{run.bridged} steps bridged on the IMU, start {run.result.init_info}')
     return base_link_poses_to_cam0(run.poses, seq.Tr), note
@@ -188,6 +188,8 @@ def main(argv=None) -> int:
         inertial = None
         if run_cfg.enabled:
             inertial = load_filter(run_cfg.filter_checkpoint or args.checkpoint)
+        elif run_cfg.filter_checkpoint:
+            log.warning('--filter_checkpoint acts only with --filter on')
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -196,6 +196,13 @@ class FilterRunConfig(ConfigBase):
     relpose_var_scale: float = field(default=1.0, metadata={
         'help': 'factor on the variance (exp of the log-variance head) of the network relative '
                 'poses given to the filter'})
+    relpose_min_std_m: float = field(default=0.01, metadata={
+        'help': 'floor of the standard deviation of each translation of a network relative pose '
+                'given to the filter [m]: a briefly trained head can claim 1e-4 m, which the '
+                'filter cannot take (measured: docs/inertial_filter.md)'})
+    relpose_min_std_rad: float = field(default=1e-3, metadata={
+        'help': 'floor of the standard deviation of each rotation of a network relative pose '
+                'given to the filter [rad]'})
     outage: tuple = field(default=(), metadata={
         'help': 'START_S:DURATION_S on the sequence clock: camera and LiDAR cut for that window '
                 '(the network sees the IMU alone there; the filter takes no relative pose there '
@@ -204,7 +211,7 @@ class FilterRunConfig(ConfigBase):
     def __post_init__(self):
         if self.filter not in FILTER_SWITCH:
             raise ValueError(f'FilterRunConfig.filter must be on or off, got {self.filter!r}')
-        _positive(self, 'relpose_var_scale')
+        _positive(self, 'relpose_var_scale', 'relpose_min_std_m', 'relpose_min_std_rad')
         outage = tuple(str(o) for o in self.outage)
         for item in outage:
             parse_outage(item)
@@ -213,6 +220,12 @@ class FilterRunConfig(ConfigBase):
     @property
     def enabled(self) -> bool:
         return self.filter == 'on'
+
+    @property
+    def relpose_min_logvar(self) -> np.ndarray:
+        """(6,) floor of the relative-pose log-variance (translation, then rotation)."""
+        std = [self.relpose_min_std_m] * 3 + [self.relpose_min_std_rad] * 3
+        return np.log(np.square(std))
 
     @property
     def outage_windows(self) -> list:

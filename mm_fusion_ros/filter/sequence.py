@@ -61,10 +61,11 @@ class SequenceFilterRun:
 
 
 def filter_sequence(seq, cfg: FilterConfig, noise_model, steps=None, logvars=None, valid=None,
-                    var_scale=1.0) -> SequenceFilterRun:
+                    var_scale=1.0, min_logvar=None) -> SequenceFilterRun:
     """Run the filter over `seq` (a KittiSequence). steps/logvars (K-1, 6): the network's mean
     and log-variance per step (DESIGN §5 6-vector of base_link); valid (K-1,) bool: the steps
-    to use; var_scale multiplies their variance. steps None: the IMU alone."""
+    to use; var_scale multiplies their variance, min_logvar (6,) floors it (after the scale).
+    steps None: the IMU alone."""
     times = np.asarray(seq.times, dtype=np.float64)
     imu = require_sequence_imu(seq)
     check_imu_covers(imu, times, seq.sequence)
@@ -78,7 +79,10 @@ def filter_sequence(seq, cfg: FilterConfig, noise_model, steps=None, logvars=Non
             raise ValueError(f'sequence {seq.sequence}: {k} frames need ({k - 1}, 6) steps and '
                              f'({k - 1},) valid flags, got {steps.shape} and {valid.shape}')
         logvars = np.where(valid[:, None], np.asarray(logvars, dtype=np.float64), 0.0)
-        rel = (np.where(valid[:, None], steps, 0.0), logvars + math.log(var_scale), valid)
+        logvars = logvars + math.log(var_scale)
+        if min_logvar is not None:
+            logvars = np.maximum(logvars, np.asarray(min_logvar, dtype=np.float64))
+        rel = (np.where(valid[:, None], steps, 0.0), logvars, valid)
     res = run_filter(cfg, imu.stamps, imu.accel, imu.gyro, times, *rel,
                      noise_model=noise_model)
     missing = np.flatnonzero(~np.isfinite(res.scan_poses).all(axis=(1, 2)))
