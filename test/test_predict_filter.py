@@ -128,7 +128,7 @@ def test_filter_takes_the_network_steps_and_runs_on_the_imu_without_them(tree, r
 def test_the_filter_embedded_in_the_network_checkpoint_gives_the_same_poses(tree, runs, tmp_path):
     assert predict(tree, tmp_path / 'embedded', '--filter', 'on', checkpoint=tree[3]) == 0
     np.testing.assert_allclose(read_kitti_poses(tmp_path / 'embedded' / '00.txt'),
-                               read_kitti_poses(runs / 'net_filter' / '00.txt'), atol=1e-9)
+                               read_kitti_poses(runs / 'net_filter' / '00.txt'), atol=1e-5)
 
 
 def test_outage_masks_the_network_and_the_filter_bridges_it(tree, runs):
