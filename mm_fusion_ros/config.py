@@ -62,13 +62,15 @@ class ConfigFlags:
     unset: True, or the fields, whose flags default to None = not given: `values()` leaves
       them out, so a config loaded from a checkpoint keeps its own; bools there take on|off.
       unset_help says what happens then ('{default}' = the field's default).
+    repeat: tuple fields whose flag takes one item and may be given again
+      (`--outage 30:20 --outage 90:5`); not given, the field keeps its default.
     """
 
     def __init__(self, cls, *, prefix='', exclude=(), aliases=None, types=None, unset=(),
-                 unset_help='default: {default}'):
+                 unset_help='default: {default}', repeat=()):
         self.cls, self.prefix = cls, prefix
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted((set(exclude) | set(aliases or {}) | set(types or {}) |
+        unknown = sorted((set(exclude) | set(aliases or {}) | set(types or {}) | set(repeat) |
                           (set() if unset is True else set(unset))) - set(names))
         if unknown:
             raise ValueError(f'{cls.__name__} has no fields {unknown}')
@@ -78,7 +80,11 @@ class ConfigFlags:
         self.types = dict(types or {})
         self.unset = set(names) if unset is True else set(unset)
         self.unset_help = unset_help
+        self.repeat = set(repeat)
         self._hints = typing.get_type_hints(cls)
+        for f in self.fields:
+            if f.name in self.repeat and self._kind(f, _field_default(cls, f)) is not tuple:
+                raise ValueError(f'{cls.__name__}.{f.name}: only a tuple field can repeat')
 
     def dest(self, name: str) -> str:
         return self.prefix + name
@@ -98,7 +104,11 @@ class ConfigFlags:
             kwargs = {'dest': self.dest(f.name), 'help': f"{f.metadata.get('help', '')} ({note})",
                       'default': None if f.name in self.unset else default}
             kind = self._kind(f, default)
-            if f.name in self.types:
+            if f.name in self.repeat:
+                elem = self.types.get(f.name) or (type(default[0]) if default else str)
+                kwargs.update(action='append', type=elem, metavar=f.name.upper(), default=None,
+                              help=kwargs['help'][:-1] + '; repeatable)')
+            elif f.name in self.types:
                 kwargs.update(type=self.types[f.name], metavar=f.name.upper())
             elif kind is bool and default is False and f.name not in self.unset:
                 kwargs.update(action='store_true')
@@ -119,6 +129,8 @@ class ConfigFlags:
             value = getattr(args, self.dest(f.name))
             if value is None and f.name in self.unset:
                 continue
+            if f.name in self.repeat:
+                value = _field_default(self.cls, f) if value is None else tuple(value)
             out[f.name] = value
         return out
 
@@ -152,7 +164,7 @@ def _show(value) -> str:
     if isinstance(value, bool):
         return 'on' if value else 'off'
     if isinstance(value, tuple):
-        return ','.join(str(v) for v in value)
+        return ','.join(str(v) for v in value) or 'none'
     return repr(value) if value == '' else str(value)
 
 

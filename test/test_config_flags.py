@@ -8,6 +8,7 @@ import pytest
 
 from mm_fusion_ros.cli import predict_odometry
 from mm_fusion_ros.config import ConfigBase, ConfigFlags, SampleConfig
+from mm_fusion_ros.filter.config import FilterRunConfig
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.training import offline
 from mm_fusion_ros.training.config import TrainConfig
@@ -85,6 +86,30 @@ def test_prefix_aliases_exclude_and_unset():
     assert flags.build(args, names=('z',)) == Later(steps=5, names=('z',))
     with pytest.raises(ValueError, match=r"no fields \['nope'\]"):
         ConfigFlags(Later, exclude=('nope',))
+
+
+def test_repeatable_tuple_flag():
+    flags = ConfigFlags(Later, repeat=('names',), types={'names': str.upper})
+    parser, args = _parse(flags, ['--names', 'x', '--names', 'y'])
+    assert flags.build(args).names == ('X', 'Y')
+    assert 'repeatable' in _actions(parser)['names'].help
+    _, args = _parse(flags, [])
+    assert flags.build(args).names == ('a', 'b')    # not given: the field's default
+    with pytest.raises(ValueError, match='only a tuple field can repeat'):
+        ConfigFlags(Later, repeat=('rate',))
+
+
+def test_predict_odometry_filter_flags_are_the_dataclass_fields():
+    parser = predict_odometry.build_parser()
+    required = ['--checkpoint', 'c.pth', '--data_path', 'd', '--sequences', '7', '--out_dir', 'o']
+    assert predict_odometry.FILTER_FLAGS.build(parser.parse_args(required)) == FilterRunConfig()
+    args = parser.parse_args(required + ['--filter', 'on', '--filter_checkpoint', 'f.pth',
+                                         '--relpose_var_scale', '4', '--outage', '20:20',
+                                         '--outage', '60.5:2'])
+    run = predict_odometry.FILTER_FLAGS.build(args)
+    assert run == FilterRunConfig(filter='on', filter_checkpoint='f.pth', relpose_var_scale=4.0,
+                                  outage=('20:20', '60.5:2'))
+    assert run.enabled and run.outage_windows == [(20.0, 20.0), (60.5, 2.0)]
 
 
 @pytest.mark.parametrize('cls, flags', [(TrainConfig, offline.TRAIN_FLAGS),

@@ -3,6 +3,12 @@
   evaluate_odometry --gt poses/07.txt --pred results/07.txt [--json out.json] [--plot out.png]
   evaluate_odometry --data_path data --sequences 07,09,10 --pred_dir results/ \\
       [--baseline cv_oracle] [--baseline mean_motion --train_sequences 00,02,08]
+  evaluate_odometry --data_path data --sequences 07 --compare net=results/net \
+      --compare net+filter=results/net_filter --baseline imu
+
+--compare NAME=PRED_DIR (repeatable) scores PRED_DIR/NN.txt as a row NAME beside the prediction
+and the baselines, e.g. the network's trajectory with and without the inertial filter
+(predict_odometry --filter on|off).
 
 A trajectory written by the online node has a steps sidecar beside it (NAME.steps.csv,
 eval/trajectory_io.py); then the report also says how many of its steps were bridged rather
@@ -30,6 +36,7 @@ from mm_fusion_ros.eval.trajectory_io import (
 from mm_fusion_ros.fileio import atomic_write_text
 from mm_fusion_ros.geometry import cam0_to_base_link
 from mm_fusion_ros.kitti.ids import parse_sequences
+from mm_fusion_ros.kitti.imu import require_sequence_imu
 from mm_fusion_ros.kitti.odometry import KittiSequence, read_calib
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,19 @@ def sequence_list(text) -> list:
         return parse_sequences(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def compare_arg(text) -> tuple:
+    """argparse type: 'NAME=PRED_DIR' -> (NAME, Path(PRED_DIR))."""
+    name, sep, folder = text.partition('=')
+    name = name.strip()
+    if not sep or not name or not folder or any(c.isspace() for c in name):
+        raise argparse.ArgumentTypeError(f'{text!r}: give NAME=PRED_DIR, a row name without '
+                                         'spaces and a folder of NN.txt predictions')
+    if name in (PREDICTION, *BASELINES):
+        raise argparse.ArgumentTypeError(f'{text!r}: the row name {name!r} is taken (by '
+                                         f'{PREDICTION} and the baselines {", ".join(BASELINES)})')
+    return name, Path(folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help='comma-separated sequence ids, zero-padded (7 -> 07); the average '
                            'row is the mean of the per-sequence values, as papers report')
     many.add_argument('--pred_dir', type=Path,
-                      help='folder of predictions PRED_DIR/NN.txt (optional with --baseline)')
+                      help='folder of predictions PRED_DIR/NN.txt (optional with --baseline or '
+                           '--compare)')
+    many.add_argument('--compare', action='append', type=compare_arg, default=[],
+                      metavar='NAME=PRED_DIR',
+                      help='another folder of predictions PRED_DIR/NN.txt, scored as the row '
+                           'NAME (repeatable), e.g. net=results/net '
+                           'net+filter=results/net_filter')
     p.add_argument('--pred_frame', choices=('cam0', 'base_link'), default='cam0',
                    help='frame of the predicted poses; base_link ones are converted to cam0 with '
                         'the Tr of the sequence (default: cam0)')
@@ -107,8 +133,13 @@ def check_args(parser, args) -> None:
         parser.error('--sequences and --data_path go together')
     if not single and not multi:
         parser.error('give --gt and --pred, or --data_path and --sequences')
-    if multi and args.pred_dir is None and not args.baseline:
-        parser.error('nothing to evaluate: give --pred_dir and/or --baseline')
+    if multi and args.pred_dir is None and not args.baseline and not args.compare:
+        parser.error('nothing to evaluate: give --pred_dir, --compare and/or --baseline')
+    names = [name for name, _ in args.compare]
+    if len(set(names)) != len(names):
+        parser.error(f'--compare names must differ, got {", ".join(names)}')
+    if single and args.compare:
+        parser.error('--compare needs --data_path and --sequences (it reads PRED_DIR/NN.txt)')
     if 'mean_motion' in args.baseline and (args.train_sequences is None or args.data_path is None):
         parser.error('--baseline mean_motion needs --data_path and --train_sequences')
     if single and {'imu', 'kiss_icp'} & set(args.baseline):
@@ -156,9 +187,7 @@ class SequenceSource:
 
 def imu_baseline(src: SequenceSource) -> tuple:
     seq = src.kitti
-    if seq.imu is None:
-        raise FileNotFoundError(f'sequence {src.seq_id}: no IMU found (looked for --imu_path, '
-                                f'{seq.seq_dir / "oxts"}, {seq.data_path / "imus"})')
+    imu = require_sequence_imu(seq)
     T_base_imu = seq.T_base_imu
     if T_base_imu is None:
         log.warning('sequence %s: no calib_imu_to_velo.txt; taking imu_link = base_link',
@@ -168,8 +197,8 @@ def imu_baseline(src: SequenceSource) -> tuple:
     if len(seq.times) != len(gt_base):
         raise ValueError(f'{seq.times_path} has {len(seq.times)} times but {src.gt_path} has '
                          f'{len(gt_base)} poses')
-    pred = baselines.imu_dead_reckoning(gt_base, seq.times, seq.imu, T_base_imu)
-    heading = baselines.gyro_heading_error(gt_base, seq.times, seq.imu, T_base_imu)
+    pred = baselines.imu_dead_reckoning(gt_base, seq.times, imu, T_base_imu)
+    heading = baselines.gyro_heading_error(gt_base, seq.times, imu, T_base_imu)
     extra = {'gyro_heading_error_final_deg': float(heading[-1]),
              'gyro_heading_error_max_deg': float(np.max(np.abs(heading)))}
     return base_link_poses_to_cam0(pred, src.tr()), extra
@@ -219,23 +248,24 @@ def train_mean_step(args):
 
 
 def sequence_jobs(args):
-    """(sequence id, GT path, prediction path or None) for every sequence to evaluate."""
+    """(sequence id, GT path, {row name: prediction path}) for every sequence to evaluate."""
     if args.gt is not None:
-        return [(args.gt.stem, args.gt, args.pred)]
+        return [(args.gt.stem, args.gt, {PREDICTION: args.pred})]
+    folders = ([(PREDICTION, args.pred_dir)] if args.pred_dir else []) + list(args.compare)
     return [(s, args.data_path / 'poses' / f'{s}.txt',
-             args.pred_dir / f'{s}.txt' if args.pred_dir else None) for s in args.sequences]
+             {name: folder / f'{s}.txt' for name, folder in folders}) for s in args.sequences]
 
 
 def evaluate_all(args):
     """{method: {sequence: metrics}} and the plot entries."""
     step = train_mean_step(args)
     results, entries = {}, []
-    for seq_id, gt_path, pred_path in sequence_jobs(args):
+    for seq_id, gt_path, pred_paths in sequence_jobs(args):
         src = SequenceSource(args, seq_id, gt_path)
         trajectories = {}
-        if pred_path is not None:
+        for name, pred_path in pred_paths.items():
             pred = src.read_prediction(pred_path)
-            trajectories[PREDICTION] = (pred, online_steps(pred_path, len(pred)))
+            trajectories[name] = (pred, online_steps(pred_path, len(pred)))
         for name in dict.fromkeys(args.baseline):
             trajectories[name] = baseline_trajectory(name, src, step)
         for name, (poses, extra) in trajectories.items():
@@ -245,7 +275,7 @@ def evaluate_all(args):
             title=f'sequence {seq_id}', gt=src.gt,
             trajectories={n: t[0] for n, t in trajectories.items()},
             per_length={n: results[n][seq_id]['per_length'] for n in trajectories},
-            view_names=(PREDICTION,) if PREDICTION in trajectories else None))
+            view_names=tuple(pred_paths) or None))
     return results, entries
 
 
@@ -272,23 +302,25 @@ def _fmt(value) -> str:
 
 
 def format_table(results: dict, args) -> str:
-    header = f'{"sequence":<9} {"method":<12}' + ''.join(f' {t:>16}' for _, t in COLUMNS)
+    width = max(12, *(len(name) for name in results))
+    header = f'{"sequence":<9} {"method":<{width}}' + ''.join(f' {t:>16}' for _, t in COLUMNS)
     lines = [f'RPE over pairs {args.rpe_delta:g} {args.rpe_unit} apart; ATE after Umeyama '
              f'alignment', header, '-' * len(header)]
     for name, per_seq in results.items():
         for seq_id, m in per_seq.items():
             cells = ''.join(f' {_fmt(m[k]):>16}' for k, _ in COLUMNS)
-            lines.append(f'{seq_id:<9} {name:<12}' + cells)
+            lines.append(f'{seq_id:<9} {name:<{width}}' + cells)
     if len(next(iter(results.values()))) > 1:
         for name, per_seq in results.items():
             avg = average(per_seq)
-            lines.append(f'{"average":<9} {name:<12}' + ''.join(f' {_fmt(avg[k]):>16}'
-                                                                 for k, _ in COLUMNS))
-    for seq_id, m in results.get(PREDICTION, {}).items():
-        if 'bridged_steps' in m:
-            lines.append(f'prediction, sequence {seq_id}: {m["bridged_steps"]} of {m["steps"]} '
-                         f'steps bridged (not predicted); segment {m["segment"]} from stamp '
-                         f'{m["first_stamp_ns"]} ns')
+            lines.append(f'{"average":<9} {name:<{width}}' + ''.join(f' {_fmt(avg[k]):>16}'
+                                                                     for k, _ in COLUMNS))
+    for name in [PREDICTION, *(n for n, _ in args.compare)]:
+        for seq_id, m in results.get(name, {}).items():
+            if 'bridged_steps' in m:
+                lines.append(f'{name}, sequence {seq_id}: {m["bridged_steps"]} of {m["steps"]} '
+                             f'steps bridged (not predicted); segment {m["segment"]} from stamp '
+                             f'{m["first_stamp_ns"]} ns')
     for seq_id, m in results.get('imu', {}).items():
         lines.append(f'imu baseline, sequence {seq_id}: gyro heading drift '
                      f'{m["gyro_heading_error_final_deg"]:+.3f} deg at the end, '
@@ -314,8 +346,12 @@ def build_report(results: dict, args) -> dict:
             return dict(next(iter(per_seq.values())))
         return {**average(per_seq), 'sequences': per_seq}
 
+    compared = {name for name, _ in args.compare}
     report = summary(results[PREDICTION]) if PREDICTION in results else {}
-    report['baselines'] = {n: summary(r) for n, r in results.items() if n != PREDICTION}
+    report['baselines'] = {n: summary(r) for n, r in results.items()
+                           if n != PREDICTION and n not in compared}
+    if compared:
+        report['compare'] = {n: summary(r) for n, r in results.items() if n in compared}
     if args.gt is None:
         report['average_of'] = 'per-sequence values (mean over sequences)'
     return _json_ready(report)

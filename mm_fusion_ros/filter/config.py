@@ -160,3 +160,73 @@ class FilterConfig(ConfigBase):
 def matrix_to_3x4(T) -> tuple:
     """(4, 4) -> the 12-number row-major tuple of FilterConfig.T_imu_lidar."""
     return tuple(float(v) for v in np.asarray(T, dtype=np.float64)[:3].ravel())
+
+
+FILTER_SWITCH = ('off', 'on')
+
+
+def parse_outage(text) -> tuple:
+    """'START_S:DURATION_S' -> (start, duration) in seconds on the sequence clock (times.txt)."""
+    bad = ValueError(f'outage {text!r} not understood: give START_S:DURATION_S with START_S >= 0 '
+                     f'and DURATION_S > 0 (seconds of times.txt), e.g. 20:20')
+    parts = str(text).split(':')
+    if len(parts) != 2:
+        raise bad
+    try:
+        start, duration = float(parts[0]), float(parts[1])
+    except ValueError as e:
+        raise bad from e
+    if not (math.isfinite(start) and math.isfinite(duration) and start >= 0 and duration > 0):
+        raise bad
+    return start, duration
+
+
+@dataclass(frozen=True)
+class FilterRunConfig(ConfigBase):
+    """How predict_odometry produces a trajectory: the network's steps chained, or the inertial
+    filter over the sequence's IMU updated by them; and sensor outages to simulate."""
+
+    filter: str = field(default='off', metadata={
+        'help': 'on|off. on: the inertial filter runs over the sequence IMU, updated by the '
+                'network relative poses with their log-variance, and writes its trajectory; '
+                'off: the network steps are chained'})
+    filter_checkpoint: str = field(default='', metadata={
+        'help': 'inertial filter checkpoint (train_imu_filter) or a fusion checkpoint that '
+                'embeds one; empty: the filter embedded in --checkpoint'})
+    relpose_var_scale: float = field(default=1.0, metadata={
+        'help': 'factor on the variance (exp of the log-variance head) of the network relative '
+                'poses given to the filter'})
+    relpose_min_std_m: float = field(default=0.01, metadata={
+        'help': 'floor of the standard deviation of each translation of a network relative pose '
+                'given to the filter [m]: a briefly trained head can claim 1e-4 m, which the '
+                'filter cannot take (measured: docs/inertial_filter.md)'})
+    relpose_min_std_rad: float = field(default=1e-3, metadata={
+        'help': 'floor of the standard deviation of each rotation of a network relative pose '
+                'given to the filter [rad]'})
+    outage: tuple = field(default=(), metadata={
+        'help': 'START_S:DURATION_S on the sequence clock: camera and LiDAR cut for that window '
+                '(the network sees the IMU alone there; the filter takes no relative pose there '
+                'and bridges on the IMU and its pseudo-measurements)'})
+
+    def __post_init__(self):
+        if self.filter not in FILTER_SWITCH:
+            raise ValueError(f'FilterRunConfig.filter must be on or off, got {self.filter!r}')
+        _positive(self, 'relpose_var_scale', 'relpose_min_std_m', 'relpose_min_std_rad')
+        outage = tuple(str(o) for o in self.outage)
+        for item in outage:
+            parse_outage(item)
+        object.__setattr__(self, 'outage', outage)
+
+    @property
+    def enabled(self) -> bool:
+        return self.filter == 'on'
+
+    @property
+    def relpose_min_logvar(self) -> np.ndarray:
+        """(6,) floor of the relative-pose log-variance (translation, then rotation)."""
+        std = [self.relpose_min_std_m] * 3 + [self.relpose_min_std_rad] * 3
+        return np.log(np.square(std))
+
+    @property
+    def outage_windows(self) -> list:
+        return [parse_outage(item) for item in self.outage]

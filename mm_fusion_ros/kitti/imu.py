@@ -91,3 +91,16 @@ def load_sequence_imu(seq):
         stamps, fields, t0_ns, source = raw_oxts_for_sequence(seq.raw_root, seq.sequence)
         return oxts_to_imu(stamps, fields, t0_ns, source)
     return None
+
+
+def require_sequence_imu(seq) -> ImuData:
+    """The IMU of a KittiSequence; FileNotFoundError naming every place looked at if none."""
+    imu = seq.imu
+    if imu is None:
+        places = [str(seq.seq_dir / 'oxts'), str(seq.data_path / 'imus' / f'{seq.sequence}.mat')]
+        if seq.raw_root is not None:
+            places.append(f'the raw drive of {seq.sequence} under {seq.raw_root}')
+        raise FileNotFoundError(f'sequence {seq.sequence}: no IMU found (looked for '
+                                f'{", ".join(places)}; or give --imu_path DIR with '
+                                f'DIR/{seq.sequence}.mat)')
+    return imu
