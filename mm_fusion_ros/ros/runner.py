@@ -170,8 +170,8 @@ def run_finetune(args) -> int:
         print(f'mm_fusion_run: error: {e}', file=sys.stderr)
         return 2
     if bag_params:
-        print(f'mm_fusion_run: no tf2_msgs: the static transforms of {args.bag}/tf_static are '
-              'passed as frames.static_transforms', flush=True)
+        print(f'mm_fusion_run: no tf2_msgs here: the /tf_static of {args.bag} goes to the node '
+              'as frames.static_transforms', flush=True)
     node_cmd = online_command(config, out_dir, args.checkpoint,
                               [f'{k}:={json.dumps(v)}' for k, v in bag_params.items()] + args.set)
     node_log = open(out_dir / 'online_node.log', 'w')
