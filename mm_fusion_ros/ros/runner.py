@@ -101,7 +101,7 @@ class OdomWatcher:
         from nav_msgs.msg import Odometry
         import rclpy
         from std_srvs.srv import SetBool, Trigger
-        rclpy.init()
+        rclpy.init(args=['mm_fusion_run'])   # not sys.argv: rcl read --set's k:=v as remaps
         self.rclpy = rclpy
         self.node = rclpy.create_node('mm_fusion_run')
         self.count = 0
