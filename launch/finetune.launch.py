@@ -1,14 +1,16 @@
 """Online fine-tuning: online_finetune (synchronizer + trainer), a bag player, optionally RViz.
 
   ros2 launch mm_fusion_ros finetune.launch.py bag:=bags/kitti_00 \
-      checkpoint:=pretrain_models/multimodal_initial.pth rate:=1.0 rviz:=true
+      checkpoint:=pretrain_models/multimodal_initial.pth rate:=1.0 rviz:=true supervision:=self
 
 The bag is played by `ros2 bag play` where the ROS 2 CLI has rosbag2, else by this package's
 bag_player. Either starts only once the online node printed that it is ready (topics.READY_LINE;
 torch and the model load first): an event handler on the node's output starts it. bag_player then
 also waits for its subscribers to be matched; `ros2 bag play` gets `--delay play_delay` seconds
 for that discovery. Without `bag:=` only the online node starts (e.g. for a live robot or an
-external player). Without the launch package (pip-only installs), `mm_fusion_run finetune`
+external player). `supervision:=gt|self|both` sets train.supervision (empty: the config's, else
+the node's default, self). Both players play only the topics the bag has, so a bag without
+ground truth plays. Without the launch package (pip-only installs), `mm_fusion_run finetune`
 starts the same processes from the same config. The player and the online node get
 config/fastdds_replay.xml as FASTDDS_DEFAULT_PROFILES_FILE unless it is set (see that file). The
 online node keeps its own node names (mm_fusion_trainer, mm_fusion_synchronizer): a launch
@@ -33,6 +35,7 @@ from launch_ros.actions import Node
 
 from launch import LaunchDescription
 from mm_fusion_ros.bag import topics
+from mm_fusion_ros.ros.runner import replay_plan
 
 
 def dds_env():
@@ -48,11 +51,8 @@ def _has_ros2_bag():
     return shutil.which('ros2') is not None and importlib.util.find_spec('ros2bag') is not None
 
 
-def _player(context):
-    """The player action for bag:=, or None."""
-    bag = LaunchConfiguration('bag').perform(context)
-    if not bag:
-        return None
+def _player(context, bag, names):
+    """The player action for bag:= (bag_player plays `names`)."""
     rate = LaunchConfiguration('rate').perform(context)
     clock = LaunchConfiguration('use_sim_time').perform(context).lower() == 'true'
     if _has_ros2_bag():
@@ -60,7 +60,7 @@ def _player(context):
                '--delay', LaunchConfiguration('play_delay').perform(context)]
         return ExecuteProcess(cmd=cmd + (['--clock'] if clock else []), output='screen',
                               name='ros2_bag_play', additional_env=dds_env())
-    args = [bag, '--rate', rate, '--topics', *topics.SYNC_TOPICS] + (['--clock'] if clock else [])
+    args = [bag, '--rate', rate, '--topics', *names] + (['--clock'] if clock else [])
     return Node(package='mm_fusion_ros', executable='bag_player', name='bag_player',
                 arguments=args, output='screen', additional_env=dds_env())
 
@@ -74,12 +74,18 @@ def _online(context):
     checkpoint = LaunchConfiguration('checkpoint').perform(context)
     if checkpoint:
         overrides['initial_checkpoint'] = checkpoint
+    supervision = LaunchConfiguration('supervision').perform(context)
+    if supervision:
+        overrides['train.supervision'] = supervision
+    bag = LaunchConfiguration('bag').perform(context)
+    names, bag_params = replay_plan(bag) if bag else ((), {})
+    overrides = {**bag_params, **overrides}   # the bag's static transforms without tf2_msgs
     online = Node(package='mm_fusion_ros', executable='online_finetune',
                   parameters=[config, overrides], output='screen', emulate_tty=True,
                   additional_env=dds_env())
-    player = _player(context)
-    if player is None:
+    if not bag:
         return [online]
+    player = _player(context, bag, names)
     started = []
 
     def on_output(event):
@@ -101,6 +107,9 @@ def generate_launch_description():
         DeclareLaunchArgument('config', default_value='',
                               description='parameter file (default: config/finetune.yaml)'),
         DeclareLaunchArgument('rate', default_value='1.0', description='replay rate'),
+        DeclareLaunchArgument('supervision', default_value='',
+                              description='train.supervision: gt | self | both (empty: the '
+                                          "config's, else self)"),
         DeclareLaunchArgument('use_sim_time', default_value='false',
                               description='use the bag clock (/clock) instead of wall time'),
         DeclareLaunchArgument('rviz', default_value='true', description='start RViz'),

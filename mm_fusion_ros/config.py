@@ -169,12 +169,14 @@ def _show(value) -> str:
 
 
 def parameter_help(sections) -> str:
-    """One line per ROS parameter of the (config class, prefix) sections, with its default and
-    the field's help: what a node executable's --help prints."""
+    """One line per ROS parameter of the sections, with its default and the field's help: what a
+    node executable's --help prints. A section is (config class, prefix) or (config class,
+    prefix, {field: default}) for a node that declares some fields with other defaults."""
     lines = []
-    for cls, prefix in sections:
+    for cls, prefix, *defaults in sections:
+        overrides = defaults[0] if defaults else {}
         for f in dataclasses.fields(cls):
-            default = _field_default(cls, f)
+            default = overrides.get(f.name, _field_default(cls, f))
             shown = str(default).lower() if isinstance(default, bool) else _show(default)
             lines.append(f'  {prefix}{f.name} ({shown}): {f.metadata.get("help", "")}')
     return '\n'.join(lines)

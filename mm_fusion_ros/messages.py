@@ -200,6 +200,21 @@ def odometry_to_pose(msg) -> np.ndarray:
     return pose_to_matrix(pose.position, q)
 
 
+def camera_info_to_arrays(msg):
+    """sensor_msgs/CameraInfo -> (K (3, 3) float64, width, height, frame_id). ValueError when
+    the camera is not calibrated (K all zeros, as drivers send it then) or K is not a pinhole
+    matrix (fx, fy > 0, last row 0 0 1)."""
+    K = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
+    width, height = int(msg.width), int(msg.height)
+    if not np.isfinite(K).all() or not K.any():
+        raise ValueError('camera_info: K is not set (an uncalibrated camera)')
+    if not (K[0, 0] > 0 and K[1, 1] > 0 and np.allclose(K[2], [0, 0, 1])):
+        raise ValueError(f'camera_info: K is not a pinhole camera matrix: {K.tolist()}')
+    if width < 1 or height < 1:
+        raise ValueError(f'camera_info: image size {width}x{height} is not positive')
+    return K, width, height, msg.header.frame_id
+
+
 def imu_orientation(msg):
     """sensor_msgs/Imu orientation (x, y, z, w), or None when the sender has none (REP 145:
     orientation_covariance[0] == -1)."""

@@ -3,15 +3,18 @@ each setting's default and help are written once, in its dataclass field."""
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+import subprocess
+import sys
 
 import pytest
 
 from mm_fusion_ros.cli import predict_odometry
-from mm_fusion_ros.config import ConfigBase, ConfigFlags, SampleConfig
+from mm_fusion_ros.config import ConfigBase, ConfigFlags, parameter_help, SampleConfig
 from mm_fusion_ros.filter.config import FilterRunConfig
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.training import offline
 from mm_fusion_ros.training.config import TrainConfig
+from mm_fusion_ros.training.online import ONLINE_TRAIN_DEFAULTS
 
 REQUIRED = ['--data_path', 'data', '--train_sequences', '0']
 
@@ -176,3 +179,20 @@ def test_predict_odometry_sample_flags_default_to_the_checkpoint():
     saved = SampleConfig(imu_window_s=0.5)
     assert saved.replace(**predict_odometry.SAMPLE_FLAGS.values(args)) == SampleConfig(
         imu_window_s=0.5, modalities=('imu',), max_points=64)
+
+
+def test_online_node_declares_self_supervision_offline_stays_gt():
+    """One override table (training/online.py ONLINE_TRAIN_DEFAULTS) sets the node's default;
+    its --help shows that default, the offline flag keeps TrainConfig's."""
+    assert ONLINE_TRAIN_DEFAULTS == {'supervision': 'self'}
+    assert TrainConfig().supervision == 'gt'
+    assert offline.TRAIN_FLAGS.build(offline.build_parser().parse_args(REQUIRED)).supervision \
+        == 'gt'
+    lines = parameter_help([(TrainConfig, 'train.', ONLINE_TRAIN_DEFAULTS)]).splitlines()
+    assert [line for line in lines if 'train.supervision' in line][0].startswith(
+        '  train.supervision (self): ')
+    assert '  train.learning_rate (0.0001): ' in '\n'.join(lines)   # others: the dataclass's
+    shown = subprocess.run([sys.executable, '-m', 'mm_fusion_ros.ros.online', '--help'],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert '  train.supervision (self): ' in shown.stdout

@@ -22,6 +22,7 @@ from mm_fusion_ros.eval.trajectory_io import (
 from mm_fusion_ros.geometry import (
     base_link_to_cam0,
     cam0_to_base_link,
+    chain_relative,
     invert_pose,
     make_pose,
     rpy_to_rot,
@@ -416,3 +417,19 @@ def test_cli_imu_baseline_and_base_link_predictions(tmp_path, capsys):
     assert abs(imu['gyro_heading_error_final_deg']) < 1e-3
     assert report['baselines']['cv_oracle']['t_rel'] > 10 * imu['t_rel']
     assert 'imu baseline, sequence 03: gyro heading drift' in capsys.readouterr().out
+
+
+def test_late_step_errors_average_the_second_half_only():
+    """The on/off score of an adapting run: steps of the second half only, in metres/degrees."""
+    n = 11
+    xyz = np.stack([np.arange(n, dtype=float), np.zeros(n), np.zeros(n)], axis=1)
+    gt = make_pose(np.tile(np.eye(3), (n, 1, 1)), xyz)      # 1 m steps along x
+    steps = np.tile(np.eye(4), (n - 1, 1, 1))
+    steps[:, 0, 3] = 1.0
+    steps[:5, 1, 3] = 0.3                      # a lateral error in the first half only ...
+    steps[5:, 1, 3] = 0.1                      # ... and a smaller one in the second
+    steps[7, :3, :3] = rpy_to_rot(0.0, 0.0, np.deg2rad(2.0))
+    late = metrics.late_step_errors(gt, chain_relative(steps))
+    assert late['steps'] == 5
+    assert late['trans'] == pytest.approx(0.1, abs=1e-9)
+    assert late['rot_deg'] == pytest.approx(2.0 / 5, abs=1e-9)

@@ -412,3 +412,54 @@ def test_a_file_that_cannot_be_written_at_shutdown_does_not_stop_the_others(data
     written = trainer.shutdown()
     assert [what for what, _ in trainer.write_failures] == ['buffer']
     assert Path(written['checkpoint']).is_file() and Path(written['pred']).is_file()
+
+
+def test_self_supervised_training_needs_no_ground_truth_and_logs_each_term(data, tmp_path):
+    """train.supervision self (the online default) on samples without a target, as a robot's
+    are: the steps apply, the weights change, and each loss part reaches the CSV, TensorBoard
+    and the /diagnostics values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mm_fusion_ros.runtime.diagnostics import trainer_status
+    samples = [{**s, 'target': np.zeros_like(s['target']), 'target_valid': np.False_}
+               for s in data['samples']]
+    out = tmp_path / 'out'
+    cfg = OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'), min_buffer=2, log_every=1,
+                       log_csv=str(out / 'log.csv'), tensorboard_dir=str(out / 'tb'))
+    trainer = OnlineTrainer(cfg, TRAIN.replace(supervision='self'), MODEL)
+    before = params(trainer.core.model)
+    for sample in samples:
+        trainer.on_sample(sample)
+        trainer.train_pending()
+    assert trainer.core.step_count == trainer.steps_done == FRAMES - 1
+    after = params(trainer.core.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    metrics = trainer.metrics()
+    assert metrics['samples_without_target'] == FRAMES - 1
+    assert metrics['supervision'] == 'self'
+    assert np.isnan(metrics['last_loss_gt']) and np.isfinite(metrics['last_loss_inertial'])
+    values = trainer_status('t', metrics, {}, {}).values
+    assert values['supervision'] == 'self' and values['loss_gt'] == 'nan'
+    assert float(values['loss_inertial']) == pytest.approx(metrics['last_loss_inertial'],
+                                                          rel=1e-5)
+    trainer.shutdown()
+    header, *rows = [r.split(',') for r in (out / 'log.csv').read_text().splitlines()]
+    assert header[-4:] == ['loss_gt', 'loss_geometric', 'loss_photometric', 'loss_inertial']
+    assert len(rows) == FRAMES - 1
+    assert all(r[header.index('loss_gt')] == '' for r in rows)
+    assert all(float(r[header.index('loss_inertial')]) >= 0 for r in rows)
+    events = EventAccumulator(str(out / 'tb'))
+    events.Reload()
+    assert {'online/loss', 'online/loss_inertial'} <= set(events.Tags()['scalars'])
+    assert 'online/loss_gt' not in events.Tags()['scalars']
+
+
+def test_a_log_with_other_columns_is_started_afresh(data, tmp_path):
+    log_csv = tmp_path / 'log.csv'
+    log_csv.write_text('step,loss,lr\n1,0.5,0.001\n')     # a log of an older version
+    trainer = make_trainer(tmp_path, min_buffer=1, log_csv=str(log_csv), log_every=1)
+    trainer.on_sample(data['samples'][0])
+    trainer.train_pending()
+    trainer.shutdown()
+    rows = log_csv.read_text().splitlines()
+    assert rows[0].split(',')[-1] == 'loss_inertial' and len(rows) == 2

@@ -163,6 +163,44 @@ def test_synchronizer_node_skips_and_counts_messages_that_do_not_decode():
     assert stats['pending']['scans'] == 1     # the good cloud went on to the synchronizer
 
 
+def test_synchronizer_node_takes_calibration_and_supervision_from_its_inputs():
+    """The node's camera_info callback, called directly: CameraInfo becomes the samples'
+    calibration; an uncalibrated one is counted as a bad message. A sink training
+    self-supervised makes sync.ground_truth auto ignore the ground truth."""
+    from types import SimpleNamespace
+
+    from rclpy.serialization import serialize_message
+    from sensor_msgs.msg import CameraInfo
+
+    from mm_fusion_ros.ros.synchronizer_node import SynchronizerNode
+    K = [700.0, 0.0, 600.0, 0.0, 710.0, 180.0, 0.0, 0.0, 1.0]
+    sink = SimpleNamespace(supervision='self', on_sample=lambda s: None,
+                           on_backlog=lambda n: None, on_ground_truth=lambda t, p: None)
+    env = fresh_env()
+    with ros_domain(env):
+        rclpy.init(domain_id=int(env['ROS_DOMAIN_ID']))
+        try:
+            node = SynchronizerNode(sample_cfg=SampleConfig(image_height=8, image_width=8),
+                                    buffer=ReplayBuffer(), sink=sink)
+            assert node.sync.calibration.intrinsics is None
+            on_info = {sub.topic_name: sub.callback
+                       for sub in node.subscriptions}[topics.CAMERA_INFO_TOPIC]
+            info = CameraInfo(width=1242, height=375, k=K)
+            info.header.frame_id = 'camera2'
+            on_info(serialize_message(info))
+            calibration, mode = node.sync.calibration, node.sync.cfg.ground_truth
+            on_info(serialize_message(CameraInfo(width=1242, height=375)))   # K all zeros
+            stats = node.sync.stats
+            node.shutdown()
+            node.destroy_node()
+        finally:
+            rclpy.shutdown()
+    np.testing.assert_array_equal(calibration.intrinsics, np.reshape(K, (3, 3)))
+    assert calibration.image_size == (1242, 375)
+    assert mode == 'ignore'
+    assert stats['dropped'] == {'bad_message': 1}
+
+
 def test_restart_resumes_from_saved_buffer_and_checkpoint(world, scenario, tmp_path):
     final_path = scenario['out'] / 'ckpt' / 'final.pth'
     final = load_checkpoint(final_path)

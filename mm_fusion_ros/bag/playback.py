@@ -12,6 +12,7 @@ from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.interfaces import QosDurability, QosReliability
 from rosbags.rosbag2 import ReaderError
 
+from mm_fusion_ros.bag.topics import CLOUD_TOPIC, REPLAY_TOPICS
 from mm_fusion_ros.stamps import NS_PER_S
 
 
@@ -104,6 +105,16 @@ class BagSource:
         for conn, stamp, raw in self.reader.messages(connections=conns, start=start_ns,
                                                      stop=stop_ns):
             yield conn.topic, stamp, bytes(raw)
+
+
+def replay_topics(bag, available, wanted=REPLAY_TOPICS, required=(CLOUD_TOPIC,)) -> list:
+    """The `wanted` topics that the bag (`available`: its topic names) has, in that order: a
+    bag without ground truth (kitti_to_bag --no_ground_truth, a robot's recording) or without
+    a camera still plays. ValueError naming the bag when a `required` topic is missing."""
+    missing = [t for t in required if t not in available]
+    if missing:
+        raise ValueError(f'{bag}: topic(s) {missing} not in the bag; it has {sorted(available)}')
+    return [t for t in wanted if t in available]
 
 
 def open_window(bag, topics=None, start_offset_s=0.0, duration_s=None):

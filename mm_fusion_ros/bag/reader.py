@@ -91,6 +91,15 @@ def bag_topics(path) -> dict:
         reader.close()
 
 
+def static_transforms(path) -> list:
+    """[(parent, child, T_parent_child 4x4)] of the bag's /tf_static messages, in order (a
+    later transform of the same pair comes later)."""
+    if topics.TF_STATIC_TOPIC not in bag_topics(path):
+        return []
+    return [(parent, child, pose) for m in read_numpy(path, [topics.TF_STATIC_TOPIC])
+            for (parent, child), pose in m.data.items()]
+
+
 def read_messages(path, topic_names=None):
     """Yield BagMessage (decoded rosbags objects) of the given topics (None: all)."""
     reader = _open(path)

@@ -4,16 +4,22 @@
    a street unlike the others, for online fine-tuning);
 2. check_kitti on all of them;
 3. train_multimodal: the initial model, then the training plan's fine-tuning command;
-4. kitti_to_bag: sequence 04 -> a ROS 2 bag (mcap);
+4. kitti_to_bag --no_ground_truth: sequence 04 -> a ROS 2 bag (mcap) without ground truth, as
+   a robot records it; poses/04.txt is held back for scoring;
 5. mm_fusion_run finetune: bag replay -> online_finetune (synchronizer, replay buffer, trainer)
-   from the fine-tuned checkpoint -> predicted poses on /mm_fusion/odom -> a checkpoint saved by
-   the ~/save_checkpoint service call;
-6. evaluate_odometry: the online trajectory vs ground truth and the baselines.
+   from the fine-tuned checkpoint, adapting self-supervised (train.supervision self) -> poses
+   on /mm_fusion/odom -> a checkpoint saved by the ~/save_checkpoint service call; then the same
+   replay with training off, the comparison;
+6. evaluate_odometry: the adapted online trajectory vs the held-back poses and the baselines;
+7. adaptation on / off: both runs scored against the held-back poses (per-step error over the
+   second half of the replay, t_rel, r_rel), printed and written to results/adaptation.json.
 Every step is a real subprocess running the same command a user would type; the demo stops at
 the first failure. Outputs go under --workdir (default: the current folder: data/, bags/,
 pretrain_models/, logs/, runs/, results/).
 """
 import argparse
+import json
+import math
 import os
 from pathlib import Path
 import random
@@ -22,7 +28,16 @@ import subprocess
 import sys
 import time
 
+from mm_fusion_ros.eval.metrics import kitti_metrics, late_step_errors
+from mm_fusion_ros.eval.trajectory_io import read_kitti_poses
+from mm_fusion_ros.fileio import atomic_write_text
+from mm_fusion_ros.geometry import base_link_to_cam0
+from mm_fusion_ros.kitti.odometry import KittiSequence
+
 TRAIN, VAL, ONLINE = '00,01,02', '03', '04'
+# The rows of the adaptation on / off table: (label, key of adaptation()'s per-run dict).
+ROWS = (('per-step translation error [m]', 'trans'), ('per-step rotation error [deg]', 'rot_deg'),
+        ('t_rel [%]', 't_rel'), ('r_rel [deg/100 m]', 'r_rel'))
 
 
 def build_parser():
@@ -55,7 +70,8 @@ def main(argv=None) -> int:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     if args.fresh:
-        for name in ('data', 'bags/demo_04', 'pretrain_models', 'logs', 'runs/demo', 'results'):
+        for name in ('data', 'bags/demo_04', 'pretrain_models', 'logs', 'runs/demo',
+                     'runs/demo_off', 'results'):
             shutil.rmtree(work / name, ignore_errors=True)
     env = dict(os.environ)
     env.setdefault('ROS_DOMAIN_ID', str(random.SystemRandom().randint(1, 101)))
@@ -93,14 +109,17 @@ def main(argv=None) -> int:
         '--log_csv', 'logs/finetune.csv', '--save_every_epoch', 1, '--max_points', '8192'],
         work, env)
     bag = work / 'bags' / 'demo_04'
-    run('4. KITTI -> ROS 2 bag', [
+    run('4. KITTI -> ROS 2 bag without ground truth (poses held back for scoring)', [
         py, '-m', 'mm_fusion_ros.cli.kitti_to_bag', '--data_path', data, '--sequence', ONLINE,
-        '--output', bag, '--overwrite'], work, env)
-    out = work / 'runs' / 'demo'
-    run('5. online fine-tuning on the replayed bag', [
-        py, '-m', 'mm_fusion_ros.ros.runner', 'finetune', '--bag', bag, '--rate', args.rate,
-        '--checkpoint', work / 'pretrain_models' / 'multimodal_finetuned.pth',
-        '--out_dir', out, '--set', 'sample.max_points:=8192'], work, env)
+        '--output', bag, '--no_ground_truth', '--overwrite'], work, env)
+    out, off = work / 'runs' / 'demo', work / 'runs' / 'demo_off'
+    finetune = [py, '-m', 'mm_fusion_ros.ros.runner', 'finetune', '--bag', bag, '--rate',
+                args.rate, '--checkpoint', work / 'pretrain_models' / 'multimodal_finetuned.pth',
+                '--set', 'sample.max_points:=8192', '--set', 'train.supervision:=self']
+    run('5a. online self-supervised adaptation on the replayed bag',
+        [*finetune, '--out_dir', out], work, env)
+    run('5b. the same replay with training off, for the comparison',
+        [*finetune, '--out_dir', off, '--set', 'training_enabled:=false'], work, env)
     results = work / 'results' / 'online'
     results.mkdir(parents=True, exist_ok=True)
     shutil.copy(out / 'trajectory' / 'pred_base_link.txt', results / f'{ONLINE}.txt')
@@ -112,9 +131,42 @@ def main(argv=None) -> int:
         '--baseline', 'mean_motion', '--baseline', 'cv_oracle', '--baseline', 'imu',
         '--json', work / 'results' / 'online_eval.json', '--plot',
         work / 'results' / 'online_eval.png'], work, env)
+    print_adaptation(adaptation(data, ONLINE, {'on': out, 'off': off}),
+                     work / 'results' / 'adaptation.json')
     print(f'\ndemo finished in {time.monotonic() - t_start:.0f} s; outputs: {data}, {bag}, '
-          f'{work / "pretrain_models"}, {out}, {work / "results"}')
+          f'{work / "pretrain_models"}, {out}, {off}, {work / "results"}')
     return 0
+
+
+def adaptation(data, sequence, runs: dict) -> dict:
+    """Each online run (name -> mm_fusion_run --out_dir) scored against the sequence's poses,
+    which its bag did not carry: per-step errors over the second half, t_rel and r_rel."""
+    seq = KittiSequence(data, sequence)
+    gt = seq.poses_base
+    report = {'sequence': sequence, 'frames': len(gt)}
+    for name, out_dir in runs.items():
+        path = Path(out_dir) / 'trajectory' / 'pred_base_link.txt'
+        pred = read_kitti_poses(path)
+        if len(pred) != len(gt):
+            raise SystemExit(f'demo: {path} has {len(pred)} poses, sequence {sequence} '
+                             f'{len(gt)} frames (see {Path(out_dir) / "online_node.log"})')
+        kitti = kitti_metrics(seq.poses_cam0, base_link_to_cam0(pred, seq.Tr))
+        report[name] = {**late_step_errors(gt, pred), 't_rel': kitti['t_rel'],
+                        'r_rel': kitti['r_rel']}
+    return report
+
+
+def print_adaptation(report: dict, json_path: Path) -> None:
+    on, off = report['on'], report['off']
+    print(f'\n=== 7. adaptation on / off: sequence {report["sequence"]} ({report["frames"]} '
+          f'frames), scored against the held-back poses\n'
+          f'{"":34}{"training on":>12}{"training off":>14}{"on / off":>10}')
+    for label, key in ROWS:
+        ratio = on[key] / off[key] if off[key] else math.nan
+        print(f'{label:34}{on[key]:>12.4f}{off[key]:>14.4f}{ratio:>10.3f}')
+    print(f'(per-step errors: mean over the second half of the replay, {on["steps"]} steps)')
+    atomic_write_text(json_path, json.dumps(report, indent=2) + '\n')
+    print(f'wrote {json_path}')
 
 
 def _repo() -> Path:

@@ -219,6 +219,16 @@ def rpe(gt, pred, delta=1, unit='frames', pairs_from_reference=False) -> RpeResu
                      np.rad2deg(rotation_angle(err[:, :3, :3])))
 
 
+def late_step_errors(gt, pred, start_fraction=0.5) -> dict:
+    """Mean per-step (one frame) translation [m] and rotation [deg] error over the poses from
+    `start_fraction` of the trajectory on: how well a model that adapts online does once it
+    has adapted (its first steps are those of the model it started from)."""
+    rel = rpe(gt, pred, 1)
+    late = rel.pairs[:, 0] >= int(start_fraction * (len(rel.pairs) + 1))
+    return {'trans': float(rel.trans[late].mean()), 'rot_deg': float(rel.rot_deg[late].mean()),
+            'steps': int(late.sum())}
+
+
 def evaluate(gt, pred, rpe_delta=1, rpe_unit='frames') -> dict:
     """Every headline number for one sequence, keyed as the evaluate_odometry JSON."""
     gt, pred = _check_pair(gt, pred)

@@ -8,6 +8,7 @@ import numpy as np
 
 from mm_fusion_ros.geometry import rot_to_quat
 from mm_fusion_ros.messages import (  # noqa: F401  (re-exported decoders)
+    camera_info_to_arrays,
     cdr_typestore,
     cloud_dtype,
     cloud_to_array,

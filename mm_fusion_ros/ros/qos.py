@@ -14,7 +14,7 @@ from rclpy.qos import (
     ReliabilityPolicy,
 )
 
-from mm_fusion_ros.bag.topics import SENSOR_QUEUE_DEPTH
+from mm_fusion_ros.bag.topics import IMU_QUEUE_DEPTH, SENSOR_QUEUE_DEPTH
 
 REPLAY_SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=SENSOR_QUEUE_DEPTH,
                                reliability=ReliabilityPolicy.RELIABLE,
@@ -31,6 +31,18 @@ CLOCK_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                        durability=DurabilityPolicy.VOLATILE)
 
 MAX_LATCHED_DEPTH = 1000
+
+
+def input_qos(mode: str):
+    """(QoS of images and clouds, QoS of the small messages: IMU, ground truth, camera_info)
+    of a synchronizer with InputConfig.sensor_qos `mode`. On replay the small ones get a deeper
+    queue: the IMU comes at 10x the scan rate, and the depth rides out a moment when the
+    callback thread is busy (bag/topics.py has the measurement)."""
+    if mode != 'replay':
+        return LIVE_SENSOR_QOS, LIVE_SENSOR_QOS
+    return REPLAY_SENSOR_QOS, QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=IMU_QUEUE_DEPTH,
+                                         reliability=ReliabilityPolicy.RELIABLE,
+                                         durability=DurabilityPolicy.VOLATILE)
 
 
 def replay_qos(plan) -> QoSProfile:

@@ -7,7 +7,12 @@ same config file and starts the same processes as launch/*.launch.py:
                          [--rate R] [--out_dir runs/online] [--set key:=value ...]
       online_finetune + bag_player; after the bag ends and the last pose is published, calls
       ~/save_checkpoint (the path it returns is printed), then stops the node with SIGINT
-      (final checkpoint, buffer, trajectories) and prints a summary.
+      (final checkpoint, buffer, trajectories) and prints a summary. The player plays the
+      topics of the contract that the bag has (a bag without ground truth trains under
+      train.supervision self, the online default). Where tf2_msgs does not import (pip-only
+      installs) /tf_static cannot be played: the bag's static transforms go to the node as
+      frames.static_transforms instead (a --set of it wins), so the samples carry the
+      calibration the self-supervised losses need.
   mm_fusion_run replay --bag bags/kitti_00 [--rate R] [--loop]
       bag_player only (= replay.launch.py).
 
@@ -16,6 +21,7 @@ FASTDDS_DEFAULT_PROFILES_FILE=config/fastdds_replay.xml unless it is set (see th
 it, Fast DDS can stall a replayed topic for seconds).
 """
 import argparse
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -26,6 +32,9 @@ import threading
 import time
 
 from mm_fusion_ros.bag import topics as contract
+from mm_fusion_ros.bag.playback import replay_topics
+from mm_fusion_ros.bag.reader import bag_topics, static_transforms
+from mm_fusion_ros.sync.frames import transform_line
 
 
 def _config_dir() -> Path:
@@ -48,11 +57,23 @@ def replay_env(base=None) -> dict:
     return env
 
 
-def player_command(bag, rate, loop=False, topics=contract.SYNC_TOPICS, wait=True):
+def player_command(bag, rate, loop=False, topics=contract.REPLAY_TOPICS, wait=True):
     """bag_player; it waits for matched subscribers unless wait is False."""
     cmd = [sys.executable, '-m', 'mm_fusion_ros.ros.bag_player', str(bag), '--rate', str(rate)]
     cmd += (['--loop'] if loop else []) + (['--no_wait'] if not wait else [])
     return cmd + (['--topics', *topics] if topics else [])
+
+
+def replay_plan(bag):
+    """(topics to play, {node parameter: value} the bag implies): the contract's topics the
+    bag has; its /tf_static as frames.static_transforms where tf2_msgs does not import (the
+    node cannot read /tf_static then). Shared with launch/finetune.launch.py."""
+    available = bag_topics(bag)
+    names = replay_topics(bag, available)
+    params = {}
+    if contract.TF_STATIC_TOPIC in available and importlib.util.find_spec('tf2_msgs') is None:
+        params['frames.static_transforms'] = [transform_line(*t) for t in static_transforms(bag)]
+    return names, params
 
 
 def online_command(config, out_dir, checkpoint=None, overrides=()):
@@ -80,7 +101,7 @@ class OdomWatcher:
         from nav_msgs.msg import Odometry
         import rclpy
         from std_srvs.srv import SetBool, Trigger
-        rclpy.init()
+        rclpy.init(args=['mm_fusion_run'])   # not sys.argv: rcl read --set's k:=v as remaps
         self.rclpy = rclpy
         self.node = rclpy.create_node('mm_fusion_run')
         self.count = 0
@@ -143,7 +164,16 @@ def run_finetune(args) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = args.config if args.config else None
-    node_cmd = online_command(config, out_dir, args.checkpoint, args.set)
+    try:
+        names, bag_params = replay_plan(args.bag)
+    except ValueError as e:
+        print(f'mm_fusion_run: error: {e}', file=sys.stderr)
+        return 2
+    if bag_params:
+        print(f'mm_fusion_run: no tf2_msgs here: the /tf_static of {args.bag} goes to the node '
+              'as frames.static_transforms', flush=True)
+    node_cmd = online_command(config, out_dir, args.checkpoint,
+                              [f'{k}:={json.dumps(v)}' for k, v in bag_params.items()] + args.set)
     node_log = open(out_dir / 'online_node.log', 'w')
     env = replay_env()
     node = subprocess.Popen(node_cmd, stdout=node_log, stderr=subprocess.STDOUT, env=env)
@@ -151,8 +181,8 @@ def run_finetune(args) -> int:
     summary = {'bag': str(args.bag), 'out_dir': str(out_dir)}
     try:
         watcher.wait_for_node(node, out_dir / 'online_node.log', args.start_timeout)
-        player = subprocess.run(player_command(args.bag, args.rate), capture_output=True,
-                                text=True, timeout=args.timeout, env=env)
+        player = subprocess.run(player_command(args.bag, args.rate, topics=names),
+                                capture_output=True, text=True, timeout=args.timeout, env=env)
         summary['player'] = player.stdout.strip().splitlines()[:1]
         if player.returncode != 0:
             print(player.stdout + player.stderr, file=sys.stderr)

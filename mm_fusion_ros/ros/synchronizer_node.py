@@ -4,16 +4,14 @@ A thin shell over mm_fusion_ros.sync and the runtime cores. The subscriptions ar
 callback decodes the serialized message into views of its bytes (conversions.decode_cdr; rclpy's
 own deserialization copies a 2 MB cloud twice while holding the GIL), checks its frame
 (sync/frames.py), hands numpy arrays to the Synchronizer and returns. A message that does not
-decode is counted as 'bad_message', one in an unknown frame as 'wrong_frame'; both are logged
-naming the topic (once per topic and reason every 5 s) and skipped.
+decode ('bad_message') or comes in an unknown frame ('wrong_frame') is counted, logged naming the
+topic (once per topic and reason every 5 s) and skipped. CameraInfo and static transforms go to
+the CalibrationTracker (sync/calibration.py); each change becomes the samples' calibration.
 The dispatch worker (runtime/dispatch.py) takes the ready samples to `sink.on_sample` (the
 trainer's prediction) or, alone, to the replay buffer; the recorded ground truth also goes to
-`sink.on_ground_truth` (the trajectory's ground truth). Scans going back in time start a new
-synchronizer run (a looped bag; a /clock jump back under use_sim_time is counted and reported).
-/diagnostics at 1 Hz.
-
-Run alone (`synchronizer` executable) it fills the buffer and saves it at shutdown
-(`buffer_path`), e.g. to collect data from a robot for later training.
+`sink.on_ground_truth` (the trajectory's). Scans going back in time start a new run (a looped
+bag; a /clock jump back under use_sim_time is counted). /diagnostics at 1 Hz. Run alone
+(`synchronizer`) it fills the buffer and saves it at shutdown (`buffer_path`).
 """
 from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Odometry
@@ -21,18 +19,18 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType, JumpThreshold
 from rclpy.duration import Duration
 from rclpy.node import Node
-from rclpy.qos import QoSProfile
-from sensor_msgs.msg import CompressedImage, Image, Imu, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, Imu, PointCloud2
 
 from mm_fusion_ros.bag import topics
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.ros import conversions
 from mm_fusion_ros.ros.params import declare_config
-from mm_fusion_ros.ros.qos import LIVE_SENSOR_QOS, REPLAY_SENSOR_QOS, TF_STATIC_QOS
+from mm_fusion_ros.ros.qos import input_qos, TF_STATIC_QOS
 from mm_fusion_ros.ros.spin import spin_nodes
 from mm_fusion_ros.runtime import diagnostics
 from mm_fusion_ros.runtime.dispatch import SampleDispatcher
 from mm_fusion_ros.runtime.workers import FaultLog, LogThrottle, Worker
+from mm_fusion_ros.sync.calibration import CalibrationTracker
 from mm_fusion_ros.sync.config import BufferConfig, InputConfig, SyncConfig
 from mm_fusion_ros.sync.frames import FrameConfig, FrameError, FrameGuard
 from mm_fusion_ros.sync.replay_buffer import open_buffer
@@ -43,13 +41,10 @@ try:  # No wheel exists for tf2_msgs: static transforms then come from frames.st
 except ImportError:
     TFMessage = None
 
-# IMU and ground-truth messages are small and come at up to 10x the scan rate: on replay a deeper
-# queue rides out a moment when the callback thread is busy (bag/topics.py has the measurement).
-SMALL_MSG_REPLAY_DEPTH = topics.IMU_QUEUE_DEPTH
-
 
 class SynchronizerNode(Node):
-    """Subscribes to camera, LiDAR, IMU and ground truth; emits samples in stamp order."""
+    """Subscribes to camera, LiDAR, IMU, ground truth and calibration; emits samples in
+    stamp order. With a sink (the trainer) its `supervision` resolves sync.ground_truth."""
 
     # (config, parameter prefix); sample and buffer only when the node runs alone (in
     # online_finetune the trainer's sample shape and buffer are used).
@@ -68,7 +63,10 @@ class SynchronizerNode(Node):
         self.buffer = buffer if buffer is not None else open_buffer(
             self.inputs.buffer_path, declare_config(self, *self.PARAMETERS['buffer']),
             self.sample_cfg)
-        self.sync = Synchronizer(self.sample_cfg, sync_cfg)
+        self.calib = CalibrationTracker(self.frames.cfg, self.frames.transforms)
+        self.sync = Synchronizer(self.sample_cfg,
+                                 sync_cfg.for_supervision(getattr(sink, 'supervision', None)),
+                                 calibration=self.calib.current)
         self.faults, self.log_throttle = FaultLog(), LogThrottle(5.0)
         self.dispatcher = SampleDispatcher(
             self.sync, self.buffer.add if self.standalone else sink.on_sample,
@@ -88,10 +86,9 @@ class SynchronizerNode(Node):
                 JumpThreshold(min_forward=None, on_clock_change=False,
                               min_backward=Duration(nanoseconds=-int(sync_cfg.rewind_s * 1e9))),
                 post_callback=self._on_clock_jump)
-        self.get_logger().info(
-            f'synchronizing {self.inputs.image_topic}, {self.inputs.cloud_topic}, '
-            f'{self.inputs.imu_topic}, {self.inputs.ground_truth_topic} ({self.inputs.sensor_qos}'
-            f' QoS); buffer {len(self.buffer)} samples')
+        self.get_logger().info(f'synchronizing ({self.inputs.sensor_qos} QoS, ground truth '
+                               f'{self.sync.cfg.ground_truth}); buffer {len(self.buffer)} samples'
+                               f'; calibration {self.calib.known()}')
 
     def start(self) -> None:
         self.worker.start()
@@ -99,10 +96,7 @@ class SynchronizerNode(Node):
     # --- callbacks: decode at the edge, check the frame, hand numpy to the core --------------
     def _subscribe_inputs(self):
         i, sync, frames = self.inputs, self.sync, self.frames
-        qos = REPLAY_SENSOR_QOS if i.sensor_qos == 'replay' else LIVE_SENSOR_QOS
-        small = QoSProfile(history=qos.history, reliability=qos.reliability,
-                           durability=qos.durability, depth=SMALL_MSG_REPLAY_DEPTH) \
-            if i.sensor_qos == 'replay' else qos
+        qos, small = input_qos(i.sensor_qos)
         image_class, image_type, to_image = (
             CompressedImage, topics.COMPRESSED_IMAGE_TYPE, conversions.compressed_image_to_array) \
             if i.compressed_image else (Image, topics.IMAGE_TYPE, conversions.image_to_array)
@@ -122,7 +116,10 @@ class SynchronizerNode(Node):
             ('imu', i.imu_topic, Imu, topics.IMU_TYPE, small,
              lambda stamp, m: sync.add_imu(stamp, *frames.imu(
                  *conversions.imu_to_arrays(m), m.header.frame_id))),
-            ('ground_truth', i.ground_truth_topic, Odometry, topics.ODOMETRY_TYPE, small, on_gt))
+            ('ground_truth', i.ground_truth_topic, Odometry, topics.ODOMETRY_TYPE, small, on_gt),
+            ('camera_info', i.camera_info_topic, CameraInfo, topics.CAMERA_INFO_TYPE, small,
+             lambda stamp, m: self._calibrate(self.calib.add_camera_info(
+                 *conversions.camera_info_to_arrays(m)))))
         # One group each (only matters under a multi-threaded executor): the 100 Hz IMU is
         # never queued behind a 2 MB cloud, ground truth never behind a burst of IMU.
         for kind, topic, msg_class, msgtype, profile, add in inputs:
@@ -146,7 +143,7 @@ class SynchronizerNode(Node):
                 return
             if kind in self._rates:
                 self._rates[kind] += 1
-            self.dispatcher.notify(sensor=kind != 'ground_truth')
+            self.dispatcher.notify(sensor=kind in self._rates)
         return callback
 
     def _on_tf_static(self, msg):
@@ -154,6 +151,12 @@ class SynchronizerNode(Node):
             self.frames.add_static(tf.header.frame_id, tf.child_frame_id,
                                    conversions.pose_to_matrix(tf.transform.translation,
                                                               tf.transform.rotation))
+        self._calibrate(self.calib.refresh())
+
+    def _calibrate(self, calibration):
+        if calibration is not None:
+            self.sync.set_calibration(calibration)
+            self.get_logger().info(f'calibration: {self.calib.known()}')
 
     def _on_clock_jump(self, jump):
         """Counted and reported only: the scans' own stamps start the new run when they go
@@ -166,7 +169,7 @@ class SynchronizerNode(Node):
         status = diagnostics.synchronizer_status(
             self.get_name(), self.sync.stats, self.buffer.stats(), dict(self._rates),
             self.dispatcher.emitted, self.dispatcher.failed_samples, self.faults.snapshot(),
-            {'clock_jumps_back': str(self.clock_jumps_back)})
+            {'clock_jumps_back': str(self.clock_jumps_back), **self.calib.status()})
         self._rates = dict.fromkeys(self._rates, 0)
         self.diag_pub.publish(conversions.status_to_msg(status, self.get_clock().now().to_msg()))
 

@@ -6,9 +6,8 @@ its trajectory poses (a bridged one first when the sample left a hole) go out on
 (pose covariance in odom, twist in base_link_pred), the segment's paths on /mm_fusion/path and
 /mm_fusion/gt_path, odom -> base_link_pred on /tf (with tf2_msgs), the status on /diagnostics.
 Services: ~/save_checkpoint (Trigger; message = written path), ~/set_training (SetBool).
-Parameters: OnlineConfig, PublishConfig, train.* (TrainConfig), model.* (a fresh model only),
-trajectory.*, buffer.*, sample.*; train.learning_rate and training_enabled change at run time
-(a request is applied whole or refused whole).
+Parameters: PARAMETERS (model.* for a fresh model only); train.learning_rate and
+training_enabled change at run time (a request is applied whole or refused whole).
 """
 import logging
 import threading
@@ -36,7 +35,8 @@ from mm_fusion_ros.runtime.process import lower_thread_priority
 from mm_fusion_ros.runtime.workers import FaultLog, Worker
 from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.training.config import TrainConfig
-from mm_fusion_ros.training.online import build_online_trainer, OnlineConfig
+from mm_fusion_ros.training.online import build_online_trainer as build_trainer
+from mm_fusion_ros.training.online import ONLINE_TRAIN_DEFAULTS, OnlineConfig
 from mm_fusion_ros.trajectory.chain import TrajectoryConfig
 
 try:  # No wheel exists for tf2_msgs: TF is published only where ROS 2 provides it.
@@ -51,20 +51,23 @@ class TrainerNode(Node):
     """Owns the OnlineTrainer; the synchronizer hands it samples (on_sample), the prediction
     backlog (on_backlog) and the recorded ground truth (on_ground_truth)."""
 
-    # (config, parameter prefix) in declaration order; online and train parameters are
-    # writable (runtime/params.py says which of them change at run time).
-    PARAMETERS = {'online': (OnlineConfig, ''), 'train': (TrainConfig, 'train.'),
+    # (config, parameter prefix[, defaults other than the dataclass's]) in declaration order;
+    # online and train parameters are writable (runtime/params.py: which change at run time).
+    PARAMETERS = {'online': (OnlineConfig, ''),
+                  'train': (TrainConfig, 'train.', ONLINE_TRAIN_DEFAULTS),
                   'publish': (PublishConfig, ''), 'model': (ModelConfig, 'model.'),
                   'sample': (SampleConfig, 'sample.'), 'buffer': (BufferConfig, 'buffer.'),
                   'trajectory': (TrajectoryConfig, 'trajectory.')}
 
     def __init__(self, name=topics.TRAINER_NODE):
         super().__init__(name)
-        cfg = {key: declare_config(self, cls, prefix, read_only=key not in ('online', 'train'))
-               for key, (cls, prefix) in self.PARAMETERS.items()}
+        cfg = {key: declare_config(self, cls, prefix, read_only=key not in ('online', 'train'),
+                                   overrides=dict(*defaults))
+               for key, (cls, prefix, *defaults) in self.PARAMETERS.items()}
+        self.supervision = cfg['train'].supervision   # the synchronizer reads it
         self.pub_cfg = cfg['publish']
-        self.trainer = build_online_trainer(cfg['online'], cfg['train'], cfg['model'],
-                                            cfg['sample'], cfg['buffer'], cfg['trajectory'])
+        self.trainer = build_trainer(cfg['online'], cfg['train'], cfg['model'], cfg['sample'],
+                                     cfg['buffer'], cfg['trajectory'])
         self.sample_cfg, self.buffer = self.trainer.sample_cfg, self.trainer.buffer
         self.on_backlog = self.trainer.set_backlog
         self.on_ground_truth = self.trainer.trajectory.add_ground_truth
@@ -90,7 +93,8 @@ class TrainerNode(Node):
         self.create_timer(self.pub_cfg.path_publish_period_s, self._on_path_timer, clock=steady)
         self.create_timer(1.0, self._on_diagnostics, callback_group=services, clock=steady)
         self.get_logger().info(f'online fine-tuning from {self.trainer.source or "a fresh model"}'
-                               f'; training {"on" if self.trainer.training_enabled else "off"}'
+                               f', {self.supervision} supervision; training '
+                               f'{"on" if self.trainer.training_enabled else "off"}'
                                f'{"" if TFMessage else "; no tf2_msgs: no /tf"}')
 
     def start(self) -> None:

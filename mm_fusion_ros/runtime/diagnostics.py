@@ -58,6 +58,12 @@ def trainer_status(node_name: str, metrics: dict, trajectory: dict,
     keys = ('online_samples', 'online_steps', 'online_steps_failed', 'buffer_size',
             'training_enabled', 'autosaves', 'autosave_failures')
     values = {k: str(metrics[k]) for k in keys if k in metrics}
+    # The last step's loss and each of its parts (gt, the self-supervised terms), for watching
+    # what the online training learns from; nan: no step yet, or the part was not in it.
+    values.update({k[len('last_'):]: f'{v:.6g}' for k, v in metrics.items()
+                   if k.startswith('last_loss')})
+    if 'supervision' in metrics:
+        values['supervision'] = str(metrics['supervision'])
     values.update({f'trajectory_{k}': str(v) for k, v in trajectory.items()})
     level, fault_message, fault_values = fault_part(faults_snapshot)
     values.update(fault_values)

@@ -46,8 +46,9 @@ class SyncConfig(ConfigBase):
         'help': "missing camera/IMU: 'mask' emits the sample with the modality off, 'drop' "
                 'drops it'})
     ground_truth: str = field(default='auto', metadata={
-        'help': "'auto': wait for GT once any GT was received (else target_valid False); "
-                "'require': drop samples without GT; 'ignore': never use GT"})
+        'help': "'auto': wait for GT once any GT was received (else target_valid False), "
+                "and in the online node under train.supervision self 'ignore'; 'require': "
+                "drop samples without GT; 'ignore': never wait for or use GT"})
     max_pending: int = field(default=32, metadata={
         'help': 'bound of each queue (scans, camera frames, GT poses, ready samples); the oldest '
                 'entry is dropped when full'})
@@ -60,6 +61,15 @@ class SyncConfig(ConfigBase):
         'help': 'a stream whose stamps go back by more than this starts a new run (a looped '
                 'bag): pending data is flushed and forgotten, the samples carry a new '
                 "meta['run'] [s]"})
+
+    def for_supervision(self, supervision) -> 'SyncConfig':
+        """The config for a trainer of `supervision` (TrainConfig.supervision; None: no
+        trainer): ground_truth 'auto' becomes 'ignore' under 'self', so no sample ever waits for
+        ground truth (DESIGN §9; the trainer still records it for scoring its trajectory).
+        An explicit 'require' or 'ignore' stays as set."""
+        if supervision == 'self' and self.ground_truth == 'auto':
+            return self.replace(ground_truth='ignore')
+        return self
 
     def __post_init__(self):
         for name in ('slop_s', 'gt_slop_s', 'max_lateness_s', 'reorder_window_s',
@@ -101,6 +111,9 @@ class InputConfig(ConfigBase):
     imu_topic: str = field(default=topics.IMU_TOPIC, metadata={'help': 'IMU samples'})
     ground_truth_topic: str = field(default=topics.GT_ODOM_TOPIC, metadata={
         'help': 'ground-truth nav_msgs/Odometry (bags carry it; robots do not)'})
+    camera_info_topic: str = field(default=topics.CAMERA_INFO_TOPIC, metadata={
+        'help': "sensor_msgs/CameraInfo of the camera: its K and image size (with the static "
+                "transforms) give the samples' calibration for the self-supervised losses"})
     sensor_qos: str = field(default='replay', metadata={
         'help': "'replay': RELIABLE with deep queues; 'live': sensor-data QoS"})
     idle_flush_s: float = field(default=1.0, metadata={

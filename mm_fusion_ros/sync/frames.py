@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mm_fusion_ros.config import ConfigBase
-from mm_fusion_ros.geometry import invert_pose, make_pose, quat_to_rot
+from mm_fusion_ros.geometry import invert_pose, make_pose, quat_to_rot, rot_to_quat
 
 
 class FrameError(ValueError):
@@ -31,6 +31,9 @@ class FrameConfig(ConfigBase):
     imu_frame: str = field(default='imu_link', metadata={
         'help': 'frame the synchronizer takes IMU samples in; others are rotated into it '
                 'with a known static transform, else dropped as wrong_frame'})
+    camera_frame: str = field(default='camera2', metadata={
+        'help': "the camera's optical frame, for the camera <- LiDAR extrinsic of the "
+                "self-supervised photometric term; CameraInfo's frame_id wins when it is set"})
     static_transforms: tuple = field(default=('base_link velodyne 0 0 0 0 0 0 1',), metadata={
         'help': "static transforms, each 'parent child x y z qx qy qz qw' (T_parent_child), "
                 "used where the bag's /tf_static cannot be read (no tf2_msgs); the default is "
@@ -80,6 +83,14 @@ class StaticTransforms:
                                  f"child x y z qx qy qz qw' ({e})") from e
             out.add(fields[0], fields[1], make_pose(quat_to_rot([qx, qy, qz, qw]), [x, y, z]))
         return out
+
+
+def transform_line(parent: str, child: str, pose) -> str:
+    """T_parent_child as a frames.static_transforms entry ('parent child x y z qx qy qz qw'),
+    the inverse of StaticTransforms.parse (full float precision)."""
+    pose = np.asarray(pose, dtype=np.float64)
+    values = [*pose[:3, 3], *rot_to_quat(pose[:3, :3])]
+    return ' '.join([parent, child] + [repr(float(v)) for v in values])
 
 
 class FrameGuard:

@@ -40,10 +40,26 @@ from mm_fusion_ros.training.checkpoint import (
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.core import TrainerCore
 from mm_fusion_ros.training.distributed import resolve_device
+from mm_fusion_ros.training.logging import LOSS_PARTS
 from mm_fusion_ros.trajectory.chain import OnlineTrajectory
 from mm_fusion_ros.trajectory.covariance import diag_covariance
 
 log = logging.getLogger(__name__)
+
+
+# The online node's train.* defaults where they differ from TrainConfig's (the offline ones): a
+# robot has no ground truth, so online training is self-supervised unless train.supervision says
+# otherwise (DESIGN §9). ros/trainer_node.py declares the parameters with these; --help shows them.
+ONLINE_TRAIN_DEFAULTS = {'supervision': 'self'}
+
+
+# Under supervision gt, samples without ground truth cannot train: warned once after this many.
+NO_TARGET_WARNING = 20
+# Columns of OnlineConfig.log_csv: one row per logged gradient step; loss_<part> is each part's
+# unweighted mean over the samples it was valid for (TrainerCore.combine), empty when the step
+# had none (a part the supervision does not use, a masked-off modality).
+CSV_COLUMNS = ('step', 'loss', 'lr', 'grad_norm', 'batch', 'buffer_size', 'samples_seen',
+               'step_time_s', 'wall_time') + tuple(f'loss_{part}' for part in LOSS_PARTS)
 
 
 @dataclass(frozen=True)
@@ -260,9 +276,14 @@ class OnlineTrainer:
             for name, present in zip(MODALITIES, mask):
                 self.masked[name] += int(not present)
             self.masked['target'] += int(not bool(sample['target_valid']))
+            no_target = self.masked['target'] == self.samples_seen == NO_TARGET_WARNING
             if self.training_enabled:
                 self.step_debt = min(self.step_debt + self.cfg.updates_per_sample,
                                      float(self.cfg.max_step_debt))
+        if no_target and self.core.train_cfg.supervision == 'gt':
+            log.warning('train.supervision is gt, but none of the first %d samples has ground '
+                        'truth (nothing on the ground-truth topic?): no gradient step can run; '
+                        'train.supervision self trains without it', NO_TARGET_WARNING)
         with self._wakeup:
             self._wakeup.notify_all()
         return pred
@@ -398,7 +419,10 @@ class OnlineTrainer:
                     **{f'trajectory_{k}': int(v) for k, v in self.trajectory.stats().items()},
                     'scan_cache_hits': self.scan_cache.hits if self.scan_cache else 0,
                     'scan_cache_misses': self.scan_cache.misses if self.scan_cache else 0,
-                    'last_loss': float(stats.loss) if stats else math.nan}
+                    'supervision': self.core.train_cfg.supervision,
+                    'last_loss': float(stats.loss) if stats else math.nan,
+                    **{f'last_loss_{part}': float(stats.terms.get(part, math.nan))
+                       if stats else math.nan for part in LOSS_PARTS}}
 
     def _maybe_autosave(self):
         """Checkpoint (and buffer) every autosave_interval_s. A failure is counted and raised
@@ -469,14 +493,19 @@ class OnlineTrainer:
 
     # --- logs ----------------------------------------------------------------------------
     def _open_logs(self):
+        """The CSV (CSV_COLUMNS; an existing file with these columns is continued, one with
+        others started afresh) and the TensorBoard writer, as configured."""
         if self.cfg.log_csv:
             path = Path(self.cfg.log_csv)
             path.parent.mkdir(parents=True, exist_ok=True)
+            header = ','.join(CSV_COLUMNS)
+            if path.is_file() and path.read_text().partition('\n')[0] != header:
+                log.info('%s has other columns: starting a new log over it', path)
+                path.unlink()
             new = not path.exists()
             self._csv = open(path, 'a', buffering=1)
             if new:
-                self._csv.write('step,loss,lr,grad_norm,batch,buffer_size,samples_seen,'
-                                'step_time_s,wall_time\n')
+                self._csv.write(header + '\n')
         if self.cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(self.cfg.tensorboard_dir)
@@ -486,14 +515,19 @@ class OnlineTrainer:
         if self.steps_done % self.cfg.log_every:
             return
         n = 0 if batch is None or 'target' not in batch else int(batch['target'].shape[0])
+        parts = [stats.terms.get(part, math.nan) for part in LOSS_PARTS]
         if self._csv:
+            cells = [f'{v:.6g}' if math.isfinite(v) else '' for v in parts]
             self._csv.write(f'{step},{stats.loss:.6g},{stats.lr:.6g},{stats.grad_norm:.6g},{n},'
                             f'{len(self.buffer)},{self.samples_seen},{elapsed:.4f},'
-                            f'{time.time():.3f}\n')
+                            f'{time.time():.3f},{",".join(cells)}\n')
         if self._tb and math.isfinite(stats.loss):
             self._tb.add_scalar('online/loss', stats.loss, step)
             self._tb.add_scalar('online/lr', stats.lr, step)
             self._tb.add_scalar('online/buffer_size', len(self.buffer), step)
+            for part, value in zip(LOSS_PARTS, parts):
+                if math.isfinite(value):
+                    self._tb.add_scalar(f'online/loss_{part}', value, step)
 
     def _close_logs(self):
         if self._csv:
