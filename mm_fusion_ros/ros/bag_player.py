@@ -5,13 +5,13 @@
 
 The recorded CDR bytes are published as they are, paced by record time (bag.playback.Pacer), with
 ros/qos.py `replay_qos` (latched topics stay TRANSIENT_LOCAL, the rest RELIABLE, deep queues); a
-topic whose message package does not import (tf2_msgs has no wheel) is skipped and reported.
-It first waits (at most --wait_timeout) until its subscribers are matched (playback.MatchWait),
-so nothing goes into a discovery still under way; --no_wait plays at once. --clock publishes
-/clock with each message's bag time (back again with each --loop pass). At the end it waits
-(bounded) for reliable readers' acknowledgements, then prints what it published.
+topic whose message package does not import (tf2_msgs has no wheel) is skipped and reported. It
+waits (at most --wait_timeout) for matched subscribers first (playback.MatchWait; not with
+--no_wait); --clock publishes /clock at bag time. Then it waits for acknowledgements, and reports.
 """
+import signal
 import sys
+import threading
 import time
 
 import rclpy
@@ -44,9 +44,9 @@ MAX_SLEEP_S = 0.1             # sleep in slices so a shutdown is noticed promptl
 class BagPlayer(Node):
     """Publishers for a bag's topics and the paced play loop; the bag logic is bag.playback."""
 
-    def __init__(self, source: BagSource, topic_names, publish_clock=False):
+    def __init__(self, source: BagSource, topic_names, publish_clock=False, stop=None):
         super().__init__('bag_player')
-        self.source, self.report = source, PlayReport()
+        self.source, self.report, self.stop = source, PlayReport(), stop or threading.Event()
         self.publishers_by_topic = {}
         for topic in topic_names:
             plan = source.topics[topic]
@@ -63,20 +63,18 @@ class BagPlayer(Node):
             self.report.published[topic] = 0
         self.latched = {t for t in self.publishers_by_topic if source.topics[t].latched}
         clock_class = import_message_class(topics.CLOCK_TYPE)
-        self.clock_msg, self.last_clock_ns = clock_class(), None
+        self.clock_msg, self.last_clock_ns, self._bag_s_done = clock_class(), None, 0.0
         self.clock_pub = self.create_publisher(clock_class, '/clock', CLOCK_QOS) \
             if publish_clock else None
-        self._bag_s_done = 0.0   # bag seconds of the loops already finished
 
     def wait_for_subscribers(self, timeout_s: float) -> list:
-        """Spin until MatchWait is satisfied or the deadline; -> the non-latched topics still
-        without a matched subscriber (also logged and reported)."""
+        """Spin until MatchWait is satisfied or the deadline; -> topics left without a reader."""
         executor = SingleThreadedExecutor(context=self.context)
         executor.add_node(self)
         pubs = {t: p for t, p in self.publishers_by_topic.items() if t not in self.latched}
         wait, deadline = MatchWait(), time.monotonic() + timeout_s
         try:
-            while time.monotonic() < deadline and not wait.ready(
+            while time.monotonic() < deadline and not self.stop.is_set() and not wait.ready(
                     time.monotonic(), {t: p.get_subscription_count() for t, p in pubs.items()},
                     {t: self.count_subscribers(t) for t in pubs}):
                 executor.spin_once(timeout_sec=0.05)
@@ -124,10 +122,11 @@ class BagPlayer(Node):
         self._bag_s_done = self.report.bag_s
 
     def _sleep_until(self, wall_target: float) -> bool:
-        """Pace to the recorded time; False when the context was shut down meanwhile."""
+        """Pace to the recorded time; False when stopped or shut down meanwhile."""
         while rclpy.ok(context=self.context) and time.monotonic() < wall_target:
-            time.sleep(max(0.0, min(wall_target - time.monotonic(), MAX_SLEEP_S)))
-        return rclpy.ok(context=self.context)
+            if self.stop.wait(min(wall_target - time.monotonic(), MAX_SLEEP_S)):
+                return False
+        return rclpy.ok(context=self.context) and not self.stop.is_set()
 
     def _publish(self, topic, publisher, raw: bytes) -> bool:
         for _ in range(PUBLISH_RETRIES):
@@ -172,17 +171,18 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f'bag_player: error: {e}', file=sys.stderr)
         return 1
-    # SIGINT (Ctrl-C, `ros2 launch`): only Python's KeyboardInterrupt; rclpy's handler also shut
-    # the context down, and the interrupt then hit the cleanup (traceback, exit -2).
+    # SIGINT (Ctrl-C, `ros2 launch`) sets `stop`: a KeyboardInterrupt inside rclpy hung cleanup.
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     rclpy.init(args=['bag_player', *argv], signal_handler_options=SignalHandlerOptions.NO)
     node = None
     try:
-        node = BagPlayer(source, names, publish_clock=args.clock)
+        node = BagPlayer(source, names, publish_clock=args.clock, stop=stop)
         if not args.no_wait:
             node.wait_for_subscribers(args.wait_timeout)
         node.play(start_ns, stop_ns, args.rate, args.loop or args.loops > 0, args.loops)
         node.wait_for_acks(ACK_TIMEOUT_S)
-    except (KeyboardInterrupt, ExternalShutdownException):
+    except ExternalShutdownException:
         if node is not None:
             node.report.interrupted = True
     finally:
