@@ -168,7 +168,8 @@ class SynchronizerNode(Node):
         status = diagnostics.synchronizer_status(
             self.get_name(), self.sync.stats, self.buffer.stats(), dict(self._rates),
             self.dispatcher.emitted, self.dispatcher.failed_samples, self.faults.snapshot(),
-            {'clock_jumps_back': str(self.clock_jumps.count), **self.calib.status()})
+            {'clock_jumps_back': str(self.clock_jumps.count),
+             'imu_batches': str(self.imu_intake.batches), **self.calib.status()})
         self._rates = dict.fromkeys(self._rates, 0)
         self.diag_pub.publish(conversions.status_to_msg(status, self.get_clock().now().to_msg()))
 

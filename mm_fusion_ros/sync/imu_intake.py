@@ -19,10 +19,12 @@ from mm_fusion_ros.sync.frames import FrameError, FrameGuard
 class ImuIntake:
     def __init__(self, sync, frames: FrameGuard):
         self.sync, self.frames = sync, frames
+        self.batches = 0   # add_raw calls: with messages received, how well they batch
 
     def add_raw(self, raws) -> tuple:
         """Serialized sensor_msgs/Imu messages, in the order taken -> (messages added to the
         synchronizer, [(reason, ValueError)] of those skipped, each counted there)."""
+        self.batches += 1
         stamps, accel, gyro, frame_ids, bad = imu_batch_to_arrays(raws)
         keep = np.ones(len(raws), dtype=bool)
         skipped = []
