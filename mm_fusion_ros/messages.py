@@ -234,10 +234,13 @@ def imu_batch_to_arrays(raws):
         gyro[index] = values[:, 13:16]
         accel[index] = values[:, 25:28]
         names = rows[:, 16:16 + name_len - 1]
-        unique, which = np.unique(names, axis=0, return_inverse=True)
-        decoded = [bytes(u).decode('utf-8', errors='replace') for u in unique]
-        for i, k in zip(index, np.asarray(which).reshape(-1).tolist()):
-            frame_ids[i] = decoded[k]
+        if (names == names[0]).all():   # the usual case: one frame_id
+            name = bytes(names[0]).decode('utf-8', errors='replace')
+            for i in index:
+                frame_ids[i] = name
+            continue
+        for i, row in zip(index, names):
+            frame_ids[i] = bytes(row).decode('utf-8', errors='replace')
     return stamps, accel, gyro, frame_ids, bad
 
 

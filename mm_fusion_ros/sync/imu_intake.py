@@ -31,9 +31,13 @@ class ImuIntake:
         for i, error in bad:
             keep[i] = False
             skipped.append(('bad_message', error))
-        ids = np.asarray(frame_ids, dtype=object)
+        ids = None
         for frame_id in sorted(set(frame_ids)):
-            rows = keep & (ids == frame_id)
+            if len(set(frame_ids)) == 1:   # the usual case
+                rows = keep
+            else:
+                ids = np.asarray(frame_ids, dtype=object) if ids is None else ids
+                rows = keep & (ids == frame_id)
             if not rows.any():
                 continue
             try:
