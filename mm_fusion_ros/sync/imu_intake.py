@@ -34,7 +34,7 @@ class ImuIntake:
         ids = None
         for frame_id in sorted(set(frame_ids)):
             if len(set(frame_ids)) == 1:   # the usual case
-                rows = keep
+                rows = keep.copy()
             else:
                 ids = np.asarray(frame_ids, dtype=object) if ids is None else ids
                 rows = keep & (ids == frame_id)
