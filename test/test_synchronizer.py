@@ -550,3 +550,85 @@ def test_kitti_stream_without_ground_truth_is_live_data(tmp_path):
     assert not got[0]['intrinsics'].any()
     np.testing.assert_array_equal(got[1]['points'], dataset[1]['points'])
     np.testing.assert_array_equal(got[1]['imu'], dataset[1]['imu'])
+
+
+def imu_stream_events(seed):
+    """Two passes of a bag (the second one a rewind) whose IMU is messy: local reordering,
+    repeated stamps, NaN rows, a burst far behind the scans (late), a gap; each scan and frame
+    arrive 0-40 ms of IMU ahead of the IMU that reaches their stamp, so IMU rows complete
+    samples. Events are (kind, stamp, payload...) in arrival order."""
+    rng = np.random.default_rng(seed)
+    events = []
+    for t0 in (0, 0):                                 # the second pass goes back: a new run
+        imu = [t for t in range(t0, t0 + 1500, 10) if not 700 <= t < 760]   # a 60 ms gap
+        for _ in range(15):                           # local reordering
+            i = int(rng.integers(len(imu) - 3))
+            imu[i], imu[i + 2] = imu[i + 2], imu[i]
+        keyed = []
+        for pos, t in enumerate(imu):
+            gyro = [0.0, float(rng.normal()), t / 1000]
+            keyed.append((pos, ('imu', t * MS, [0.0, 0.0, 9.81], gyro)))
+            if rng.random() < 0.05:                   # the same stamp again
+                keyed.append((pos, ('imu', t * MS, [1.0, 0.0, 9.81], gyro)))
+            if rng.random() < 0.04:                   # a non-finite row
+                keyed.append((pos, ('imu', t * MS + 3 * MS, [np.nan, 0.0, 9.81], gyro)))
+            if t % 100 == 0:
+                k, ahead = t // 100, int(rng.integers(0, 5))
+                keyed += [(pos - ahead - 0.5, ('image', t * MS, image(k))),
+                          (pos - ahead - 0.5, ('cloud', t * MS, scan(k)))]
+            if t == 1200:    # behind the scans by more than max_lateness_s: late
+                keyed += [(pos, ('imu', s * MS, [0.0, 0.0, 9.81], [0.0, 0.0, 0.0]))
+                          for s in range(t - 1150, t - 1050, 10)]
+        events += [e for _, e in sorted(keyed, key=lambda item: item[0])]
+    return events
+
+
+def run_events(sync, events, rng=None):
+    """Feed events; IMU one add_imu each, or (rng given) runs of consecutive IMU events cut at
+    random points into add_imu_batch calls. -> samples popped after every call."""
+    samples, batch = [], []
+
+    def flush_batch():
+        if batch:
+            stamps, accel, gyro = zip(*batch)
+            sync.add_imu_batch(list(stamps), np.array(accel), np.array(gyro))
+            batch.clear()
+            samples.extend(sync.pop_ready())
+
+    for kind, stamp, *payload in events:
+        if kind == 'imu' and rng is not None:
+            batch.append((stamp, *payload))
+            if rng.random() < 0.1:
+                flush_batch()
+            continue
+        flush_batch()
+        {'imu': sync.add_imu, 'image': sync.add_image, 'cloud': sync.add_cloud}[kind](
+            stamp, *payload)
+        samples.extend(sync.pop_ready())
+    flush_batch()
+    sync.flush()
+    return samples + sync.pop_ready()
+
+
+@pytest.mark.parametrize('seed', range(4))
+@pytest.mark.parametrize('cfg', [{}, {'max_imu_samples': 25, 'imu_keep_s': 0.3},
+                                 {'imu_timeout_s': 0.0, 'reorder_window_s': 0.0}])
+def test_add_imu_batch_equals_add_imu_one_by_one(seed, cfg):
+    """Same samples (every array), same counters, same IMU held, whatever the cut."""
+    events = imu_stream_events(seed)
+    one = make(rewind_s=1.2, **cfg)
+    batched = make(rewind_s=1.2, **cfg)
+    expected = run_events(one, events)
+    got = run_events(batched, events, np.random.default_rng(seed + 100))
+    assert len(expected) > 20 and pairs(got) == pairs(expected)
+    for a, b in zip(expected, got):
+        assert a['meta'] == b['meta']
+        for key in SAMPLE_KEYS:
+            if key != 'meta':
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert batched.stats == one.stats
+    assert {'duplicate', 'nonfinite', 'late'} <= set(one.stats['dropped'])
+    assert one.stats['rewinds'] == 1
+    held_one, held_batched = one.imu_between(0, 2 * S), batched.imu_between(0, 2 * S)
+    np.testing.assert_array_equal(held_one[0], held_batched[0])
+    np.testing.assert_array_equal(held_one[1], held_batched[1])

@@ -17,6 +17,7 @@ from mm_fusion_ros.messages import (  # noqa: F401  (re-exported decoders)
     decode_cdr,
     FLOAT32,
     image_to_array,
+    imu_batch_to_arrays,
     imu_to_arrays,
     ns_to_stamp,
     odometry_to_pose,

@@ -1,29 +1,29 @@
 """Synchronizer node: DESIGN §4 sensor topics -> aligned DESIGN §5 samples -> prediction/buffer.
 
-A thin shell over mm_fusion_ros.sync and the runtime cores. The subscriptions are raw: each
-callback decodes the serialized message into views of its bytes (conversions.decode_cdr; rclpy's
-own deserialization copies a 2 MB cloud twice while holding the GIL), checks its frame
-(sync/frames.py), hands numpy arrays to the Synchronizer and returns. A message that does not
-decode ('bad_message') or comes in an unknown frame ('wrong_frame') is counted, logged naming the
-topic (once per topic and reason every 5 s) and skipped. CameraInfo and static transforms go to
-the CalibrationTracker (sync/calibration.py); each change becomes the samples' calibration.
-The dispatch worker (runtime/dispatch.py) takes the ready samples to `sink.on_sample` (the
-trainer's prediction) or, alone, to the replay buffer; the recorded ground truth also goes to
-`sink.on_ground_truth` (the trajectory's). Scans going back in time start a new run (a looped
-bag; a /clock jump back under use_sim_time is counted). /diagnostics at 1 Hz. Run alone
-(`synchronizer`) it fills the buffer and saves it at shutdown (`buffer_path`).
+A thin shell over mm_fusion_ros.sync and the runtime cores. Raw subscriptions: a callback decodes
+the serialized message into views of its bytes (conversions.decode_cdr; rclpy's deserialization
+copies a 2 MB cloud twice under the GIL), checks its frame (sync/frames.py) and hands numpy to
+the Synchronizer; the IMU callback also takes every IMU message queued behind its own, for one
+batch (sync/imu_intake.py). A message that does not decode ('bad_message') or comes in an
+unknown frame ('wrong_frame') is counted, logged per topic and reason every 5 s, and skipped.
+CameraInfo and static transforms go to the CalibrationTracker (sync/calibration.py). The
+dispatch worker (runtime/dispatch.py) takes the ready samples to `sink.on_sample` (the trainer)
+or, alone, to the replay buffer, saved at shutdown (`buffer_path`); the recorded ground truth
+also goes to `sink.on_ground_truth`. Scans going back in time start a new run (a looped bag; a
+/clock jump back under use_sim_time is counted, ros/clock.py). /diagnostics at 1 Hz.
 """
 from diagnostic_msgs.msg import DiagnosticArray
 from nav_msgs.msg import Odometry
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.clock import Clock, ClockType, JumpThreshold
-from rclpy.duration import Duration
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, Imu, PointCloud2
 
 from mm_fusion_ros.bag import topics
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.ros import conversions
+from mm_fusion_ros.ros.clock import ClockJumpsBack
+from mm_fusion_ros.ros.imu_intake import subscribe_batched
 from mm_fusion_ros.ros.params import declare_config
 from mm_fusion_ros.ros.qos import input_qos, TF_STATIC_QOS
 from mm_fusion_ros.ros.spin import spin_nodes
@@ -33,6 +33,7 @@ from mm_fusion_ros.runtime.workers import FaultLog, LogThrottle, Worker
 from mm_fusion_ros.sync.calibration import CalibrationTracker
 from mm_fusion_ros.sync.config import BufferConfig, InputConfig, SyncConfig
 from mm_fusion_ros.sync.frames import FrameConfig, FrameError, FrameGuard
+from mm_fusion_ros.sync.imu_intake import ImuIntake
 from mm_fusion_ros.sync.replay_buffer import open_buffer
 from mm_fusion_ros.sync.synchronizer import Synchronizer
 
@@ -67,6 +68,7 @@ class SynchronizerNode(Node):
         self.sync = Synchronizer(self.sample_cfg,
                                  sync_cfg.for_supervision(getattr(sink, 'supervision', None)),
                                  calibration=self.calib.current)
+        self.imu_intake = ImuIntake(self.sync, self.frames)
         self.faults, self.log_throttle = FaultLog(), LogThrottle(5.0)
         self.dispatcher = SampleDispatcher(
             self.sync, self.buffer.add if self.standalone else sink.on_sample,
@@ -80,12 +82,7 @@ class SynchronizerNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self.create_timer(1.0, self._on_timer, callback_group=MutuallyExclusiveCallbackGroup(),
                           clock=Clock(clock_type=ClockType.STEADY_TIME))   # not the bag's
-        self.clock_jumps_back = 0
-        if self.get_parameter('use_sim_time').value:   # a looped bag's /clock jumps back
-            self._jump = self.get_clock().create_jump_callback(
-                JumpThreshold(min_forward=None, on_clock_change=False,
-                              min_backward=Duration(nanoseconds=-int(sync_cfg.rewind_s * 1e9))),
-                post_callback=self._on_clock_jump)
+        self.clock_jumps = ClockJumpsBack(self, sync_cfg.rewind_s)
         self.get_logger().info(f'synchronizing ({self.inputs.sensor_qos} QoS, ground truth '
                                f'{self.sync.cfg.ground_truth}); buffer {len(self.buffer)} samples'
                                f'; calibration {self.calib.known()}')
@@ -113,9 +110,6 @@ class SynchronizerNode(Node):
             ('cloud', i.cloud_topic, PointCloud2, topics.CLOUD_TYPE, qos,
              lambda stamp, m: sync.add_cloud(stamp, frames.cloud(
                  conversions.cloud_to_array(m), m.header.frame_id))),
-            ('imu', i.imu_topic, Imu, topics.IMU_TYPE, small,
-             lambda stamp, m: sync.add_imu(stamp, *frames.imu(
-                 *conversions.imu_to_arrays(m), m.header.frame_id))),
             ('ground_truth', i.ground_truth_topic, Odometry, topics.ODOMETRY_TYPE, small, on_gt),
             ('camera_info', i.camera_info_topic, CameraInfo, topics.CAMERA_INFO_TYPE, small,
              lambda stamp, m: self._calibrate(self.calib.add_camera_info(
@@ -126,6 +120,8 @@ class SynchronizerNode(Node):
             self.create_subscription(msg_class, topic, self._callback(kind, topic, msgtype, add),
                                      profile, callback_group=MutuallyExclusiveCallbackGroup(),
                                      raw=True)
+        subscribe_batched(self, Imu, i.imu_topic, small, self._on_imu,
+                          callback_group=MutuallyExclusiveCallbackGroup())
         if TFMessage is not None:
             self.create_subscription(TFMessage, topics.TF_STATIC_TOPIC, self._on_tf_static,
                                      TF_STATIC_QOS)
@@ -138,13 +134,22 @@ class SynchronizerNode(Node):
             except ValueError as e:
                 reason = 'wrong_frame' if isinstance(e, FrameError) else 'bad_message'
                 self.sync.reject(kind, reason)
-                if self.log_throttle.ready((topic, reason)):
-                    self.get_logger().error(f'{topic}: message skipped ({reason}): {e}')
-                return
+                return self._skipped(topic, reason, e)
             if kind in self._rates:
                 self._rates[kind] += 1
             self.dispatcher.notify(sensor=kind in self._rates)
         return callback
+
+    def _on_imu(self, raws):
+        added, skipped = self.imu_intake.add_raw(raws)   # each skipped one counted there
+        for reason, e in skipped:
+            self._skipped(self.inputs.imu_topic, reason, e)
+        self._rates['imu'] += added
+        self.dispatcher.notify(sensor=added > 0)
+
+    def _skipped(self, topic, reason, e):
+        if self.log_throttle.ready((topic, reason)):
+            self.get_logger().error(f'{topic}: message skipped ({reason}): {e}')
 
     def _on_tf_static(self, msg):
         for tf in msg.transforms:
@@ -158,18 +163,13 @@ class SynchronizerNode(Node):
             self.sync.set_calibration(calibration)
             self.get_logger().info(f'calibration: {self.calib.known()}')
 
-    def _on_clock_jump(self, jump):
-        """Counted and reported only: the scans' own stamps start the new run when they go
-        back too. Starting it here would race the old run's messages still queued."""
-        self.clock_jumps_back += 1
-        self.get_logger().info(f'/clock went back by {-jump.delta.nanoseconds / 1e9:.3f} s')
-
     def _on_timer(self):
         self.dispatcher.check_idle()   # the end of a bag: release scans waiting for a timeout
         status = diagnostics.synchronizer_status(
             self.get_name(), self.sync.stats, self.buffer.stats(), dict(self._rates),
             self.dispatcher.emitted, self.dispatcher.failed_samples, self.faults.snapshot(),
-            {'clock_jumps_back': str(self.clock_jumps_back), **self.calib.status()})
+            {'clock_jumps_back': str(self.clock_jumps.count),
+             'imu_batches': str(self.imu_intake.batches), **self.calib.status()})
         self._rates = dict.fromkeys(self._rates, 0)
         self.diag_pub.publish(conversions.status_to_msg(status, self.get_clock().now().to_msg()))
 

@@ -130,12 +130,12 @@ class FrameGuard:
         return out
 
     def imu(self, accel, gyro, frame_id: str):
-        """(accel, gyro) in cfg.imu_frame."""
+        """(accel, gyro) in cfg.imu_frame: one sample (3,) each or M of them (M, 3)."""
         pose = self._into(self.cfg.imu_frame, frame_id, 'IMU sample')
         if pose is None:
             return accel, gyro
-        rot = pose[:3, :3]
-        return rot @ np.asarray(accel, dtype=np.float64), rot @ np.asarray(gyro, np.float64)
+        rot_t = pose[:3, :3].T
+        return np.asarray(accel, dtype=np.float64) @ rot_t, np.asarray(gyro, np.float64) @ rot_t
 
     def rot_base_imu(self):
         """R_base_imu for turning gyro rates into base_link, or None when not known."""

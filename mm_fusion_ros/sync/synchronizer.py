@@ -198,7 +198,13 @@ class Synchronizer:
         self.add_imu_batch([stamp_ns], np.reshape(accel, (1, -1)), np.reshape(gyro, (1, -1)))
 
     def add_imu_batch(self, stamps_ns, accel, gyro) -> None:
-        """M IMU samples: stamps (M,) int ns, accel (M, 3), gyro (M, 3); any order."""
+        """M IMU samples: stamps (M,) int ns, accel (M, 3), gyro (M, 3); any order.
+
+        The result (samples, their IMU, every counter) is the one of M add_imu calls in this
+        order: each row goes the same way, but the pending scans are re-examined only after a
+        row that can change them (the IMU reaching a waiting scan's stamp, a row inserted
+        before newer ones, a full ring, a new run) and once at the end, not after every row.
+        """
         stamps = np.asarray(stamps_ns, dtype=np.int64).reshape(-1)
         rows = np.concatenate([np.asarray(accel, dtype=np.float64),
                                np.asarray(gyro, dtype=np.float64)], axis=-1) \
@@ -207,8 +213,16 @@ class Synchronizer:
             raise ValueError(f'add_imu: accel and gyro must be (M, 3) with M = {len(stamps)} '
                              f'stamps, got {np.shape(accel)} and {np.shape(gyro)}')
         with self._lock:
+            ring = self._imu
             for stamp, row in zip(stamps.tolist(), rows):
+                if ring.n == len(ring.stamps):
+                    self._advance()   # prunes as the previous row's add_imu would have
+                run, n = self._run, ring.n
                 self._route('imu', stamp, row)
+                if self._run != run or (ring.n > n and ring.stamps[ring.n - 1] != stamp) or \
+                        (self._scans and self._imu_latest is not None and
+                         self._imu_latest >= self._scans[0].stamp):
+                    self._advance()
             self._advance()
 
     def add_ground_truth(self, stamp_ns: int, pose) -> None:

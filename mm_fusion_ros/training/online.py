@@ -255,7 +255,8 @@ class OnlineTrainer:
         """Predict the new sample's relative pose, store it in the buffer, owe training steps."""
         t0 = time.perf_counter()
         batch = collate_samples([sample])
-        with self._model_lock, torch.no_grad():
+        # inference_mode, not no_grad: no version counters or views tracked for autograd.
+        with self._model_lock, torch.inference_mode():
             dev = self.core.to_device(batch)
             out = self.infer_model(dev, scan_cache=self.scan_cache)
             mean, logvar = self.infer_model.denormalize(out['mean'].float(),

@@ -1,0 +1,52 @@
+"""ImuIntake: serialized IMU messages, taken in batches, into the Synchronizer.
+
+The IMU comes at 100 Hz, so a 5x replay is 500 messages/s. One subscription callback per
+message (decode, frame check, add_imu, wake the dispatcher) cost about as much Python as the
+rest of a sample's intake (bench/profile_online.py, docs/online_runtime.md). The synchronizer
+node instead takes every message queued behind the one its callback got (ros/imu_intake.py)
+and hands the list here: one numpy decode (messages.imu_batch_to_arrays), one frame check per
+frame_id, one Synchronizer.add_imu_batch. The outcome equals the messages handled one at a time
+(test_synchronizer.py, test_imu_intake.py): a message that does not decode counts as
+'bad_message', one in an unknown frame as 'wrong_frame', and add_imu_batch counts the others as
+add_imu would (late, duplicate, nonfinite, ...).
+"""
+import numpy as np
+
+from mm_fusion_ros.messages import imu_batch_to_arrays
+from mm_fusion_ros.sync.frames import FrameError, FrameGuard
+
+
+class ImuIntake:
+    def __init__(self, sync, frames: FrameGuard):
+        self.sync, self.frames = sync, frames
+        self.batches = 0   # add_raw calls: with messages received, how well they batch
+
+    def add_raw(self, raws) -> tuple:
+        """Serialized sensor_msgs/Imu messages, in the order taken -> (messages added to the
+        synchronizer, [(reason, ValueError)] of those skipped, each counted there)."""
+        self.batches += 1
+        stamps, accel, gyro, frame_ids, bad = imu_batch_to_arrays(raws)
+        keep = np.ones(len(raws), dtype=bool)
+        skipped = []
+        for i, error in bad:
+            keep[i] = False
+            skipped.append(('bad_message', error))
+        ids = None
+        for frame_id in sorted(set(frame_ids)):
+            if len(set(frame_ids)) == 1:   # the usual case
+                rows = keep.copy()
+            else:
+                ids = np.asarray(frame_ids, dtype=object) if ids is None else ids
+                rows = keep & (ids == frame_id)
+            if not rows.any():
+                continue
+            try:
+                accel[rows], gyro[rows] = self.frames.imu(accel[rows], gyro[rows], frame_id)
+            except FrameError as e:
+                keep &= ~rows
+                skipped += [('wrong_frame', e)] * int(rows.sum())
+        for reason, _ in skipped:
+            self.sync.reject('imu', reason)
+        if keep.any():
+            self.sync.add_imu_batch(stamps[keep], accel[keep], gyro[keep])
+        return int(keep.sum()), skipped
