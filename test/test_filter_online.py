@@ -86,7 +86,7 @@ def test_scan_rate_poses_equal_the_offline_filter(world):
     track = rep.traj.tracks()[0]
     assert len(track.poses) == len(world['scans'])
     assert rep.src.counts['filter_steps'] == len(world['scans']) - 1   # initialised at once
-    assert rep.src.counts['chained_steps'] == 0
+    assert rep.src.counts['filter_chained_steps'] == 0
     off = rep.offline()
     np.testing.assert_allclose(from_scan1(track.poses), from_scan1(off.scan_poses), atol=1e-9)
     # The published covariance is the filter's (odom axes, rotated into the segment frame).
@@ -164,7 +164,7 @@ def test_a_missing_step_is_bridged_by_the_filter(world, rate):
 def test_without_camera_and_lidar_the_imu_carries_the_pose_on(world):
     masked = range(15, 35)          # 2 s: the network's IMU-only steps are not used
     rep = Replay(world, 'imu', measured=lambda k: k not in masked)
-    assert rep.src.counts['imu_only_steps'] == len(masked)
+    assert rep.src.counts['filter_imu_only_steps'] == len(masked)
     applied = rep.src.stats()['filter_relpose_applied']
     assert applied == len(world['scans']) - 1 - len(masked)
     scan_ns = world['stamps_ns'][world['scans']]
@@ -185,7 +185,7 @@ def test_without_camera_and_lidar_the_imu_carries_the_pose_on(world):
 def test_until_the_filter_is_ready_the_steps_are_chained_then_continue(world):
     late = dict(world, scans=world['scans'][world['scans'] >= 0] - FIRST_SCAN + 10)
     rep = Replay(late, 'scan')     # IMU from 0.1 s before the first scan: not ready at once
-    assert rep.src.counts['chained_steps'] > 0 and rep.src.counts['filter_steps'] > 0
+    assert rep.src.counts['filter_chained_steps'] > 0 and rep.src.counts['filter_steps'] > 0
     poses = rep.traj.tracks()[0].poses
     steps = np.linalg.norm(np.diff(poses[:, :3, 3], axis=0), axis=1)
     truth = np.linalg.norm(late['rel'][:, :3], axis=1)

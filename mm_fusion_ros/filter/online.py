@@ -151,8 +151,8 @@ class FilterPoseSource:
         self.fallback = fallback   # bridge while the filter cannot (not initialised yet)
         self.imu_after, self.base_imu = None, None
         self._lock = threading.Lock()
-        self.counts = {'filter_steps': 0, 'chained_steps': 0, 'imu_only_steps': 0,
-                       'bridged_filter': 0, 'imu_poses': 0, 'segments': 0}
+        self.counts = {'filter_steps': 0, 'filter_chained_steps': 0, 'filter_imu_only_steps': 0,
+                       'filter_bridged': 0, 'filter_imu_poses': 0, 'filter_segments': 0}
         self.odo = None
         self.segment = -1
         self._extrinsic_logged = False
@@ -166,11 +166,12 @@ class FilterPoseSource:
             self.imu_after, self.base_imu = imu_after, base_imu
 
     def stats(self) -> dict:
-        """Counters of the source and of the current segment's filter (filter.odometry)."""
+        """Counters of the source and of the current segment's filter (filter.odometry's,
+        as filter_<name>), for checkpoint metrics and /diagnostics."""
         with self._lock:
             out = dict(self.counts)
             if self.odo is not None:
-                out.update({f'filter_{k}': v for k, v in self.odo.counts.items()})
+                out.update({f'filter_{k}': int(v) for k, v in self.odo.counts.items()})
             return out
 
     # --- PoseSource ----------------------------------------------------------------------
@@ -178,7 +179,7 @@ class FilterPoseSource:
         """A new segment at scan stamp_ns (the identity): a new filter."""
         with self._lock:
             self.segment += 1
-            self.counts['segments'] += 1
+            self.counts['filter_segments'] += 1
             self._origin = int(stamp_ns)
             self._fed_ns = self._origin - START_BACK_NS
             self._pose, self._cov = np.eye(4), np.zeros((6, 6))   # the newest scan pose
@@ -199,7 +200,7 @@ class FilterPoseSource:
                 self._scan_event(stamp_cur_ns, (stamp_prev_ns, mean6, logvar))
             else:
                 self._scan_event(stamp_cur_ns, None)
-                self.counts['imu_only_steps'] += 1
+                self.counts['filter_imu_only_steps'] += 1
             pose, cov = self._place(stamp_prev_ns, stamp_cur_ns, mean6, cov6)
             self._pose, self._cov = pose, cov
             return pose.copy(), _block_rot(pose[:3, :3].T, cov)
@@ -216,7 +217,7 @@ class FilterPoseSource:
                     (T0, C0), (T1, C1) = ends
                     step = invert_pose(T0) @ T1
                     grown = _block_rot(T1[:3, :3].T, _psd(C1 - C0))
-                    self.counts['bridged_filter'] += 1
+                    self.counts['filter_bridged'] += 1
                     return BridgedStep(mean6=pose_to_vec6(step), cov6=grown, source='filter')
         if self.fallback is None:
             return None
@@ -233,7 +234,7 @@ class FilterPoseSource:
             self._feed(None)
             self._drain()
             out, self._imu_out = self._imu_out, []
-            self.counts['imu_poses'] += len(out)
+            self.counts['filter_imu_poses'] += len(out)
             return out
 
     # --- internal (under the lock) ---------------------------------------------------------
@@ -320,7 +321,7 @@ class FilterPoseSource:
             body = _block_rot(self._pose[:3, :3].T, self._cov)
             body = covariance.compose(body, step, covariance.step_covariance(mean6, cov6))
             pose = self._pose @ step
-            self.counts['chained_steps'] += 1
+            self.counts['filter_chained_steps'] += 1
             return pose, _block_rot(pose[:3, :3], body)
         if self._anchor is None:
             # Continuous with the pose at prev: through the filter's own motion prev -> cur
