@@ -115,10 +115,12 @@ def pretrain(data, path) -> Path:
 
 # --- processes and the test client --------------------------------------------------------------
 def fresh_env() -> dict:
-    """A private localhost-only domain for one test (or one run), with the replay DDS profile."""
+    """A private localhost-only domain for one test (or one run), with the replay DDS profile;
+    MMF_TEST_DOMAINS=LOW-HIGH narrows the random choice (machines shared by several users)."""
     env = replay_env()
+    low, high = (int(v) for v in os.environ.get('MMF_TEST_DOMAINS', '1-101').split('-'))
     env.update(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_LOCALHOST_ONLY='1',
-               ROS_DOMAIN_ID=str(random.SystemRandom().randint(1, 101)), PYTHONUNBUFFERED='1')
+               ROS_DOMAIN_ID=str(random.SystemRandom().randint(low, high)), PYTHONUNBUFFERED='1')
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
     return env
 
@@ -195,6 +197,7 @@ class Probe:
         self.node = rclpy.create_node('online_e2e_probe', context=self.context)
         self.lock = threading.Lock()
         self.odoms = []                # (stamp ns, 4x4 pose)
+        self.odom_covs = []            # the pose covariance of each, 6x6
         self.diagnostics = {}          # the synchronizer's latest values
         self.statuses = {}             # 'synchronizer' / 'trainer' -> (level, message, values)
         self.status_log = []
@@ -203,6 +206,7 @@ class Probe:
         def on_odom(msg):
             with self.lock:
                 self.odoms.append((stamp_to_ns(msg.header.stamp), odometry_to_pose(msg)))
+                self.odom_covs.append(np.reshape(msg.pose.covariance, (6, 6)))
 
         def on_diag(msg):
             for status in msg.status:

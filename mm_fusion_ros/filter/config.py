@@ -182,17 +182,10 @@ def parse_outage(text) -> tuple:
 
 
 @dataclass(frozen=True)
-class FilterRunConfig(ConfigBase):
-    """How predict_odometry produces a trajectory: the network's steps chained, or the inertial
-    filter over the sequence's IMU updated by them; and sensor outages to simulate."""
+class RelativePoseNoise(ConfigBase):
+    """How the network's relative poses are weighted in the filter: offline (FilterRunConfig,
+    predict_odometry) and online (filter.online.OnlineFilterConfig) alike."""
 
-    filter: str = field(default='off', metadata={
-        'help': 'on|off. on: the inertial filter runs over the sequence IMU, updated by the '
-                'network relative poses with their log-variance, and writes its trajectory; '
-                'off: the network steps are chained'})
-    filter_checkpoint: str = field(default='', metadata={
-        'help': 'inertial filter checkpoint (train_imu_filter) or a fusion checkpoint that '
-                'embeds one; empty: the filter embedded in --checkpoint'})
     relpose_var_scale: float = field(default=1.0, metadata={
         'help': 'factor on the variance (exp of the log-variance head) of the network relative '
                 'poses given to the filter'})
@@ -203,15 +196,43 @@ class FilterRunConfig(ConfigBase):
     relpose_min_std_rad: float = field(default=1e-3, metadata={
         'help': 'floor of the standard deviation of each rotation of a network relative pose '
                 'given to the filter [rad]'})
+
+    def __post_init__(self):
+        _positive(self, 'relpose_var_scale', 'relpose_min_std_m', 'relpose_min_std_rad')
+
+    @property
+    def relpose_min_logvar(self) -> np.ndarray:
+        """(6,) floor of the relative-pose log-variance (translation, then rotation)."""
+        std = [self.relpose_min_std_m] * 3 + [self.relpose_min_std_rad] * 3
+        return np.log(np.square(std))
+
+    def relpose_logvar(self, logvar) -> np.ndarray:
+        """The log-variance given to the filter: the network's, scaled, then floored."""
+        scaled = np.asarray(logvar, dtype=np.float64) + math.log(self.relpose_var_scale)
+        return np.maximum(scaled, self.relpose_min_logvar)
+
+
+@dataclass(frozen=True)
+class FilterRunConfig(RelativePoseNoise):
+    """How predict_odometry produces a trajectory: the network's steps chained, or the inertial
+    filter over the sequence's IMU updated by them; and sensor outages to simulate."""
+
+    filter: str = field(default='off', metadata={
+        'help': 'on|off. on: the inertial filter runs over the sequence IMU, updated by the '
+                'network relative poses with their log-variance, and writes its trajectory; '
+                'off: the network steps are chained'})
+    filter_checkpoint: str = field(default='', metadata={
+        'help': 'inertial filter checkpoint (train_imu_filter) or a fusion checkpoint that '
+                'embeds one; empty: the filter embedded in --checkpoint'})
     outage: tuple = field(default=(), metadata={
         'help': 'START_S:DURATION_S on the sequence clock: camera and LiDAR cut for that window '
                 '(the network sees the IMU alone there; the filter takes no relative pose there '
                 'and bridges on the IMU and its pseudo-measurements)'})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.filter not in FILTER_SWITCH:
             raise ValueError(f'FilterRunConfig.filter must be on or off, got {self.filter!r}')
-        _positive(self, 'relpose_var_scale', 'relpose_min_std_m', 'relpose_min_std_rad')
         outage = tuple(str(o) for o in self.outage)
         for item in outage:
             parse_outage(item)
@@ -220,12 +241,6 @@ class FilterRunConfig(ConfigBase):
     @property
     def enabled(self) -> bool:
         return self.filter == 'on'
-
-    @property
-    def relpose_min_logvar(self) -> np.ndarray:
-        """(6,) floor of the relative-pose log-variance (translation, then rotation)."""
-        std = [self.relpose_min_std_m] * 3 + [self.relpose_min_std_rad] * 3
-        return np.log(np.square(std))
 
     @property
     def outage_windows(self) -> list:

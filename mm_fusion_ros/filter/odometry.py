@@ -199,6 +199,12 @@ class InertialOdometry:
             return None
         return self._clone_readout(key)
 
+    def scan_readout(self, stamp):
+        """(T_odom_base, cov6) of a held scan as last read out: when it was cloned, or right
+        after the relative pose ending there (what pop_scan_poses will give); else None."""
+        key = self._clone_key(float(stamp))
+        return None if key is None else self._open_scans[key]
+
     def _clone_readout(self, key):
         R, p, cov = self.ekf.clone_pose(key)
         q = p + R @ self.T_imu_lidar[:3, 3]

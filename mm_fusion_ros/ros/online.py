@@ -12,10 +12,11 @@ are ~0.5-1 MB each and would cross DDS a second time; run `synchronizer` alone o
 buffer file (buffer_path) for later training.
 
 Construction order (ros/spin.py): the trainer node (checkpoint, sample shape, buffer,
-trajectory), then the synchronizer node fed by it, then the IMU for bridging wired from one to
-the other; only then do threads start and the nodes spin. SIGINT (Ctrl-C, `ros2 launch`
-shutdown) ends it cleanly: training stops, then the final checkpoint (save_on_shutdown), the
-buffer (buffer_path) and the trajectories (trajectory_dir) are written atomically.
+trajectory), then the synchronizer node fed by it, then the IMU for bridging and for the
+inertial filter wired from one to the other; only then do threads start and the nodes spin.
+SIGINT (Ctrl-C, `ros2 launch` shutdown) ends it cleanly: training stops, then the final
+checkpoint (save_on_shutdown), the buffer (buffer_path) and the trajectories (trajectory_dir)
+are written atomically.
 """
 from mm_fusion_ros.config import parameter_help
 from mm_fusion_ros.ros.spin import spin_nodes
@@ -28,7 +29,8 @@ def build_online_nodes():
     reach the trainer before the trainer writes its final files."""
     trainer = TrainerNode()
     sync = SynchronizerNode(sample_cfg=trainer.sample_cfg, buffer=trainer.buffer, sink=trainer)
-    trainer.trainer.use_imu(sync.sync.imu_between, sync.frames.rot_base_imu)
+    trainer.trainer.use_imu(sync.sync.imu_between, sync.frames.rot_base_imu,
+                            imu_after=sync.sync.imu_after, base_imu=sync.frames.base_imu)
     return [trainer, sync]
 
 

@@ -4,17 +4,16 @@ A thin shell over training.online.OnlineTrainer and the runtime cores. Gradient 
 worker thread at idle priority; each sample the synchronizer hands over is predicted at once and
 its trajectory poses (a bridged one first when the sample left a hole) go out on /mm_fusion/odom
 (pose covariance in odom, twist in base_link_pred), the segment's paths on /mm_fusion/path and
-/mm_fusion/gt_path, odom -> base_link_pred on /tf (with tf2_msgs), the status on /diagnostics.
+/mm_fusion/gt_path, odom -> base_link_pred on /tf (with tf2_msgs), the status on /diagnostics
+(ros/pose_output.py). With the inertial filter (filter.*, filter/online.py) the poses are its,
+and with filter.publish_rate imu a timer publishes odom and TF at every IMU sample.
 Services: ~/save_checkpoint (Trigger; message = written path), ~/set_training (SetBool).
 Parameters: PARAMETERS (model.* for a fresh model only); train.learning_rate and
 training_enabled change at run time (a request is applied whole or refused whole).
 """
 import logging
-import threading
 
 from diagnostic_msgs.msg import DiagnosticArray
-from geometry_msgs.msg import PoseStamped, TransformStamped
-from nav_msgs.msg import Odometry, Path
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockType
@@ -24,13 +23,14 @@ from std_srvs.srv import SetBool, Trigger
 
 from mm_fusion_ros.bag import topics
 from mm_fusion_ros.config import SampleConfig
+from mm_fusion_ros.filter.online import OnlineFilterConfig
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.ros import conversions
 from mm_fusion_ros.ros.params import as_doubles, declare_config
-from mm_fusion_ros.ros.qos import PATH_QOS
+from mm_fusion_ros.ros.pose_output import PoseOutput, TFMessage
 from mm_fusion_ros.runtime import diagnostics
 from mm_fusion_ros.runtime.params import TrainerParameters
-from mm_fusion_ros.runtime.paths import PathThrottle, PoseTrail, PublishConfig
+from mm_fusion_ros.runtime.paths import PublishConfig
 from mm_fusion_ros.runtime.process import lower_thread_priority
 from mm_fusion_ros.runtime.workers import FaultLog, Worker
 from mm_fusion_ros.sync.config import BufferConfig
@@ -38,11 +38,6 @@ from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.online import build_online_trainer as build_trainer
 from mm_fusion_ros.training.online import ONLINE_TRAIN_DEFAULTS, OnlineConfig
 from mm_fusion_ros.trajectory.chain import TrajectoryConfig
-
-try:  # No wheel exists for tf2_msgs: TF is published only where ROS 2 provides it.
-    from tf2_msgs.msg import TFMessage
-except ImportError:
-    TFMessage = None
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +52,8 @@ class TrainerNode(Node):
                   'train': (TrainConfig, 'train.', ONLINE_TRAIN_DEFAULTS),
                   'publish': (PublishConfig, ''), 'model': (ModelConfig, 'model.'),
                   'sample': (SampleConfig, 'sample.'), 'buffer': (BufferConfig, 'buffer.'),
-                  'trajectory': (TrajectoryConfig, 'trajectory.')}
+                  'trajectory': (TrajectoryConfig, 'trajectory.'),
+                  'filter': (OnlineFilterConfig, 'filter.')}
 
     def __init__(self, name=topics.TRAINER_NODE):
         super().__init__(name)
@@ -67,7 +63,8 @@ class TrainerNode(Node):
         self.supervision = cfg['train'].supervision   # the synchronizer reads it
         self.pub_cfg = cfg['publish']
         self.trainer = build_trainer(cfg['online'], cfg['train'], cfg['model'], cfg['sample'],
-                                     cfg['buffer'], cfg['trajectory'])
+                                     cfg['buffer'], cfg['trajectory'], cfg['filter'])
+        self.filter = self.trainer.filter if cfg['filter'].publish_rate == 'imu' else None
         self.sample_cfg, self.buffer = self.trainer.sample_cfg, self.trainer.buffer
         self.on_backlog = self.trainer.set_backlog
         self.on_ground_truth = self.trainer.trajectory.add_ground_truth
@@ -77,20 +74,16 @@ class TrainerNode(Node):
         self.faults = FaultLog()
         self.worker = Worker('trainer', self._train_step, self.faults,
                              setup=lower_thread_priority)
-        self.odom_pub = self.create_publisher(Odometry, topics.ODOM_OUT_TOPIC, 50)
-        self.path_pubs = [self.create_publisher(Path, t, PATH_QOS)
-                          for t in (topics.PATH_TOPIC, topics.GT_PATH_TOPIC)]
-        self.trails = [PoseTrail(self.pub_cfg.path_max_poses) for _ in self.path_pubs]
-        self.throttle = PathThrottle(self.pub_cfg.path_publish_period_s)
-        self._paths_lock = threading.Lock()
-        self.tf_pub = self.create_publisher(TFMessage, '/tf', 50) if TFMessage else None
+        self.out = PoseOutput(self, self.pub_cfg)
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         services = MutuallyExclusiveCallbackGroup()
         self.create_service(Trigger, '~/save_checkpoint', self._on_save, callback_group=services)
         self.create_service(SetBool, '~/set_training', self._on_set_training,
                             callback_group=services)
         steady = Clock(clock_type=ClockType.STEADY_TIME)   # runs on when a bag's /clock stops
-        self.create_timer(self.pub_cfg.path_publish_period_s, self._on_path_timer, clock=steady)
+        self.create_timer(self.pub_cfg.path_publish_period_s, self.out.on_timer, clock=steady)
+        if self.filter is not None:
+            self.create_timer(cfg['filter'].poll_period_s, self._on_imu_timer, clock=steady)
         self.create_timer(1.0, self._on_diagnostics, callback_group=services, clock=steady)
         self.get_logger().info(f'online fine-tuning from {self.trainer.source or "a fresh model"}'
                                f', {self.supervision} supervision; training '
@@ -102,46 +95,21 @@ class TrainerNode(Node):
 
     # --- samples in, poses out ------------------------------------------------------------
     def on_sample(self, sample) -> None:
-        prediction = self.trainer.on_sample(sample)
-        for record in prediction.poses:
+        self._publish(self.trainer.on_sample(sample).poses, path=True)
+
+    def _on_imu_timer(self):
+        self._publish(self.filter.poll(), path=False)
+
+    def _publish(self, records, path):
+        for record in records:
             if not self.context.ok():   # shutting down: the sample counts, nothing to publish
                 return
             try:
-                with self._paths_lock:   # the trails are also read by the path timer
-                    self._publish(record)
+                self.out.publish(record, path)
             except _rclpy.RCLError as e:
                 if self.context.ok():
                     raise
                 log.debug('pose at %d not published during shutdown: %s', record.stamp_ns, e)
-
-    def _publish(self, record):
-        odom = Odometry()
-        conversions.fill_odometry(odom, record, topics.ODOM_FRAME, topics.PRED_FRAME)
-        self.odom_pub.publish(odom)
-        if self.tf_pub is not None:
-            frames = [(topics.PRED_FRAME, record.pose)]
-            if self.pub_cfg.publish_gt_tf and record.gt_pose is not None:
-                frames.append((topics.BASE_FRAME, record.gt_pose))
-            self.tf_pub.publish(TFMessage(transforms=[_transform(odom.header, child, pose)
-                                                      for child, pose in frames]))
-        for trail, pose in zip(self.trails, (record.pose, record.gt_pose)):
-            if pose is not None:
-                stamped = PoseStamped(header=odom.header)
-                conversions.fill_pose(stamped.pose, pose)
-                trail.add(record.segment, stamped)
-        if self.throttle.added():
-            self.publish_paths()
-
-    def _on_path_timer(self):
-        with self._paths_lock:
-            if self.throttle.pending:
-                self.publish_paths()
-
-    def publish_paths(self):
-        self.throttle.published()
-        for pub, trail in zip(self.path_pubs, self.trails):
-            if trail.items:
-                pub.publish(Path(header=trail.items[-1].header, poses=list(trail.items)))
 
     # --- training, services, parameters, diagnostics ---------------------------------------
     def _train_step(self):
@@ -191,9 +159,3 @@ class TrainerNode(Node):
                  'wrote %s', m['online_samples'], m['online_steps'], self.trainer.core.step_count,
                  m['trajectory_bridged'], m['trajectory_segments'], written)
         return written
-
-
-def _transform(header, child, pose):
-    tf = TransformStamped(header=header, child_frame_id=child)
-    conversions.fill_transform(tf.transform, pose)
-    return tf

@@ -61,3 +61,19 @@ class PoseTrail:
             self.items.clear()
             self.segment = segment
         self.items.append(item)
+
+
+class OdomOrder:
+    """/mm_fusion/odom and /tf go forward in time within a trajectory segment: a pose older
+    than the newest one published is left out (the paths still get it). With the filter at IMU
+    rate a scan's pose comes after the IMU poses that passed it; without it nothing is left
+    out (a segment's poses come in stamp order)."""
+
+    def __init__(self):
+        self.segment, self.stamp_ns = None, None
+
+    def admit(self, segment: int, stamp_ns: int) -> bool:
+        if self.segment is None or segment > self.segment or stamp_ns > self.stamp_ns:
+            self.segment, self.stamp_ns = segment, stamp_ns
+            return True
+        return False

@@ -139,5 +139,9 @@ class FrameGuard:
 
     def rot_base_imu(self):
         """R_base_imu for turning gyro rates into base_link, or None when not known."""
-        pose = self.transforms.lookup(self.cfg.base_frame, self.cfg.imu_frame)
+        pose = self.base_imu()
         return None if pose is None else pose[:3, :3]
+
+    def base_imu(self):
+        """T_base_imu (4, 4), or None when not known (the online filter's extrinsic)."""
+        return self.transforms.lookup(self.cfg.base_frame, self.cfg.imu_frame)

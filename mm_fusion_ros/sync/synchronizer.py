@@ -25,7 +25,7 @@ run has followed, so the old run still gets what comes late on the others; a str
 not follow within max_lateness_s of held sensor time no longer holds the run back, and its
 old-run messages that come after the new run started are dropped as 'before_rewind'.
 The IMU is kept `imu_keep_s` behind the newest scan: imu_between() hands it to the trajectory
-to bridge a hole in the scans with the gyro.
+to bridge a hole in the scans with the gyro, imu_after() to the online inertial filter.
 """
 import bisect
 from collections import Counter, deque
@@ -283,6 +283,16 @@ class Synchronizer:
             if hi - lo < 2:
                 return None
             return stamps[lo:hi].copy(), self._imu.data[lo:hi, 3:].copy()
+
+    def imu_after(self, stamp_ns: int):
+        """(stamps_ns, accel (M, 3), gyro (M, 3)) copies of the IMU held after stamp_ns, in
+        stamp order (M may be 0): how the online filter (filter/online.py) reads the IMU without
+        a path of its own into the intake."""
+        with self._lock:
+            stamps = self._imu.stamps[:self._imu.n]
+            lo = int(np.searchsorted(stamps, int(stamp_ns), side='right'))
+            data = self._imu.data[lo:self._imu.n]
+            return stamps[lo:].copy(), data[:, :3].copy(), data[:, 3:].copy()
 
     @property
     def run(self) -> int:

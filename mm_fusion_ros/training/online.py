@@ -27,6 +27,8 @@ import torch
 from mm_fusion_ros.config import ConfigBase, MODALITIES, SampleConfig
 from mm_fusion_ros.eval.trajectory_io import write_segment, write_segments_index
 from mm_fusion_ros.fileio import remove_stale_temps
+from mm_fusion_ros.filter.checkpoint import embed_filter
+from mm_fusion_ros.filter.online import build_filter_source, FilterPoseSource, OnlineFilterConfig
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import BevPointEncoder, ScanCache
@@ -41,6 +43,7 @@ from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.core import TrainerCore
 from mm_fusion_ros.training.distributed import resolve_device
 from mm_fusion_ros.training.logging import LOSS_PARTS
+from mm_fusion_ros.trajectory.bridge import ConstantVelocityBridge
 from mm_fusion_ros.trajectory.chain import OnlineTrajectory
 from mm_fusion_ros.trajectory.covariance import diag_covariance
 
@@ -196,6 +199,8 @@ class OnlineTrainer:
         self.initial_step = self.core.step_count
         self.sample_cfg = sample_cfg
         self.trajectory = trajectory or OnlineTrajectory()
+        source = self.trajectory.source     # the inertial filter, when it runs (filter/online.py)
+        self.filter = source if isinstance(source, FilterPoseSource) else None
         self.rng = np.random.default_rng(train_cfg.seed)
         self._model_lock = threading.Lock()     # guards the inference copy
         self._state_lock = threading.Lock()     # guards counters and trajectories
@@ -242,11 +247,16 @@ class OnlineTrainer:
         log.info('fine-tuning from %s (step %d, optimizer %s)', source, self.core.step_count,
                  'restored' if self.optimizer_resumed else 'fresh')
 
-    def use_imu(self, imu, rot_base_imu=None) -> None:
+    def use_imu(self, imu, rot_base_imu=None, imu_after=None, base_imu=None) -> None:
         """Give the trajectory's bridge the IMU the synchronizer holds (imu_between) and
         R_base_imu (an array, or a function returning one or None); a bridge without these
-        attributes (e.g. a filter) is left alone."""
+        attributes is left alone. The inertial filter, when it runs, gets the IMU store
+        (Synchronizer.imu_after) and T_base_imu (a function), and its fallback bridge the
+        former two."""
         bridge = self.trajectory.bridge
+        if self.filter is not None:
+            self.filter.connect(imu_after, base_imu)
+            bridge = self.filter.fallback
         if bridge is not None and hasattr(bridge, 'imu'):
             bridge.imu, bridge.rot_base_imu = imu, rot_base_imu
 
@@ -266,9 +276,10 @@ class OnlineTrainer:
         latency = time.perf_counter() - t0
         self.buffer.add(sample)
         meta = sample['meta']
-        poses = self.trajectory.add_step(*sample_stamps_ns(meta), mean, diag_covariance(logvar),
-                                         run=meta.get('run'))
         mask = np.asarray(sample['modality_mask'], dtype=bool)
+        # Without camera and LiDAR the filter takes no relative pose: it carries on on the IMU.
+        poses = self.trajectory.add_step(*sample_stamps_ns(meta), mean, diag_covariance(logvar),
+                                         run=meta.get('run'), measured=bool(mask[:2].any()))
         pred = Prediction(frame=int(meta['frame']), mean=mean, logvar=logvar, latency_s=latency,
                           poses=poses)
         with self._state_lock:
@@ -394,6 +405,8 @@ class OnlineTrainer:
             step = self.core.step_count
             payload = _clone_tensors(self.core.state_dict(metrics=self.metrics(),
                                                           sample_cfg=self.sample_cfg))
+        if self.filter is not None:   # the filter's weights travel with the model (DESIGN §10)
+            payload = embed_filter(payload, self.filter.section)
         path = Path(path) if path else self.checkpoint_path(f'online_step{step:07d}.pth')
         return save_checkpoint(path, payload)
 
@@ -418,6 +431,7 @@ class OnlineTrainer:
                     'autosaves': int(self.autosaves),
                     'autosave_failures': int(self.autosave_failures),
                     **{f'trajectory_{k}': int(v) for k, v in self.trajectory.stats().items()},
+                    **(self.filter.stats() if self.filter is not None else {}),
                     'scan_cache_hits': self.scan_cache.hits if self.scan_cache else 0,
                     'scan_cache_misses': self.scan_cache.misses if self.scan_cache else 0,
                     'supervision': self.core.train_cfg.supervision,
@@ -557,9 +571,11 @@ def _percentile(values, q) -> float:
 
 def build_online_trainer(online_cfg: OnlineConfig, train_cfg: TrainConfig,
                          model_cfg: ModelConfig, base_sample: SampleConfig,
-                         buffer_cfg, trajectory_cfg) -> OnlineTrainer:
+                         buffer_cfg, trajectory_cfg,
+                         filter_cfg: OnlineFilterConfig = None) -> OnlineTrainer:
     """Everything in its order: the initial checkpoint, the sample shape it implies, the
-    replay buffer (resumed from buffer_path when it exists), the trajectory, then the trainer.
+    replay buffer (resumed from buffer_path when it exists), the trajectory (over the inertial
+    filter when filter_cfg finds its weights, filter/online.py), then the trainer.
     Nothing runs yet: the training thread is the caller's (ros/trainer_node.py)."""
     initial = initial_payload(online_cfg)
     payload = initial[0]
@@ -568,4 +584,19 @@ def build_online_trainer(online_cfg: OnlineConfig, train_cfg: TrainConfig,
     sample_cfg = sample_config_for(model_cfg, base_sample, checkpoint_imu_window(payload))
     buffer = open_buffer(online_cfg.buffer_path, buffer_cfg, sample_cfg)   # logs a resume
     return OnlineTrainer(online_cfg, train_cfg, model_cfg, buffer=buffer, sample_cfg=sample_cfg,
-                         trajectory=OnlineTrajectory(trajectory_cfg), initial=initial)
+                         trajectory=build_trajectory(trajectory_cfg, filter_cfg, *initial),
+                         initial=initial)
+
+
+def build_trajectory(trajectory_cfg, filter_cfg=None, payload=None, source=''):
+    """The online trajectory; over the inertial filter (its pose source, and its bridge unless
+    trajectory.bridge is off) when filter_cfg finds the filter's weights (logged either way)."""
+    filt, why = build_filter_source(filter_cfg or OnlineFilterConfig(mode='off'), payload,
+                                    source, None)
+    log.info('%s', why)
+    if filt is None:
+        return OnlineTrajectory(trajectory_cfg)
+    if trajectory_cfg.bridge != 'off':
+        filt.fallback = ConstantVelocityBridge(trajectory_cfg.bridge_history,
+                                               trajectory_cfg.bridge_variance_scale)
+    return OnlineTrajectory(trajectory_cfg, bridge=filt if filt.fallback else None, source=filt)

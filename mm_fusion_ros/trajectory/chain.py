@@ -11,8 +11,8 @@ chain by stamps, not by arrival:
 Ground truth comes from the recorded ground-truth messages (add_ground_truth), looked up at each
 pose's stamp (nearest within gt_slop_s; a message that comes after its pose fills it in later),
 never from the samples' targets, so a lost step shows in the evaluation. Poses and covariances
-come from a PoseSource: the chain of steps with first-order SE(3) covariance now, a filter
-later (same two methods).
+come from a PoseSource: the chain of steps with first-order SE(3) covariance, or the inertial
+filter (filter/online.py, same two methods; it is the bridge too).
 """
 import bisect
 from collections import deque
@@ -67,13 +67,15 @@ class ChainPoseSource:
     """PoseSource by composition: T_k = T_{k-1} step, covariance by covariance.compose.
 
     The interface a filter implements instead: start(stamp_ns) at the identity, and
-    add(stamp_prev_ns, stamp_cur_ns, mean6, cov6) -> (pose 4x4, body covariance 6x6).
+    add(stamp_prev_ns, stamp_cur_ns, mean6, cov6, measured) -> (pose 4x4, body covariance
+    6x6); measured False: the step was predicted without camera and LiDAR (chained all the
+    same here; a filter carries on with the IMU instead).
     """
 
     def start(self, stamp_ns: int) -> None:
         self.pose, self.cov = np.eye(4), np.zeros((6, 6))
 
-    def add(self, stamp_prev_ns: int, stamp_cur_ns: int, mean6, cov6):
+    def add(self, stamp_prev_ns: int, stamp_cur_ns: int, mean6, cov6, measured=True):
         step = vec6_to_pose(mean6)
         self.cov = covariance.compose(self.cov, step, covariance.step_covariance(mean6, cov6))
         self.pose = self.pose @ step
@@ -222,8 +224,10 @@ class OnlineTrajectory:
                     still.append((seg, row, stamp))
             self._pending = still
 
-    def add_step(self, stamp_prev_ns: int, stamp_cur_ns: int, mean6, cov6, run=None) -> list:
-        """A predicted step; -> the PoseRecords it made (a bridged one first, if any)."""
+    def add_step(self, stamp_prev_ns: int, stamp_cur_ns: int, mean6, cov6, run=None,
+                 measured=True) -> list:
+        """A predicted step; -> the PoseRecords it made (a bridged one first, if any).
+        measured False: predicted without camera and LiDAR (see ChainPoseSource)."""
         stamp_prev_ns, stamp_cur_ns = int(stamp_prev_ns), int(stamp_cur_ns)
         if stamp_cur_ns <= stamp_prev_ns:
             raise ValueError(f'trajectory step {stamp_prev_ns} -> {stamp_cur_ns} ns does not go '
@@ -244,7 +248,7 @@ class OnlineTrajectory:
                 else:
                     out.append(bridged)
             dt = (stamp_cur_ns - stamp_prev_ns) / NS_PER_S
-            out.append(self._add(seg, stamp_prev_ns, stamp_cur_ns, mean6, cov6, ''))
+            out.append(self._add(seg, stamp_prev_ns, stamp_cur_ns, mean6, cov6, '', measured))
             seg.recent.append(StepInfo(dt=dt, mean6=mean6, cov6=cov6))
             self.counts['steps'] += 1
         return out
@@ -281,8 +285,10 @@ class OnlineTrajectory:
         self.counts['bridged_imu'] += int(step.source == 'imu')
         return self._add(seg, t0_ns, t1_ns, step.mean6, step.cov6, step.source)
 
-    def _add(self, seg, stamp_prev_ns, stamp_cur_ns, mean6, cov6, bridged) -> PoseRecord:
-        pose, cov = self.source.add(stamp_prev_ns, stamp_cur_ns, mean6, cov6)
+    def _add(self, seg, stamp_prev_ns, stamp_cur_ns, mean6, cov6, bridged,
+             measured=True) -> PoseRecord:
+        pose, cov = self.source.add(stamp_prev_ns, stamp_cur_ns, mean6, cov6,
+                                    measured and not bridged)
         row = seg.append(stamp_cur_ns, pose, bool(bridged))
         self._lookup_gt(seg, row, stamp_cur_ns)
         self.counts['poses'] += 1

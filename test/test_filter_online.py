@@ -1,0 +1,208 @@
+"""The inertial filter as the online trajectory's pose source and bridge (filter/online.py),
+without ROS: the synchronizer's IMU store is a real Synchronizer fed the samples as they "arrive",
+the steps come as the trainer hands them over. Equal to the offline run_filter at scan rate;
+poses at IMU rate between scans; a hole bridged by the filter; camera and LiDAR gone -> the
+IMU carries the pose on."""
+import numpy as np
+import pytest
+from test_filter import drive, noisy, true_relative
+
+from mm_fusion_ros.filter.config import FilterConfig
+from mm_fusion_ros.filter.odometry import run_filter
+from mm_fusion_ros.filter.online import build_filter_source, FilterPoseSource, OnlineFilterConfig
+from mm_fusion_ros.geometry import invert_pose, so3_log
+from mm_fusion_ros.sync.config import SyncConfig
+from mm_fusion_ros.sync.synchronizer import Synchronizer
+from mm_fusion_ros.trajectory.bridge import ConstantVelocityBridge
+from mm_fusion_ros.trajectory.chain import OnlineTrajectory, TrajectoryConfig
+from mm_fusion_ros.trajectory.covariance import diag_covariance
+
+T0_NS = 1_317_384_000_000_000_000   # an epoch-sized clock: the source works relative to it
+FIRST_SCAN = 60                       # 0.6 s of IMU before the first scan (init window 0.5 s)
+SCAN_EVERY = 10
+LATENCY = 5                           # IMU samples that arrive before a step is handed over
+LOGVAR = np.log(np.square([0.02, 0.02, 0.02, 2e-3, 2e-3, 2e-3]))
+
+
+@pytest.fixture(scope='module')
+def world():
+    cfg = FilterConfig()
+    t, rot, pos, vel, force, rate = drive(seed=3, duration=8.0)
+    acc, gyr = noisy(force, rate, cfg, seed=4)
+    scans = np.arange(FIRST_SCAN, len(t), SCAN_EVERY)
+    rng = np.random.default_rng(5)
+    rel = true_relative(rot, pos, scans) + rng.normal(0, 1, (len(scans) - 1, 6)) * \
+        np.exp(0.5 * LOGVAR)
+    stamps_ns = T0_NS + np.round(t * 1e9).astype(np.int64)
+    return dict(cfg=cfg, t=t, rot=rot, pos=pos, acc=acc, gyr=gyr, scans=scans, rel=rel,
+                stamps_ns=stamps_ns)
+
+
+class Replay:
+    """The IMU arriving in a Synchronizer (its store is what the source reads), steps handed
+    to the trajectory LATENCY samples after their scan, and poll() at every IMU sample."""
+
+    def __init__(self, world, rate='scan', measured=None, skip=()):
+        self.w = world
+        self.src = FilterPoseSource(OnlineFilterConfig(publish_rate=rate), world['cfg'], None,
+                                    section={}, fallback=ConstantVelocityBridge())
+        self.sync = Synchronizer(sync_cfg=SyncConfig(imu_keep_s=5.0))
+        self.src.connect(self.sync.imu_after)
+        self.traj = OnlineTrajectory(TrajectoryConfig(), bridge=self.src, source=self.src)
+        self.records, self.imu_records = [], []
+        scans = world['scans']
+        due = {int(scans[k]) + LATENCY: k for k in range(1, len(scans)) if k not in skip}
+        measured = measured or (lambda k: True)
+        for i in range(len(world['t'])):
+            self.sync.add_imu(int(world['stamps_ns'][i]), world['acc'][i], world['gyr'][i])
+            if rate == 'imu':
+                self.imu_records += self.src.poll()
+            if i in due:
+                k = due[i]
+                a, b = (int(world['stamps_ns'][scans[j]]) for j in (k - 1, k))
+                self.records += self.traj.add_step(a, b, world['rel'][k - 1],
+                                                   diag_covariance(LOGVAR),
+                                                   measured=measured(k))
+
+    def offline(self, mask=None):
+        """run_filter on the IMU the source was given, relative poses as the source gave them."""
+        w, src = self.w, self.src
+        first = np.searchsorted(w['stamps_ns'], src._origin - 1_000_000_000, 'right')
+        t = (w['stamps_ns'][first:] - src._origin) / 1e9
+        scan_t = (w['stamps_ns'][w['scans']] - src._origin) / 1e9
+        logvars = np.tile(src.cfg.relpose_logvar(LOGVAR), (len(scan_t) - 1, 1))
+        return run_filter(w['cfg'], t, w['acc'][first:], w['gyr'][first:], scan_t, w['rel'],
+                          logvars, rel_mask=mask)
+
+
+def from_scan1(poses):
+    """Poses relative to scan 1's: the source anchors on scan 0 as the filter knows it after
+    the first relative pose, the offline run reads scan 0 out when it is cloned."""
+    return invert_pose(poses[1]) @ poses[1:]
+
+
+def test_scan_rate_poses_equal_the_offline_filter(world):
+    rep = Replay(world, 'scan')
+    track = rep.traj.tracks()[0]
+    assert len(track.poses) == len(world['scans'])
+    assert rep.src.counts['filter_steps'] == len(world['scans']) - 1   # initialised at once
+    assert rep.src.counts['filter_chained_steps'] == 0
+    off = rep.offline()
+    np.testing.assert_allclose(from_scan1(track.poses), from_scan1(off.scan_poses), atol=1e-9)
+    # The published covariance is the filter's (odom axes, rotated into the segment frame).
+    last = rep.records[-1]
+    rot0 = track.poses[1][:3, :3] @ off.scan_poses[1][:3, :3].T
+    b = np.zeros((6, 6))
+    b[:3, :3] = b[3:, 3:] = rot0
+    np.testing.assert_allclose(last.cov, b @ off.scan_covs[-1] @ b.T, rtol=1e-6, atol=1e-12)
+    assert np.all(np.diag(last.cov) > 0)
+    assert rep.src.poll() == []          # scan rate: nothing between scans
+
+
+def test_imu_rate_poses_between_scans(world):
+    rep = Replay(world, 'imu')
+    recs = rep.imu_records
+    stamps = np.array([r.stamp_ns for r in recs])
+    assert np.all(np.diff(stamps) == 10_000_000), 'one pose per IMU sample, in order'
+    scan_ns = world['stamps_ns'][world['scans']]
+    # From the IMU sample after the first step was handed over (then the filter is anchored).
+    assert stamps[0] == scan_ns[1] + (LATENCY + 1) * 10_000_000
+    between = (stamps > scan_ns[2]) & (stamps < scan_ns[3])
+    assert between.sum() == SCAN_EVERY - 1
+    assert all(np.all(np.diag(r.cov) > 0) for r in recs)
+    # The IMU poses lie between the scan poses around them (the trajectory of the same run) ...
+    track = rep.traj.tracks()[0]
+    xyz = np.array([r.pose[:3, 3] for r in recs])
+    k = np.searchsorted(track.stamps_ns, stamps) - 1
+    inner = (k >= 0) & (k + 1 < len(track.stamps_ns))
+    u = ((stamps - track.stamps_ns[k]) / 1e8)[inner, None]
+    lerp = (1 - u) * track.poses[k[inner], :3, 3] + u * track.poses[k[inner] + 1, :3, 3]
+    assert np.linalg.norm(xyz[inner] - lerp, axis=1).max() < 0.3   # later updates move them
+    # ... and follow the truth on the ground (height drifts: the start-up tilt without a speed
+    # network, docs/inertial_filter.md) ...
+    idx = np.searchsorted(world['stamps_ns'], stamps)
+    i0 = world['scans'][0]
+    truth = (world['pos'][idx] - world['pos'][i0]) @ world['rot'][i0]
+    assert np.linalg.norm(xyz[:, :2] - truth[:, :2], axis=1).max() < 1.0
+    # ... the twist is the body velocity ...
+    speed = np.linalg.norm(np.array([r.twist[:3] for r in recs]), axis=1)
+    assert np.all(speed > 0) and np.all(np.isfinite(speed))
+    # ... and the scan poses (scans cloned back-dated) stay close to the offline run's.
+    off = from_scan1(rep.offline().scan_poses)
+    track = from_scan1(rep.traj.tracks()[0].poses)
+    diff = np.linalg.norm(track[:, :3, 3] - off[:, :3, 3], axis=1)
+    rot = np.linalg.norm(so3_log(np.swapaxes(track[:, :3, :3], 1, 2) @ off[:, :3, :3]), axis=1)
+    assert diff.max() < 0.05 and rot.max() < 2e-3, (diff.max(), rot.max())
+
+
+@pytest.mark.parametrize('rate', ['scan', 'imu'])
+def test_a_missing_step_is_bridged_by_the_filter(world, rate):
+    hole = (20, 21, 22)          # steps 19->20, 20->21, 21->22 never arrive
+    rep = Replay(world, rate, skip=hole)
+    bridged = [r for r in rep.records if r.bridged]
+    assert [r.bridged for r in bridged] == ['filter']
+    rec = bridged[0]
+    scan_ns = world['stamps_ns'][world['scans']]
+    assert rec.stamp_ns == scan_ns[22] and rec.dt == pytest.approx(0.3)
+    by_stamp = {r.stamp_ns: r for r in rep.records}
+    trace = [np.trace(by_stamp[scan_ns[k]].cov[:3, :3]) for k in (16, 19, 22, 23)]
+    measured, bridged_growth = trace[1] - trace[0], trace[2] - trace[1]
+    assert bridged_growth > 3 * measured > 0, \
+        f'the position covariance grows over the hole more than over measured steps: {trace}'
+    assert trace[3] < trace[2], 'and shrinks with the next relative pose'
+    stats = rep.traj.stats()
+    assert stats['bridged'] == 1 and stats['segments'] == 1
+    off = rep.offline(mask=~np.isin(np.arange(1, len(scan_ns)), hole))
+    expect = from_scan1(off.scan_poses)[21]                    # scan 22
+    track = rep.traj.tracks()[0]
+    got = from_scan1(track.poses)[list(track.stamps_ns).index(rec.stamp_ns) - 1]
+    # Offline clones scans 20 and 21 too (no relative pose comes for them): 1e-7 m apart.
+    tol = 1e-6 if rate == 'scan' else 0.05
+    assert np.abs(got[:3, 3] - expect[:3, 3]).max() < tol
+
+
+def test_without_camera_and_lidar_the_imu_carries_the_pose_on(world):
+    masked = range(15, 35)          # 2 s: the network's IMU-only steps are not used
+    rep = Replay(world, 'imu', measured=lambda k: k not in masked)
+    assert rep.src.counts['filter_imu_only_steps'] == len(masked)
+    applied = rep.src.stats()['filter_relpose_applied']
+    assert applied == len(world['scans']) - 1 - len(masked)
+    scan_ns = world['stamps_ns'][world['scans']]
+    inside = [r for r in rep.imu_records if scan_ns[15] < r.stamp_ns < scan_ns[34]]
+    assert len(inside) == 19 * SCAN_EVERY - 1, 'IMU-rate poses go on through the outage'
+    trace = [np.trace(r.cov[:3, :3]) for r in inside]
+    assert trace[-1] > 2 * trace[0], 'the position covariance grows on the IMU alone'
+    recs = {r.stamp_ns: r for r in rep.records}
+    assert all(np.isfinite(recs[s].pose).all() for s in scan_ns[1:])
+    # The poses in the outage are the filter's, not the network's steps (equal to offline).
+    off = Replay(world, 'scan', measured=lambda k: k not in masked)
+    mask = ~np.isin(np.arange(1, len(scan_ns)), list(masked))
+    res = off.offline(mask=mask)
+    np.testing.assert_allclose(from_scan1(off.traj.tracks()[0].poses),
+                               from_scan1(res.scan_poses), atol=1e-9)
+
+
+def test_until_the_filter_is_ready_the_steps_are_chained_then_continue(world):
+    late = dict(world, scans=world['scans'][world['scans'] >= 0] - FIRST_SCAN + 10)
+    rep = Replay(late, 'scan')     # IMU from 0.1 s before the first scan: not ready at once
+    assert rep.src.counts['filter_chained_steps'] > 0 and rep.src.counts['filter_steps'] > 0
+    poses = rep.traj.tracks()[0].poses
+    steps = np.linalg.norm(np.diff(poses[:, :3, 3], axis=0), axis=1)
+    truth = np.linalg.norm(late['rel'][:, :3], axis=1)
+    assert np.abs(steps - truth).max() < 0.2, 'no jump where the filter takes over'
+
+
+def test_build_filter_source_modes(tmp_path):
+    from mm_fusion_ros.filter.checkpoint import embed_filter, filter_payload
+    from mm_fusion_ros.filter.noise_net import NoiseNet, NoiseNetConfig
+    src, why = build_filter_source(OnlineFilterConfig())
+    assert src is None and 'no weights' in why and 'filter.checkpoint' in why
+    src, why = build_filter_source(OnlineFilterConfig(mode='on'))
+    assert src is not None and src.noise_model is None and 'WITHOUT' in why
+    assert build_filter_source(OnlineFilterConfig(mode='off'))[0] is None
+    net = NoiseNet(NoiseNetConfig(window=16, channels=4, hidden=8, speed_head=False))
+    fusion = embed_filter({'model': {}, 'config': {}}, filter_payload(FilterConfig(), net))
+    src, why = build_filter_source(OnlineFilterConfig(), fusion, 'init.pth')
+    assert src.noise_model is not None and 'init.pth' in why
+    with pytest.raises(ValueError, match='publish_rate'):
+        OnlineFilterConfig(publish_rate='fast')
