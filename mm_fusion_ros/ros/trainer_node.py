@@ -35,7 +35,7 @@ from mm_fusion_ros.runtime.process import lower_thread_priority
 from mm_fusion_ros.runtime.workers import FaultLog, Worker
 from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.training.config import TrainConfig
-from mm_fusion_ros.training.online import build_online_trainer as build_trainer
+from mm_fusion_ros.training.learner import build_trainer
 from mm_fusion_ros.training.online import ONLINE_TRAIN_DEFAULTS, OnlineConfig
 from mm_fusion_ros.trajectory.chain import TrajectoryConfig
 
@@ -179,7 +179,7 @@ class TrainerNode(Node):
     # --- shutdown ------------------------------------------------------------------------
     def problems(self) -> list:
         out = [f'worker {self.worker.name} ended'] if self.worker.failed else []
-        return out + [f'{what} not written: {e}' for what, e in self.trainer.write_failures]
+        return out + self.trainer.problems()
 
     def shutdown(self) -> dict:
         """Stop training, then write the final checkpoint, buffer and trajectories."""
