@@ -270,7 +270,7 @@ class Learner:
     def _state(self) -> dict:
         errors, self.errors = self.errors, []
         return {'metrics': self.trainer.metrics(), 'step': self.trainer.core.step_count,
-                'errors': errors}
+                'buffer': self.trainer.buffer.stats(), 'errors': errors}
 
     def _answer(self, req_id, name, args) -> bool:
         """Handle one command and reply; True after shutdown."""
@@ -407,7 +407,7 @@ class LearnerBuffer:
         return self.client.send_sample(sample)
 
     def __len__(self):
-        return int(self._stats.get('size', 0))
+        return int(self._stats['size'])
 
     def stats(self) -> dict:
         return {**self._stats, 'learner_missed': self.client.missed}
@@ -489,7 +489,7 @@ class ProcessOnlineTrainer(OnlineTrainer):
         self._learner_metrics = state['metrics']
         self._learner_errors += state.get('errors', [])
         self.core.step_count = int(state['step'])
-        self.buffer._stats = {'size': state['metrics'].get('buffer_size', 0)}
+        self.buffer._stats = dict(state['buffer'])
 
     def _local_metrics(self) -> dict:
         return {**OnlineTrainer.metrics(self), 'weight_swaps': self.weight_swaps,
