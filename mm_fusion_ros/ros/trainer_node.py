@@ -1,8 +1,8 @@
 """Trainer node: online fine-tuning, the predicted trajectory for RViz, checkpoints.
 
 A thin shell over training.online.OnlineTrainer and the runtime cores. Gradient steps run in a
-worker thread at idle priority; each sample the synchronizer hands over is predicted at once and
-its trajectory poses (a bridged one first when the sample left a hole) go out on /mm_fusion/odom
+worker thread at idle priority, or in a learner process it watches (learner: process); each
+sample the synchronizer hands over is predicted at once and its poses go out on /mm_fusion/odom
 (pose covariance in odom, twist in base_link_pred), the segment's paths on /mm_fusion/path and
 /mm_fusion/gt_path, odom -> base_link_pred on /tf (with tf2_msgs), the status on /diagnostics.
 Services: ~/save_checkpoint (Trigger; message = written path), ~/set_training (SetBool).
