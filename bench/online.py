@@ -11,7 +11,8 @@ with training off, the baseline of the same run. The player runs inside this pro
 (bag.playback and the bag_player node), so the wall time at which each scan was published and
 the wall time at which its pose arrived on /mm_fusion/odom come from one clock: latency = odom
 arrival - publication of the scan whose stamp the odom carries. The node runs in a process of
-its own, as in use; its RSS and CPU time are read from /proc/<pid> every 0.25 s (the RSS series
+its own, as in use; its RSS and CPU time (with its children: the learner process) are read from
+/proc every 0.25 s (the RSS series
 is written to WORK_DIR/run_<rate>x_<training>/rss.csv).
 
 Drops: messages published by the player vs received by the synchronizer (its /diagnostics),
@@ -126,7 +127,8 @@ class TimedPlayer(BagPlayer):
 # --- the node under test ---------------------------------------------------------------------
 class ProcSampler(threading.Thread):
     """RSS (VmRSS of /proc/<pid>/status) and CPU seconds (utime + stime of /proc/<pid>/stat)
-    of the node process every RSS_PERIOD_S."""
+    of the node process and its child processes (with learner:=process the learner and
+    multiprocessing's resource tracker) every RSS_PERIOD_S."""
 
     def __init__(self, pid):
         super().__init__(daemon=True)
@@ -136,24 +138,44 @@ class ProcSampler(threading.Thread):
         self.tick = os.sysconf('SC_CLK_TCK')
 
     def run(self):
-        proc = Path(f'/proc/{self.pid}')
         while not self.stop.is_set():
-            try:
-                status, stat = (proc / 'status').read_text(), (proc / 'stat').read_text()
-            except (FileNotFoundError, ProcessLookupError):
+            node = _proc_usage(self.pid)
+            if node is None:
                 return
-            rss = [int(line.split()[1]) for line in status.splitlines()
-                   if line.startswith('VmRSS:')]
-            if rss:   # a zombie has no VmRSS line
-                fields = stat.rsplit(')', 1)[1].split()
-                cpu = (int(fields[11]) + int(fields[12])) / self.tick
-                self.samples.append((time.monotonic(), rss[0] / 1024.0, cpu))
+            if node[0] is not None:   # a zombie has no VmRSS line
+                usage = [node] + [u for u in map(_proc_usage, _children(self.pid))
+                                  if u is not None and u[0] is not None]
+                self.samples.append((time.monotonic(), sum(u[0] for u in usage) / 1024.0,
+                                     sum(u[1] for u in usage) / self.tick))
             self.stop.wait(RSS_PERIOD_S)
 
     def cpu_between(self, t0, t1) -> float:
         """CPU seconds the node used between two monotonic times (nearest samples)."""
         inside = [(t, c) for t, _, c in self.samples if t0 <= t <= t1]
         return inside[-1][1] - inside[0][1] if len(inside) > 1 else float('nan')
+
+
+def _proc_usage(pid):
+    """(VmRSS kB or None for a zombie, utime + stime ticks) of a process, None if gone."""
+    proc = Path(f'/proc/{pid}')
+    try:
+        status, stat = (proc / 'status').read_text(), (proc / 'stat').read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    rss = [int(line.split()[1]) for line in status.splitlines() if line.startswith('VmRSS:')]
+    fields = stat.rsplit(')', 1)[1].split()
+    return (rss[0] if rss else None), int(fields[11]) + int(fields[12])
+
+
+def _children(pid) -> list:
+    """Child process ids of all of a process's threads (/proc/<pid>/task/*/children)."""
+    out = []
+    for task in Path(f'/proc/{pid}/task').glob('*'):
+        try:
+            out += [int(c) for c in (task / 'children').read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return out
 
 
 class Probe:

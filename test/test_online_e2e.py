@@ -39,15 +39,17 @@ def world(online_world):
 
 
 # --- scenario: train, save, stop training, lose the camera, SIGINT ------------------------------
-@pytest.fixture(scope='module')
-def scenario(world, tmp_path_factory):
-    out = tmp_path_factory.mktemp('scenario')
+# In both learner modes: gradient steps in a thread of the node, or in a learner process.
+@pytest.fixture(scope='module', params=['thread', 'process'])
+def scenario(world, tmp_path_factory, request):
+    out = tmp_path_factory.mktemp(f'scenario_{request.param}')
     scans = world['scans']
     # End part 1 between scans so that its last scan's IMU (100 Hz) is in it too.
     cut_s = (scans[CAMERA_CUT_SCAN] - scans[0]) / 1e9 + 0.05
     params = {'initial_checkpoint': world['checkpoint'], 'checkpoint_dir': out / 'ckpt',
               'buffer_path': out / 'buffer.npz', 'trajectory_dir': out / 'traj',
-              'log_csv': out / 'steps.csv', 'log_every': 1, 'updates_per_sample': 2.0}
+              'log_csv': out / 'steps.csv', 'log_every': 1, 'updates_per_sample': 2.0,
+              'learner': request.param}
     rec = {'out': out, 'cut_samples': CAMERA_CUT_SCAN}
     with online_session(out, 'node.log', **params) as (env, node, probe):
         play(env, world['bag'], 2.0, duration=cut_s)

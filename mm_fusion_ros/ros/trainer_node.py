@@ -1,8 +1,8 @@
 """Trainer node: online fine-tuning, the predicted trajectory for RViz, checkpoints.
 
 A thin shell over training.online.OnlineTrainer and the runtime cores. Gradient steps run in a
-worker thread at idle priority; each sample the synchronizer hands over is predicted at once and
-its trajectory poses (a bridged one first when the sample left a hole) go out on /mm_fusion/odom
+worker thread at idle priority, or in a learner process it watches (learner: process); each
+sample the synchronizer hands over is predicted at once and its poses go out on /mm_fusion/odom
 (pose covariance in odom, twist in base_link_pred), the segment's paths on /mm_fusion/path and
 /mm_fusion/gt_path, odom -> base_link_pred on /tf (with tf2_msgs), the status on /diagnostics
 (ros/pose_output.py). With the inertial filter (filter.*, filter/online.py) the poses are its,
@@ -35,7 +35,7 @@ from mm_fusion_ros.runtime.process import lower_thread_priority
 from mm_fusion_ros.runtime.workers import FaultLog, Worker
 from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.training.config import TrainConfig
-from mm_fusion_ros.training.online import build_online_trainer as build_trainer
+from mm_fusion_ros.training.learner import build_trainer
 from mm_fusion_ros.training.online import ONLINE_TRAIN_DEFAULTS, OnlineConfig
 from mm_fusion_ros.trajectory.chain import TrajectoryConfig
 
@@ -147,7 +147,7 @@ class TrainerNode(Node):
     # --- shutdown ------------------------------------------------------------------------
     def problems(self) -> list:
         out = [f'worker {self.worker.name} ended'] if self.worker.failed else []
-        return out + [f'{what} not written: {e}' for what, e in self.trainer.write_failures]
+        return out + self.trainer.problems()
 
     def shutdown(self) -> dict:
         """Stop training, then write the final checkpoint, buffer and trajectories."""

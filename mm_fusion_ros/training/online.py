@@ -101,6 +101,10 @@ class OnlineConfig(ConfigBase):
     log_every: int = field(default=10, metadata={'help': 'log a row every N gradient steps'})
     device: str = field(default='cpu', metadata={'help': 'cpu | cuda | auto'})
     num_threads: int = field(default=0, metadata={'help': 'torch threads (0 = torch default)'})
+    learner: str = field(default='thread', metadata={
+        'help': 'thread: gradient steps in a thread of the node process; process: in a learner '
+                'process of their own (training/learner.py), weights handed over in shared '
+                'memory'})
 
     def __post_init__(self):
         if self.updates_per_sample < 0 or self.max_step_debt < 1 or self.min_buffer < 1:
@@ -111,6 +115,8 @@ class OnlineConfig(ConfigBase):
             raise ValueError('OnlineConfig needs autosave_interval_s >= 0 and log_every >= 1')
         if self.device not in ('cpu', 'cuda', 'auto'):
             raise ValueError(f'OnlineConfig.device={self.device!r}; choose cpu, cuda or auto')
+        if self.learner not in ('thread', 'process'):
+            raise ValueError(f'OnlineConfig.learner={self.learner!r}; choose thread or process')
 
 
 def initial_payload(cfg: OnlineConfig):
@@ -482,6 +488,10 @@ class OnlineTrainer:
                          'gt': files['gt'].name if 'gt' in files else ''})
         written['segments'] = str(write_segments_index(out_dir, rows))
         return written
+
+    def problems(self) -> list:
+        """What makes the node exit non-zero: files not written at shutdown."""
+        return [f'{what} not written: {e}' for what, e in self.write_failures]
 
     def shutdown(self) -> dict:
         """Final checkpoint, buffer and trajectories, as configured; returns what was written.

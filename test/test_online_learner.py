@@ -1,0 +1,160 @@
+"""The learner process (issue 16): OnlineTrainer with learner='process', for real: a spawned
+torch.multiprocessing process trains on the samples the predictor hands it through shared
+memory and hands its weights back; no mocks. Same tiny model and samples as test_online_core.
+"""
+import os
+import signal
+import time
+
+from conftest import make_tiny_kitti
+import numpy as np
+import pytest
+import torch
+
+from mm_fusion_ros.config import SampleConfig
+from mm_fusion_ros.kitti.dataset import KITTIOdomPointDataset
+from mm_fusion_ros.model.config import ModelConfig
+from mm_fusion_ros.sync.config import BufferConfig
+from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
+from mm_fusion_ros.training.checkpoint import load_checkpoint
+from mm_fusion_ros.training.config import TrainConfig
+from mm_fusion_ros.training.learner import build_trainer, LearnerError, ProcessOnlineTrainer
+from mm_fusion_ros.training.online import OnlineConfig, sample_config_for
+from mm_fusion_ros.trajectory.chain import TrajectoryConfig
+
+FRAMES = 9
+MODEL = ModelConfig(image_height=16, image_width=48, visual_encoder='dummy', bev_cells=32,
+                    bev_max_shift_cells=4, bev_channels=(4, 8, 16), point_dim=16, imu_channels=8,
+                    imu_dim=8, visual_dim=8, fusion_dim=16, head_hidden=16)
+TRAIN = TrainConfig(learning_rate=1e-3, batch_size=2)
+DEADLINE_S = 30.0
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = make_tiny_kitti(tmp_path_factory.mktemp('kitti') / 'data', frames=FRAMES)
+    sample_cfg = sample_config_for(MODEL, SampleConfig(max_points=128))
+    dataset = KITTIOdomPointDataset(root, ['00'], sample_cfg=sample_cfg)
+    return {'samples': [dataset[i] for i in range(len(dataset))], 'sample_cfg': sample_cfg}
+
+
+@pytest.fixture
+def make(tmp_path, data):
+    made = []
+
+    def build(**online):
+        cfg = OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'), learner='process',
+                           num_threads=1, **online)
+        trainer = build_trainer(cfg, TRAIN, MODEL, data['sample_cfg'],
+                                BufferConfig(capacity=50), TrajectoryConfig())
+        made.append(trainer)
+        return trainer
+    yield build
+    for trainer in made:     # a test that failed half way must not leave a learner behind
+        if trainer.client.alive:
+            trainer.client.process.kill()
+            trainer.client.process.join(5)
+
+
+def wait_until(condition, what):
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f'no {what} within {DEADLINE_S} s'
+        time.sleep(0.05)
+
+
+def weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.infer_model.state_dict().items()}
+
+
+def test_the_learner_trains_and_the_predictor_takes_its_weights_between_samples(make, data):
+    trainer = make(updates_per_sample=1.0, min_buffer=2)
+    assert isinstance(trainer, ProcessOnlineTrainer) and trainer.client.alive
+    assert os.getpid() != trainer.client.process.pid
+    samples = data['samples']
+    first = trainer.on_sample(samples[0])
+    before = weights(trainer)
+    for s in samples[1:]:
+        trainer.on_sample(s)
+    wait_until(lambda: trainer.metrics()['online_steps'] >= len(samples), 'steps')
+    m = trainer.metrics()
+    assert m['online_samples'] == len(samples) and m['buffer_size'] == len(samples)
+    assert m['online_steps'] == trainer.core.step_count == len(samples)   # 1 per sample
+    assert m['learner_missed_samples'] == 0 and m['learner_alive']
+    # the weights reach the predictor at the next sample, not before: a version swap
+    version = trainer._version
+    assert trainer.client.weights.version.value > version
+    assert all(torch.equal(before[k], v) for k, v in weights(trainer).items())
+    again = trainer.on_sample(samples[0])
+    assert trainer._version == trainer.client.weights.version.value > version
+    assert any(not torch.equal(before[k], v) for k, v in weights(trainer).items())
+    assert not np.allclose(again.mean, first.mean, atol=1e-7), 'the prediction did not change'
+    trainer.shutdown()
+    assert not trainer.client.alive and trainer.client.process.exitcode == 0
+
+
+def test_save_checkpoint_via_the_learner_and_shutdown_files(make, data, tmp_path):
+    trainer = make(updates_per_sample=1.0, min_buffer=2, buffer_path=str(tmp_path / 'buf.npz'),
+                   log_csv=str(tmp_path / 'steps.csv'), log_every=1)
+    for s in data['samples']:
+        trainer.on_sample(s)
+    wait_until(lambda: trainer.metrics()['online_steps'] >= 3, 'steps')
+    path = trainer.save_checkpoint()
+    assert path.parent == tmp_path / 'ckpt' and path.name.startswith('online_step')
+    payload = load_checkpoint(path)     # weights_only=True
+    assert payload['step'] >= 3 and payload['config']['model'] == MODEL.to_dict()
+    assert payload['optimizer'] is not None
+    assert payload['metrics']['online_samples'] == FRAMES - 1        # the predictor's count
+    assert payload['metrics']['online_steps'] == payload['step']
+    # an unwritable path is an error naming it, and the learner goes on
+    with pytest.raises(LearnerError, match='not_a_dir'):
+        (tmp_path / 'not_a_dir').write_text('')
+        trainer.save_checkpoint(tmp_path / 'not_a_dir' / 'x.pth')
+    assert trainer.client.alive
+    written = trainer.shutdown()
+    final = load_checkpoint(written['checkpoint'])
+    assert final['metrics']['online_samples'] == FRAMES - 1
+    assert len(ReplayBuffer.load(written['buffer'])) == FRAMES - 1
+    rows = (tmp_path / 'steps.csv').read_text().splitlines()
+    assert len(rows) - 1 == final['metrics']['online_steps'] >= 3    # the learner's CSV
+    assert trainer.problems() == []
+
+
+def test_set_training_false_stops_steps_and_the_learning_rate_reaches_the_learner(make, data,
+                                                                                  tmp_path):
+    trainer = make(updates_per_sample=2.0, min_buffer=2)
+    trainer.set_learning_rate(1e-5)
+    trainer.set_training(False)
+    for s in data['samples']:
+        trainer.on_sample(s)
+    trainer.metrics()                   # a round trip: every sample has reached the learner
+    a = load_checkpoint(trainer.save_checkpoint(tmp_path / 'a.pth'))
+    assert a['metrics']['online_steps'] == 0 and a['metrics']['buffer_size'] == FRAMES - 1
+    assert not a['metrics']['training_enabled']
+    assert a['optimizer']['param_groups'][0]['lr'] == 1e-5
+    trainer.set_training(True)
+    trainer.on_sample(data['samples'][0])
+    wait_until(lambda: trainer.metrics()['online_steps'] >= 2, 'steps after set_training(True)')
+    trainer.set_training(False)         # returns after a step in flight: no step after it
+    steps = trainer.core.step_count
+    for s in data['samples']:
+        trainer.on_sample(s)
+    assert trainer.metrics()['online_steps'] == steps
+    trainer.shutdown()
+
+
+def test_a_killed_learner_is_detected_and_is_a_problem(make, data):
+    trainer = make(updates_per_sample=1.0)
+    trainer.on_sample(data['samples'][0])
+    os.kill(trainer.client.process.pid, signal.SIGKILL)
+    trainer.client.process.join(10)
+    with pytest.raises(LearnerError, match='died'):
+        trainer.train_pending()
+    assert trainer.train_pending() == 0            # reported again only after DEAD_REPORT_S
+    assert trainer.on_sample(data['samples'][1]).frame == 2   # predictions go on
+    assert not trainer.metrics()['learner_alive']
+    with pytest.raises(LearnerError, match='not running'):
+        trainer.save_checkpoint()
+    trainer.shutdown()
+    assert any('died' in p for p in trainer.problems())
+    assert any('checkpoint' in p or 'learner' in p for p in trainer.problems())
