@@ -42,11 +42,11 @@ def data(tmp_path_factory):
 def make(tmp_path, data):
     made = []
 
-    def build(**online):
+    def build(filter_cfg=None, **online):
         cfg = OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'), learner='process',
                            num_threads=1, **online)
         trainer = build_trainer(cfg, TRAIN, MODEL, data['sample_cfg'],
-                                BufferConfig(capacity=50), TrajectoryConfig())
+                                BufferConfig(capacity=50), TrajectoryConfig(), filter_cfg)
         made.append(trainer)
         return trainer
     yield build
@@ -158,3 +158,17 @@ def test_a_killed_learner_is_detected_and_is_a_problem(make, data):
     trainer.shutdown()
     assert any('died' in p for p in trainer.problems())
     assert any('checkpoint' in p or 'learner' in p for p in trainer.problems())
+
+
+def test_checkpoints_the_learner_writes_embed_the_predictors_filter(make, data):
+    """The filter runs in the predictor; the learner writes the checkpoints: it gets the
+    filter's section at spawn, so both modes' checkpoints carry it (DESIGN §10)."""
+    from mm_fusion_ros.filter.checkpoint import load_filter
+    from mm_fusion_ros.filter.online import OnlineFilterConfig
+    trainer = make(filter_cfg=OnlineFilterConfig(mode='on'), min_buffer=2)
+    assert trainer.filter is not None and trainer.filter_section is not None
+    trainer.on_sample(data['samples'][0])
+    cfg, noise = load_filter(trainer.save_checkpoint())   # weights_only, from the fusion file
+    assert noise is None and cfg is not None
+    written = trainer.shutdown()
+    assert load_filter(written['checkpoint'])[0] == cfg

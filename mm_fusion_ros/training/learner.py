@@ -35,6 +35,7 @@ import torch
 import torch.multiprocessing as tmp
 
 from mm_fusion_ros.config import SampleConfig
+from mm_fusion_ros.filter.online import OnlineFilterConfig
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.runtime.process import lower_thread_priority
 from mm_fusion_ros.sync.config import BufferConfig
@@ -49,6 +50,7 @@ from mm_fusion_ros.training.checkpoint import checkpoint_imu_window, load_checkp
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.online import (
     build_online_trainer,
+    build_trajectory,
     initial_payload,
     OnlineConfig,
     OnlineTrainer,
@@ -171,6 +173,7 @@ class LearnerSpec:
     buffer_cfg: BufferConfig
     checkpoint: str          # the predictor's initial checkpoint ('' = fresh model)
     parent_pid: int
+    filter_section: dict = None   # the predictor's inertial filter, embedded in checkpoints
 
 
 # --- the learner process -------------------------------------------------------------------
@@ -185,6 +188,7 @@ class LearnerTrainer(OnlineTrainer):
                          spec.model_cfg, buffer=buffer, sample_cfg=spec.sample_cfg,
                          initial=initial)
         self.infer_model = None          # the predictor's copy is the one in use
+        self.filter_section = spec.filter_section
         self.weights = weights
         self.predictor_metrics = {}      # the predictor's counters, sent with each command
         self.weights.publish(self.core.model.state_dict())   # the resumed optimiser's model
@@ -432,7 +436,7 @@ class ProcessOnlineTrainer(OnlineTrainer):
                          sample_cfg=sample_cfg, trajectory=trajectory, initial=initial)
         self.cfg = online_cfg
         spec = LearnerSpec(online_cfg, train_cfg, self.core.model_cfg, sample_cfg, buffer_cfg,
-                           self.source, os.getpid())
+                           self.source, os.getpid(), self.filter_section)
         self._infer_state = self.infer_model.state_dict()
         self._closing = threading.Event()
         self._dead_reported = -math.inf
@@ -546,16 +550,18 @@ class ProcessOnlineTrainer(OnlineTrainer):
 
 
 def build_trainer(online_cfg: OnlineConfig, train_cfg: TrainConfig, model_cfg: ModelConfig,
-                  base_sample: SampleConfig, buffer_cfg, trajectory_cfg) -> OnlineTrainer:
+                  base_sample: SampleConfig, buffer_cfg, trajectory_cfg,
+                  filter_cfg: OnlineFilterConfig = None) -> OnlineTrainer:
     """online_cfg.learner 'thread': training.online.build_online_trainer; 'process': the same
     order, but the replay buffer is opened by the learner process."""
     if online_cfg.learner == 'thread':
         return build_online_trainer(online_cfg, train_cfg, model_cfg, base_sample, buffer_cfg,
-                                    trajectory_cfg)
+                                    trajectory_cfg, filter_cfg)
     initial = initial_payload(online_cfg)
     payload = initial[0]
     if payload is not None:
         model_cfg = ModelConfig.from_dict(payload['config']['model'])
     sample_cfg = sample_config_for(model_cfg, base_sample, checkpoint_imu_window(payload))
     return ProcessOnlineTrainer(online_cfg, train_cfg, model_cfg, sample_cfg, buffer_cfg,
-                                trajectory=OnlineTrajectory(trajectory_cfg), initial=initial)
+                                trajectory=build_trajectory(trajectory_cfg, filter_cfg, *initial),
+                                initial=initial)

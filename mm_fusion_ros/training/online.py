@@ -207,6 +207,8 @@ class OnlineTrainer:
         self.trajectory = trajectory or OnlineTrajectory()
         source = self.trajectory.source     # the inertial filter, when it runs (filter/online.py)
         self.filter = source if isinstance(source, FilterPoseSource) else None
+        # The filter's checkpoint section, embedded in every checkpoint written.
+        self.filter_section = self.filter.section if self.filter is not None else None
         self.rng = np.random.default_rng(train_cfg.seed)
         self._model_lock = threading.Lock()     # guards the inference copy
         self._state_lock = threading.Lock()     # guards counters and trajectories
@@ -411,8 +413,8 @@ class OnlineTrainer:
             step = self.core.step_count
             payload = _clone_tensors(self.core.state_dict(metrics=self.metrics(),
                                                           sample_cfg=self.sample_cfg))
-        if self.filter is not None:   # the filter's weights travel with the model (DESIGN §10)
-            payload = embed_filter(payload, self.filter.section)
+        if self.filter_section is not None:   # the filter's weights travel with the model
+            payload = embed_filter(payload, self.filter_section)   # (DESIGN §10)
         path = Path(path) if path else self.checkpoint_path(f'online_step{step:07d}.pth')
         return save_checkpoint(path, payload)
 
