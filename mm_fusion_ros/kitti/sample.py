@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import zlib
 
 import numpy as np
-from PIL import Image
+import torch
 
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.geometry import invert_pose, pose_to_vec6, relative_pose
@@ -156,13 +156,24 @@ def resample_imu(cfg: SampleConfig, imu: ImuData, t_prev: float, t_cur: float):
 
 
 def resize_image(image: np.ndarray, cfg: SampleConfig) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, h, w) uint8 at the configured size (bilinear)."""
+    """(H, W, 3) uint8 -> (3, h, w) uint8 at the configured size (bilinear, antialiased).
+
+    torch's uint8 antialiased bilinear resize on the channels-last view: the filter of PIL's
+    Image.resize(BILINEAR) (support scaled by the reduction, pixel centres onto pixel centres)
+    in fixed point: within 1 or 2 of PIL's pixels (test_resize_close_to_pil), for several
+    times less CPU (docs/online_runtime.md). The offline Dataset and the online synchronizer both
+    resize here, so training and inference see the same pixels."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f'image must be (H, W, 3) uint8, got {image.shape} {image.dtype}')
-    if image.shape[:2] != (cfg.image_height, cfg.image_width):
-        image = np.asarray(Image.fromarray(image).resize(
-            (cfg.image_width, cfg.image_height), Image.BILINEAR))
-    return np.ascontiguousarray(image.transpose(2, 0, 1))
+    if image.shape[:2] == (cfg.image_height, cfg.image_width):
+        return np.ascontiguousarray(image.transpose(2, 0, 1))
+    if not image.flags.writeable or not image.flags.c_contiguous:   # torch wants writeable
+        image = np.array(image, order='C')
+    hwc = torch.from_numpy(image)
+    out = torch.nn.functional.interpolate(
+        hwc.permute(2, 0, 1).unsqueeze(0), size=(cfg.image_height, cfg.image_width),
+        mode='bilinear', align_corners=False, antialias=True)
+    return out[0].contiguous().numpy()
 
 
 def sample_points(scan: np.ndarray, n: int, rng: np.random.Generator):

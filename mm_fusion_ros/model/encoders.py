@@ -114,43 +114,67 @@ class FlowVisualEncoder(nn.Module):
             return calib[0].float(), calib[1].float()
         return (self.intrinsics.expand(b, -1, -1), self.t_cam_lidar.expand(b, -1, -1))
 
-    def forward(self, image, calib=None, depth=None):
+    def forward(self, image, calib=None, depth=None, cache: 'ScanCache' = None):
         """image (B, 2, 3, H, W) uint8; calib (intrinsics (B, 3, 3), t_cam_lidar (B, 4, 4)) or
-        None for the default; depth (B, 2, 2, H, W) from camera.lidar_depth_image or None."""
+        None for the default; depth (B, 2, 2, H, W) from camera.lidar_depth_image or None.
+        cache: reuse the previous sample's second frame (inference on one sample at a time)."""
         if tuple(image.shape[-2:]) != self.size:
             raise ValueError(f'image size {tuple(image.shape[-2:])} does not match the model '
                              f'(image_height, image_width) = {self.size}')
         b = image.shape[0]
         k, t = self.calibration(b, calib)
         ground = camera.ground_homography(k, t, self.ground_z)
-        x = (image.float() - PIXEL_MEAN) / PIXEL_STD
-        scores, yaw0 = self.sweep(x, ground)
+        gray, feats = self.frame_features(image, depth, cache)
+        scores, yaw0 = self.sweep(gray, ground)
         cell = self.cfg.ipm_cell_m
         mx, my = self.shift[1]
-        axes = (self.fine_yaws, torch.arange(-mx, mx + 1, device=x.device) * cell,
-                torch.arange(-my, my + 1, device=x.device) * cell)
+        axes = (self.fine_yaws, torch.arange(-mx, mx + 1, device=image.device) * cell,
+                torch.arange(-my, my + 1, device=image.device) * cell)
         est, peak = camera.peak_soft_argmax(scores, axes, (2, 3, 3), self.log_beta)
         step = torch.stack([est[:, 1], est[:, 2], est[:, 0] + yaw0], dim=1)   # x, y, yaw
-        if self.cfg.visual_depth:
-            frames = torch.cat([x, depth if depth is not None else
-                                x.new_zeros(b, 2, 2, *self.size)], dim=2)
-        else:
-            frames = x
-        feats = self.stem(frames.flatten(0, 1)).view(b, 2, -1, *self.stem_size())
         residual = self.residual(feats, step.detach(), ground)
         return torch.cat([residual, peak.unsqueeze(1) / 10.0, step[:, [0, 2]]], dim=1)
 
-    def stem_size(self):
-        h, w = self.size
-        for _ in range(2):
-            h, w = (h + 1) // 2, (w + 1) // 2
-        return h, w
+    def frame_features(self, image, depth, cache=None):
+        """The per-frame parts: high-passed grey (B, 2, 1, H, W) and stem features
+        (B, 2, C, h, w). With a cache, frame k-1 of this sample is reused when it is the frame
+        k (image and depth equal) of the previous one."""
+        if cache is None:
+            return self._frame_features(image, depth)
+        if image.shape[0] != 1 or self.training:
+            raise ValueError('ScanCache serves inference (eval mode) on one sample at a time, '
+                             f'got a batch of {image.shape[0]} in '
+                             f'{"training" if self.training else "eval"} mode')
+        depth0 = None if depth is None else depth[:, :1]
+        depth1 = None if depth is None else depth[:, 1:]
+        with torch.no_grad():
+            hit = cache.holds_frame(image[0, 0], depth0)
+            if hit and cache.frame_feats is not None:
+                cache.frame_hits += 1
+                gray1, feats1 = self._frame_features(image[:, 1:], depth1)
+                gray = torch.cat([cache.frame_gray, gray1], dim=1)
+                feats = torch.cat([cache.frame_feats, feats1], dim=1)
+            else:
+                cache.frame_misses += 1
+                gray, feats = self._frame_features(image, depth)
+            cache.store_frame(image[0, 1], depth1, gray[:, 1:], feats[:, 1:])
+        return gray, feats
+
+    def _frame_features(self, image, depth):
+        b, s = image.shape[:2]
+        x = (image.float() - PIXEL_MEAN) / PIXEL_STD
+        gray = camera.high_pass_gray(x.flatten(0, 1), self.box).view(b, s, 1, *self.size)
+        if self.cfg.visual_depth:
+            x = torch.cat([x, depth if depth is not None else
+                           x.new_zeros(b, s, 2, *self.size)], dim=2)
+        feats = self.stem(x.flatten(0, 1))
+        return gray, feats.view(b, s, *feats.shape[1:])
 
     @torch.no_grad()
-    def sweep(self, x, ground):
-        """Score volume (B, 9, 2 mx + 1, 2 my + 1) of the fine sweep and its yaw centre (B,)."""
-        b = x.shape[0]
-        gray = camera.high_pass_gray(x.flatten(0, 1), self.box).view(b, 2, 1, *self.size)
+    def sweep(self, gray, ground):
+        """Score volume (B, 9, 2 mx + 1, 2 my + 1) of the fine sweep and its yaw centre (B,),
+        from both frames' high-passed grey (B, 2, 1, H, W)."""
+        b = gray.shape[0]
         change = (gray[:, 1] - gray[:, 0]).abs()
         weight = (camera.box_mean(camera.box_mean(change, 5, -1), 5, -2) + 1e-3).sqrt()
         first, second = gray[:, 0] * weight, gray[:, 1] * weight
@@ -241,9 +265,17 @@ def global_correlation(f0, f1, max_shift: int):
     """Whole-grid cross-correlation sum_x <f0(x), f1(x + d)> for |d| <= max_shift cells, via FFT,
     standardised per sample -> (B, (2 max_shift + 1)^2). Its peak is the dominant shift of the
     scene between the scans, i.e. the translation, at full grid resolution."""
-    size = f0.shape[-2:]
-    spec = (torch.fft.rfft2(f0.float()).conj() * torch.fft.rfft2(f1.float())).sum(dim=1)
-    corr = torch.fft.irfft2(spec, s=size)
+    return correlate_spectra(spectrum(f0), spectrum(f1), f0.shape[-2:], max_shift)
+
+
+def spectrum(f):
+    """The per-grid half of global_correlation: rfft2 of (B, C, G, G) grids."""
+    return torch.fft.rfft2(f.float())
+
+
+def correlate_spectra(s0, s1, size, max_shift: int):
+    """global_correlation from the two grids' spectra (spectrum) and the grid size."""
+    corr = torch.fft.irfft2((s0.conj() * s1).sum(dim=1), s=size)
     corr = torch.roll(corr, shifts=(max_shift, max_shift), dims=(-2, -1))
     corr = corr[..., :2 * max_shift + 1, :2 * max_shift + 1].flatten(1)
     return (corr - corr.mean(dim=1, keepdim=True)) / (corr.std(dim=1, keepdim=True) + 1e-6)
@@ -301,12 +333,12 @@ class BevPointEncoder(nn.Module):
 
     def forward(self, points, points_mask, cache: 'ScanCache' = None):
         """cache: reuse the previous sample's second scan (inference on one sample at a time)."""
-        grid, feats, quarters = self._scan_features(points, points_mask, cache)
+        grid, feats, quarters, spectra = self._scan_features(points, points_mask, cache)
         b = grid.shape[0]
-        f0, f1 = feats.view(b, 2, *feats.shape[1:]).unbind(1)
+        size = grid.shape[-2:]
         # Raw-grid correlation: a shift estimate that is right before any training.
-        raw = global_correlation(grid[:, :3], grid[:, 3:], self.max_shift)
-        corr = global_correlation(f0, f1, self.max_shift)
+        raw = correlate_spectra(*spectra[0], size, self.max_shift)
+        corr = correlate_spectra(*spectra[1], size, self.max_shift)
         # Scan k sees the scene moved by -t, so the peak sits at -t / cell (rows x, cols y).
         shifts = torch.cat([soft_argmax(raw, self.max_shift, self.log_beta[0]),
                             soft_argmax(corr, self.max_shift, self.log_beta[1])], dim=1)
@@ -317,14 +349,19 @@ class BevPointEncoder(nn.Module):
         return torch.cat([self.shift(corr), local, shifts], dim=1)
 
     def _scan_features(self, points, points_mask, cache):
-        """Per-scan parts: BEV grids (B, 6, G, G), stem features (2 B, C, G, G) and quarter
-        resolution features (2 B, C', G/4, G/4), scans interleaved (b0 s0, b0 s1, b1 s0 ...)."""
+        """Per-scan parts: BEV grids (B, 6, G, G), stem features (2 B, C, G, G), quarter
+        resolution features (2 B, C', G/4, G/4), scans interleaved (b0 s0, b0 s1, b1 s0 ...),
+        and the spectra ((raw grid 0, 1), (features 0, 1)) the global correlations need."""
         g = self.cfg.bev_cells
         if cache is None:
             with torch.no_grad():
                 grid = bev_grid(points, points_mask, self.cfg)
             feats = self.stem(grid.view(-1, 3, g, g))
-            return grid, feats, self.down(feats)
+            b = grid.shape[0]
+            f0, f1 = feats.view(b, 2, *feats.shape[1:]).unbind(1)
+            spectra = ((spectrum(grid[:, :3]), spectrum(grid[:, 3:])),
+                       (spectrum(f0), spectrum(f1)))
+            return grid, feats, self.down(feats), spectra
         if points.shape[0] != 1 or self.training:
             raise ValueError('ScanCache serves inference (eval mode) on one sample at a time, '
                              f'got a batch of {points.shape[0]} in '
@@ -334,46 +371,81 @@ class BevPointEncoder(nn.Module):
             first = cache.grid if hit else bev_grid(points[:, :1], points_mask[:, :1], self.cfg)
             second = bev_grid(points[:, 1:], points_mask[:, 1:], self.cfg)
             grid = torch.cat([first, second], dim=1)
+            raw = (cache.grid_spectrum if hit else spectrum(first), spectrum(second))
             if hit and cache.feats is not None:
                 cache.hits += 1
                 new_feats = self.stem(second.view(1, 3, g, g))
                 new_quarters = self.down(new_feats)
                 feats = torch.cat([cache.feats, new_feats])
                 quarters = torch.cat([cache.quarters, new_quarters])
+                learned = (cache.feats_spectrum, spectrum(new_feats))
             else:
                 cache.misses += 1
                 feats = self.stem(grid.view(2, 3, g, g))
                 quarters = self.down(feats)
-            cache.store(points[0, 1], points_mask[0, 1], second, feats[1:], quarters[1:])
-        return grid, feats, quarters
+                learned = (spectrum(feats[:1]), spectrum(feats[1:]))
+            cache.store(points[0, 1], points_mask[0, 1], second, feats[1:], quarters[1:],
+                        raw[1], learned[1])
+        return grid, feats, quarters, (raw, learned)
 
 
 class ScanCache:
-    """The last scan's BEV grid and conv features, for online inference one sample at a time.
+    """The previous sample's second scan and camera frame, for online inference one sample at a
+    time.
 
     Scan k is the second scan of sample k and the first of sample k+1, as the same point set
-    (kitti.sample.subsample_scan), so its per-scan half of the point encoder (grid, stem,
-    down: ~40 % of an inference on CPU) can be reused. A first scan counts as the cached one
-    only when its points and mask are equal to it, so a gap or a restart simply misses. The
-    grid depends on the points alone, the features also on the weights: call
-    `weights_changed()` after every weight update (the grid stays valid).
+    (kitti.sample.subsample_scan), and camera frame k likewise, so the per-scan and per-frame
+    parts of the encoders are computed once: the BEV encoder's grid, stem, down and their FFT
+    spectra; the LiDAR depth image (model/net.py); the flow encoder's high-passed grey and stem
+    features. A first scan or frame counts as the cached one only when it is equal to it (points
+    and mask; image and depth image; the depth image also keys on the calibration and whether
+    the LiDAR is present), so a gap or a restart simply misses. Grids, spectra of grids, depth
+    images and grey depend on the inputs alone, features also on the weights: call
+    `weights_changed()` after every weight update.
     """
 
     def __init__(self):
         self.points = self.mask = self.grid = self.feats = self.quarters = None
-        self.hits = 0
-        self.misses = 0
+        self.grid_spectrum = self.feats_spectrum = None
+        self.depth_key = self.depth = None
+        self.frame_image = self.frame_depth = self.frame_gray = self.frame_feats = None
+        self.hits = self.misses = 0
+        self.frame_hits = self.frame_misses = 0
 
     def holds(self, points, mask) -> bool:
         return self.points is not None and self.points.shape == points.shape and \
             torch.equal(self.points, points) and torch.equal(self.mask, mask)
 
-    def store(self, points, mask, grid, feats, quarters) -> None:
+    def store(self, points, mask, grid, feats, quarters, grid_spectrum=None,
+              feats_spectrum=None) -> None:
         self.points, self.mask, self.grid = points.clone(), mask.clone(), grid
         self.feats, self.quarters = feats, quarters
+        self.grid_spectrum, self.feats_spectrum = grid_spectrum, feats_spectrum
+
+    def holds_depth(self, key) -> bool:
+        """key: (points, mask, present, intrinsics, t_cam_lidar) of one scan."""
+        return self.depth_key is not None and all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(self.depth_key, key))
+
+    def store_depth(self, key, depth) -> None:
+        self.depth_key, self.depth = tuple(k.clone() for k in key), depth
+
+    def holds_frame(self, image, depth) -> bool:
+        """image (3, H, W) uint8 and depth (1, 1, 2, H, W) or None of a sample's first frame."""
+        if self.frame_image is None or self.frame_image.shape != image.shape or \
+                not torch.equal(self.frame_image, image):
+            return False
+        if depth is None or self.frame_depth is None:
+            return depth is None and self.frame_depth is None
+        return torch.equal(self.frame_depth, depth)
+
+    def store_frame(self, image, depth, gray, feats) -> None:
+        self.frame_image = image.clone()
+        self.frame_depth = None if depth is None else depth.clone()
+        self.frame_gray, self.frame_feats = gray, feats
 
     def weights_changed(self) -> None:
-        self.feats = self.quarters = None
+        self.feats = self.quarters = self.feats_spectrum = self.frame_feats = None
 
 
 class PointNetEncoder(nn.Module):

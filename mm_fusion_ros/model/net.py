@@ -9,7 +9,7 @@ from torch import nn
 
 from mm_fusion_ros.model.camera import lidar_depth_image
 from mm_fusion_ros.model.config import ModelConfig
-from mm_fusion_ros.model.encoders import build_encoders, FlowVisualEncoder
+from mm_fusion_ros.model.encoders import BevPointEncoder, build_encoders, FlowVisualEncoder
 from mm_fusion_ros.model.fusion import GatedFusion
 from mm_fusion_ros.model.head import PoseHead
 
@@ -99,8 +99,9 @@ class FusionOdometryNet(nn.Module):
     # --- forward -------------------------------------------------------------------------
     def forward(self, batch: dict, scan_cache=None) -> dict:
         """batch: the collated DESIGN §5 tensors (INPUT_KEYS, optionally CALIB_KEYS) on the
-        model's device. scan_cache: an encoders.ScanCache for online inference with the BEV
-        point encoder.
+        model's device. scan_cache: an encoders.ScanCache for online inference one sample at
+        a time (eval mode): the BEV point encoder's and the flow encoder's parts computed from
+        the previous sample's second scan and frame are reused; other encoders ignore it.
 
         Returns normalised `mean` and `logvar` (B, 6) and the mean fusion `gates` (B, 3); with
         a camera head also `aux` = {'camera': (mean, logvar, camera present (B,))}.
@@ -112,10 +113,10 @@ class FusionOdometryNet(nn.Module):
         # where the LiDAR is kept.
         mask = self.fusion.drop_modalities(batch['modality_mask'].bool())
         imu_norm = (batch['imu'].float() - self.imu_mean) / self.imu_std
-        feats = [self.visual_features(batch, mask),
-                 self.point(batch['points'], batch['points_mask'])
-                 if scan_cache is None else
-                 self.point(batch['points'], batch['points_mask'], cache=scan_cache),
+        feats = [self.visual_features(batch, mask, scan_cache),
+                 self.point(batch['points'], batch['points_mask'], cache=scan_cache)
+                 if scan_cache is not None and isinstance(self.point, BevPointEncoder) else
+                 self.point(batch['points'], batch['points_mask']),
                  self.imu(imu_norm, batch['dt'])]
         fused, gates, mask = self.fusion(feats, mask, dropped=True)
         extra, prior, aux = [], torch.zeros_like(fused[:, :6]), {}
@@ -156,7 +157,7 @@ class FusionOdometryNet(nn.Module):
             out['aux'] = aux
         return out
 
-    def visual_features(self, batch, mask):
+    def visual_features(self, batch, mask, cache=None):
         if not isinstance(self.visual, FlowVisualEncoder):
             return self.visual(batch['image'])
         b = batch['image'].shape[0]
@@ -169,9 +170,33 @@ class FusionOdometryNet(nn.Module):
                           for k, default in zip(CALIB_KEYS, calib))
         depth = None
         if self.cfg.visual_depth:
-            depth = lidar_depth_image(batch['points'], batch['points_mask'], mask[:, 1], *calib,
-                                      *self.visual.size)
-        return self.visual(batch['image'], calib, depth)
+            depth = self.depth_images(batch['points'], batch['points_mask'], mask[:, 1], calib,
+                                      cache)
+        if cache is None:
+            return self.visual(batch['image'], calib, depth)
+        return self.visual(batch['image'], calib, depth, cache=cache)
+
+    def depth_images(self, points, points_mask, present, calib, cache=None):
+        """Both scans' LiDAR depth images (B, 2, 2, H, W); with a cache (one sample, eval) the
+        first scan's is the previous sample's second when scan, LiDAR presence and calibration
+        are the same."""
+        if cache is None:
+            return lidar_depth_image(points, points_mask, present, *calib, *self.visual.size)
+        if points.shape[0] != 1 or self.training:
+            raise ValueError('ScanCache serves inference (eval mode) on one sample at a time, '
+                             f'got a batch of {points.shape[0]} in '
+                             f'{"training" if self.training else "eval"} mode')
+
+        def key(s):
+            return (points[0, s], points_mask[0, s], present, *calib)
+
+        def one(s):
+            return lidar_depth_image(points[:, s:s + 1], points_mask[:, s:s + 1], present,
+                                     *calib, *self.visual.size)
+        first = cache.depth if cache.holds_depth(key(0)) else one(0)
+        second = one(1)
+        cache.store_depth(key(1), second)
+        return torch.cat([first, second], dim=1)
 
 
 def build_model(cfg: ModelConfig) -> FusionOdometryNet:
