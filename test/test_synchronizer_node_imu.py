@@ -70,7 +70,7 @@ def test_bursts_of_imu_reach_the_synchronizer_without_loss_in_batches(tmp_path):
             # the node took this one, or a node starved by a loaded machine would see more
             # than its queue's depth (1000) at once and lose the oldest (KEEP_LAST).
             done = str((b + 1) * PER_BURST)
-            probe.wait_until(lambda: probe.diagnostics.get('received_imu') == done,
+            probe.wait_until(lambda n=done: probe.diagnostics.get('received_imu') == n,
                              f'{done} IMU messages in the synchronizer /diagnostics', node,
                              timeout=30.0)
         total = str(BURSTS * PER_BURST)
