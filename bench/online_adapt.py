@@ -12,10 +12,10 @@ is read only to score: per-step translation [m] and rotation [deg] error of the 
 the second half, against the same replay with training off (`off`, always run first).
 
 Each `--config` is TrainConfig fields (supervision, learning_rate, self_*_weight,
-freeze_*, ...) on top of the online node's defaults (ONLINE_TRAIN_DEFAULTS); default configs:
-`default` (the node's settings). It answers quickly what the node's replays answer slowly
-(bench/selfsup.py is the offline counterpart); the node's own on/off replay is what the demo
-prints.
+freeze_*, ...) and OnlineConfig fields (prediction_ema) on top of the online node's defaults
+(ONLINE_TRAIN_DEFAULTS); without any, one config `default` (the node's settings). It answers
+quickly what the node's replays answer slowly (bench/selfsup.py is the offline counterpart);
+the node's own on/off replay is what the demo prints.
 """
 import argparse
 from dataclasses import fields
@@ -46,26 +46,31 @@ from mm_fusion_ros.training.online import (  # noqa: E402
 
 
 def parse_config(text: str):
-    """'NAME:key=value,key=value' -> (NAME, {field: typed value}) of TrainConfig."""
+    """'NAME:key=value,...' -> (NAME, {field: typed value}) of TrainConfig, or of OnlineConfig
+    for its fields (e.g. prediction_ema)."""
     name, _, body = text.partition(':')
-    defaults = TrainConfig()
-    names = {f.name for f in fields(TrainConfig)}
+    defaults = {f.name: (cls, getattr(cls(), f.name))
+                for cls in (OnlineConfig, TrainConfig) for f in fields(cls)}
     out = {}
     for item in filter(None, body.split(',')):
         key, _, value = item.partition('=')
-        if key not in names:
-            raise SystemExit(f'--config {text!r}: {key!r} is not a TrainConfig field')
-        kind = type(getattr(defaults, key))
+        if key not in defaults:
+            raise SystemExit(f'--config {text!r}: {key!r} is not a TrainConfig or OnlineConfig '
+                             'field')
+        kind = type(defaults[key][1])
         out[key] = value.lower() == 'true' if kind is bool else kind(value)
     return name, out
 
 
 def run(args, payload, samples, settings: dict, seed: int, training: bool) -> dict:
-    train_cfg = TrainConfig(**{**ONLINE_TRAIN_DEFAULTS, 'seed': seed, **settings})
+    online_keys = {f.name for f in fields(OnlineConfig)}
+    train_cfg = TrainConfig(**{**ONLINE_TRAIN_DEFAULTS, 'seed': seed,
+                               **{k: v for k, v in settings.items() if k not in online_keys}})
     with tempfile.TemporaryDirectory() as tmp:
         online = OnlineConfig(updates_per_sample=args.steps_per_sample if training else 0.0,
                               training_enabled=training, checkpoint_dir=tmp,
-                              save_on_shutdown=False, num_threads=args.threads)
+                              save_on_shutdown=False, num_threads=args.threads,
+                              **{k: v for k, v in settings.items() if k in online_keys})
         trainer = OnlineTrainer(online, train_cfg, buffer=ReplayBuffer(
             BufferConfig(capacity=args.buffer)), sample_cfg=samples.cfg,
             initial=(payload, args.checkpoint))

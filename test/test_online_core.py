@@ -463,3 +463,26 @@ def test_a_log_with_other_columns_is_started_afresh(data, tmp_path):
     trainer.shutdown()
     rows = log_csv.read_text().splitlines()
     assert rows[0].split(',')[-1] == 'loss_inertial' and len(rows) == 2
+
+
+def test_predictions_use_the_moving_average_of_the_weights_with_prediction_ema(data, tmp_path):
+    trainer = make_trainer(tmp_path, updates_per_sample=1.0, min_buffer=2, prediction_ema=0.75)
+    start = params(trainer.core.model)
+    for sample in data['samples'][:2]:
+        trainer.on_sample(sample)
+    assert trainer.train_pending(max_steps=1) == 1
+    first = params(trainer.core.model)
+    assert trainer.train_pending(max_steps=1) == 1
+    second = params(trainer.core.model)
+    infer = trainer.infer_model.state_dict()
+    moved = 0
+    for k, v in infer.items():
+        if not v.is_floating_point():          # BatchNorm's step counter follows the model
+            assert torch.equal(v, second[k]), k
+            continue
+        ema = 0.75 * (0.75 * start[k] + 0.25 * first[k]) + 0.25 * second[k]
+        torch.testing.assert_close(v, ema, rtol=1e-5, atol=1e-6)
+        moved += not torch.equal(v, second[k])
+    assert moved, 'the prediction weights equal the trained ones: no average was taken'
+    with pytest.raises(ValueError, match='prediction_ema'):
+        OnlineConfig(prediction_ema=1.0)

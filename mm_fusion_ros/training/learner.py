@@ -203,7 +203,7 @@ class LearnerTrainer(OnlineTrainer):
         self.wake()
 
     def _refresh_inference_model(self):
-        self.weights.publish(self.core.model.state_dict())
+        self.weights.publish(self.inference_state())
 
     def metrics(self) -> dict:
         own = super().metrics()

@@ -85,6 +85,11 @@ class OnlineConfig(ConfigBase):
         'help': 'cap on owed steps, so a burst of samples cannot stall the trainer for long'})
     min_buffer: int = field(default=4, metadata={'help': 'samples in the buffer before training'})
     training_enabled: bool = field(default=True, metadata={'help': 'run gradient steps'})
+    prediction_ema: float = field(default=0.0, metadata={
+        'help': 'predictions use an exponential moving average of the trained weights: after '
+                'each step ema = d * ema + (1 - d) * weights with d this value (0 = the newest '
+                'weights); it smooths the step-to-step noise of online updates. Checkpoints '
+                'hold the trained weights'})
     autosave_interval_s: float = field(default=0.0, metadata={
         'help': 'write checkpoint_dir/autosave.pth every this many seconds (0 = never)'})
     autosave_buffer: bool = field(default=True, metadata={
@@ -111,6 +116,9 @@ class OnlineConfig(ConfigBase):
             raise ValueError('OnlineConfig needs updates_per_sample >= 0, max_step_debt >= 1, '
                              f'min_buffer >= 1; got {self.updates_per_sample}, '
                              f'{self.max_step_debt}, {self.min_buffer}')
+        if not 0.0 <= self.prediction_ema < 1.0:
+            raise ValueError(f'OnlineConfig.prediction_ema={self.prediction_ema}: needs '
+                             '0 <= d < 1')
         if self.autosave_interval_s < 0 or self.log_every < 1:
             raise ValueError('OnlineConfig needs autosave_interval_s >= 0 and log_every >= 1')
         if self.device not in ('cpu', 'cuda', 'auto'):
@@ -216,6 +224,8 @@ class OnlineTrainer:
         self._wakeup = threading.Condition()
         self._backlog = 0     # samples received, not yet predicted (see set_backlog)
         self.infer_model = copy.deepcopy(self.core.model).eval()
+        self._ema = {k: v.detach().clone() for k, v in self.core.model.state_dict().items()} \
+            if online_cfg.prediction_ema > 0 else None
         # Consecutive samples share a scan: its half of the BEV encoder is computed once.
         self.scan_cache = ScanCache() if isinstance(self.infer_model.point, BevPointEncoder) \
             else None
@@ -392,8 +402,24 @@ class OnlineTrainer:
         with self._step_lock:
             self.core.set_lr(lr)
 
+    @torch.no_grad()
+    def inference_state(self) -> dict:
+        """The weights predictions should use after a step (a copy): the trained ones, or
+        their moving average (prediction_ema; integer buffers such as BatchNorm's counter are
+        copied)."""
+        state = self.core.model.state_dict()
+        if self._ema is None:
+            return {k: v.detach().clone() for k, v in state.items()}
+        d = self.cfg.prediction_ema
+        for k, v in state.items():
+            if v.is_floating_point():
+                self._ema[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+            else:
+                self._ema[k].copy_(v)
+        return {k: v.clone() for k, v in self._ema.items()}
+
     def _refresh_inference_model(self):
-        state = {k: v.detach().clone() for k, v in self.core.model.state_dict().items()}
+        state = self.inference_state()
         with self._model_lock:
             self.infer_model.load_state_dict(state)
             if self.scan_cache is not None:
