@@ -206,3 +206,31 @@ def test_build_filter_source_modes(tmp_path):
     assert src.noise_model is not None and 'init.pth' in why
     with pytest.raises(ValueError, match='publish_rate'):
         OnlineFilterConfig(publish_rate='fast')
+
+
+def test_filter_mode_on_given_as_a_ros_argument_is_a_mode_not_a_boolean():
+    """`--set filter.mode:=on` reaches the node as YAML 1.1, which reads on / off as booleans:
+    the text parameter takes them, the config makes them its modes; a bad text still fails
+    naming the field."""
+    import rclpy
+    from rclpy.node import Node
+
+    from mm_fusion_ros.ros.params import declare_config
+    context = rclpy.Context()
+    rclpy.init(context=context, args=['x', '--ros-args', '-p', 'filter.mode:=on',
+                                      '-p', 'filter.publish_rate:=scan'])
+    try:
+        node = Node('params_probe', context=context)
+        cfg = declare_config(node, OnlineFilterConfig, 'filter.')
+        assert cfg.mode == 'on' and cfg.publish_rate == 'scan'
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+        context = rclpy.Context()
+        rclpy.init(context=context, args=['x', '--ros-args', '-p', 'filter.publish_rate:=no'])
+        node = Node('params_probe', context=context)
+        with pytest.raises(ValueError, match='publish_rate'):
+            declare_config(node, OnlineFilterConfig, 'filter.')
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
+    assert OnlineFilterConfig(mode=False).mode == 'off'

@@ -77,6 +77,8 @@ class OnlineFilterConfig(RelativePoseNoise):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.mode, bool):   # YAML 1.1 (ROS parameters) reads on / off as booleans
+            object.__setattr__(self, 'mode', 'on' if self.mode else 'off')
         if self.mode not in FILTER_MODES:
             raise ValueError(f'OnlineFilterConfig.mode must be one of {FILTER_MODES}, got '
                              f'{self.mode!r}')

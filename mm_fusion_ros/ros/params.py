@@ -31,7 +31,10 @@ def declare_config(node, cls, prefix='', read_only=True, overrides=None):
         else:
             raise ValueError(f'{cls.__name__}.{f.name} has no default: cannot be a parameter')
         default = _ros_default(overrides.get(f.name, default))
-        desc = ParameterDescriptor(description=f.metadata.get('help', ''), read_only=read_only)
+        # A text parameter is typed dynamically: YAML 1.1 reads on / off / yes / no as booleans
+        # (filter.mode:=on), and the class's __post_init__ judges the value, naming the field.
+        desc = ParameterDescriptor(description=f.metadata.get('help', ''), read_only=read_only,
+                                   dynamic_typing=isinstance(default, str))
         value = node.declare_parameter(prefix + f.name, default, desc).value
         if isinstance(f.default, tuple) or isinstance(default, list):
             value = tuple(value)
