@@ -216,9 +216,10 @@ class Probe:
                 with self.lock:
                     self.diag = {kv.key: kv.value for kv in status.values}
 
-    def odom_count(self):
+    def odom_count(self, stamps):
+        """How many of `stamps` have an odometry message."""
         with self.lock:
-            return len(self.odom_arrival)
+            return sum(1 for s in stamps if s in self.odom_arrival)
 
     def last_odom(self):
         with self.lock:
@@ -316,9 +317,16 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
         case.player_wall_s = report.wall_s
         case.expected = case.published[topics.CLOUD_TOPIC] - 1
 
+        later_scans = sorted(published)[1:]      # the first scan starts the first sample
+
+        def scan_poses():
+            # Odometry at the scan stamps: one per sample; with the inertial filter publishing
+            # at IMU rate there are poses between them too, which are not samples.
+            return probe.odom_count(later_scans)
+
         def settled():
             last = probe.last_odom()
-            return probe.odom_count() >= case.expected or \
+            return scan_poses() >= case.expected or \
                 (last is not None and time.monotonic() - last > IDLE_END_S)
 
         wait_for(settled, 'end of the poses', proc, log_path)
@@ -328,7 +336,7 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
         wait_for(lambda: probe.diag.get('emitted') == str(metrics1['online_samples']),
                  'final diagnostics', proc, log_path)
         case.diag = dict(probe.diag)
-        case.poses = probe.odom_count()
+        case.poses = scan_poses()
         probe_end = probe.last_odom()
         case.steps = metrics1['online_steps'] - metrics0['online_steps']
         case.train_s = (probe.last_odom() or t1) - t0
