@@ -66,20 +66,25 @@ IDLE_END_S = 3.0        # the replay is over when no pose came for this long aft
 DEADLINE_S = 300.0
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--frames', type=int, default=150, help='scans in the synthetic sequence')
+def add_bag_arguments(p, frames: int = 150):
+    """The synthetic bag's flags (prepare_bag), shared with bench/soak.py."""
+    p.add_argument('--frames', type=int, default=frames, help='scans in the synthetic sequence')
     p.add_argument('--image_size', type=int, nargs=2, default=[1241, 376],
                    metavar=('WIDTH', 'HEIGHT'), help='camera images (default: KITTI size)')
     p.add_argument('--azimuth_steps', type=int, default=2000,
                    help='LiDAR columns per scan (64 beams; 2000 ~ 128k points, as KITTI)')
+    p.add_argument('--work_dir', type=Path, default=None,
+                   help='keeps the sequence and bag between runs (default: a temporary folder)')
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_bag_arguments(p)
     p.add_argument('--rates', type=float, nargs='+', default=[1.0, 5.0, 10.0],
                    help='replay rates to measure with training on')
     p.add_argument('--off_rates', type=float, nargs='*', default=[5.0, 10.0],
                    help='replay rates to measure with training off (the baseline of the run; '
                         'the issue 16 target: 10x)')
-    p.add_argument('--work_dir', type=Path, default=None,
-                   help='keeps the sequence and bag between runs (default: a temporary folder)')
     p.add_argument('--buffer', type=int, default=40,
                    help='replay buffer capacity, small so that it fills early in the replay')
     p.add_argument('--num_threads', type=int, default=None,

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from online import (  # noqa: E402  (bench/online.py, beside this file)
+    add_bag_arguments,
     cloud_stamp,
     prepare_bag,
     ProcSampler,
@@ -60,15 +61,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--duration_s', type=float, default=1200.0, help='wall time of the soak')
     p.add_argument('--rate', type=float, default=1.0, help='replay rate')
-    p.add_argument('--frames', type=int, default=150, help='scans in the looped sequence')
+    add_bag_arguments(p)     # --frames (the looped sequence), --image_size, --azimuth_steps, ...
     p.add_argument('--buffer', type=int, default=1000, help='replay buffer capacity [samples]')
     p.add_argument('--window_s', type=float, default=60.0, help='report every this long')
-    p.add_argument('--image_size', type=int, nargs=2, default=[1241, 376],
-                   metavar=('WIDTH', 'HEIGHT'), help='camera images (default: KITTI size)')
-    p.add_argument('--azimuth_steps', type=int, default=2000,
-                   help='LiDAR columns per scan (64 beams; 2000 ~ 128k points, as KITTI)')
-    p.add_argument('--work_dir', type=Path, default=None,
-                   help='keeps the sequence and bag between runs (default: a temporary folder)')
     p.add_argument('--set', action='append', default=[], metavar='KEY:=VALUE',
                    help='extra node parameter, e.g. --set updates_per_sample:=1.0')
     return p

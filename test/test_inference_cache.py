@@ -10,12 +10,12 @@
 import numpy as np
 from PIL import Image
 import pytest
+from test_model import drive_samples as model_drive_samples
 import torch
 
 from mm_fusion_ros.config import SampleConfig
-from mm_fusion_ros.geometry import invert_pose, make_pose, rpy_to_rot
 from mm_fusion_ros.kitti.dataset import collate_samples
-from mm_fusion_ros.kitti.sample import build_sample, resize_image
+from mm_fusion_ros.kitti.sample import resize_image
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import ScanCache
 from mm_fusion_ros.model.net import build_model
@@ -62,25 +62,7 @@ def test_resize_close_to_pil(src, dst, most, share):
 
 def drive_samples(frames, max_points=400):
     """Consecutive samples of one drive: sample k = frames and scans (k-1, k)."""
-    rng = np.random.default_rng(5)
-    centers = rng.uniform(-10, 10, size=(40, 2))
-    world = np.concatenate([np.column_stack([c + rng.normal(0, 0.2, (20, 2)),
-                                             rng.uniform(-1.0, 1.5, 20), rng.uniform(0, 1, 20)])
-                            for c in centers])
-    cfg = SampleConfig(image_height=H, image_width=W, max_points=max_points)
-    base = rng.integers(0, 256, (60, 200, 3), dtype=np.uint8)
-    scans, poses, images = [], [], []
-    for k in range(frames + 1):
-        pose = make_pose(rpy_to_rot(0.0, 0.0, 0.02 * k), [0.8 * k, 0.05 * k, 0.0])
-        inv = invert_pose(pose)
-        xyz = world[:, :3] @ inv[:3, :3].T + inv[:3, 3]
-        scans.append(np.column_stack([xyz, world[:, 3]]).astype(np.float32))
-        poses.append(pose)
-        images.append(np.ascontiguousarray(np.roll(base, (k, 3 * k), axis=(0, 1))))
-    return [build_sample(cfg, stamps=(0.1 * k - 0.1, 0.1 * k), scans=scans[k - 1:k + 1],
-                         images=images[k - 1:k + 1], poses=poses[k - 1:k + 1], sequence='07',
-                         frame=k)
-            for k in range(1, frames + 1)]
+    return model_drive_samples(frames, max_points, images=True)
 
 
 @pytest.mark.parametrize('visual, depth', [('flow', True), ('flow', False), ('dummy', True)])

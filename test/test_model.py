@@ -184,19 +184,24 @@ def test_bev_grid_matches_a_per_point_loop_at_the_borders_and_across_a_batch():
         (grid[:, 0::3, -1] > 0).any(), 'the border rows must receive splats in this test'
 
 
-def drive_samples(frames, max_points=400):
-    """Consecutive samples of one drive through the posts world: sample k = scans (k-1, k)."""
+def drive_samples(frames, max_points=400, images=False):
+    """Consecutive samples of one drive through the posts world: sample k = scans (k-1, k),
+    and with `images` camera frames (k-1, k) of a texture shifting with k."""
     rng = np.random.default_rng(5)
     world = scene_points(rng, 800)
     cfg = SampleConfig(image_height=H, image_width=W, max_points=max_points)
-    scans, poses = [], []
+    base = rng.integers(0, 256, (60, 200, 3), dtype=np.uint8) if images else None
+    scans, poses, frames_rgb = [], [], []
     for k in range(frames + 1):
         pose = make_pose(rpy_to_rot(0.0, 0.0, 0.02 * k), [0.8 * k, 0.05 * k, 0.0])
         inv = invert_pose(pose)
         xyz = world[:, :3] @ inv[:3, :3].T + inv[:3, 3]
         scans.append(np.column_stack([xyz, world[:, 3]]).astype(np.float32))
         poses.append(pose)
+        if images:
+            frames_rgb.append(np.ascontiguousarray(np.roll(base, (k, 3 * k), axis=(0, 1))))
     return [build_sample(cfg, stamps=(0.1 * k - 0.1, 0.1 * k), scans=scans[k - 1:k + 1],
+                         images=frames_rgb[k - 1:k + 1] if images else None,
                          poses=poses[k - 1:k + 1], sequence='07', frame=k)
             for k in range(1, frames + 1)]
 
