@@ -104,10 +104,6 @@ class FilterConfig(ConfigBase):
     pseudo_var_scale: float = field(default=1.0, metadata={
         'help': 'factor on the pseudo-measurement variances (their errors are correlated in '
                 'time); fitted by train_imu_filter'})
-    vertical_var_scale: float = field(default=1.0, metadata={
-        'help': 'extra factor on the vertical pseudo-measurement variance (on top of '
-                'pseudo_var_scale): the body pitching on its suspension moves the IMU off the '
-                'velocity direction, which the vertical constraint books as attitude error'})
     max_gyro: float = field(default=8.0, metadata={
         'help': 'IMU samples with |gyro| above this are rejected as spikes [rad/s]'})
     max_accel: float = field(default=60.0, metadata={
@@ -128,8 +124,7 @@ class FilterConfig(ConfigBase):
                   'init_speed_sigma', 'init_vel_sigma', 'init_gyro_bias_sigma',
                   'init_accel_bias_sigma', 'init_window_s', 'nhc_lateral_sigma',
                   'nhc_vertical_sigma', 'zupt_window_s', 'zupt_gyro_max', 'zupt_accel_std_max',
-                  'speed_var_scale', 'pseudo_var_scale', 'vertical_var_scale', 'max_gyro',
-                  'max_accel', 'max_gap_s')
+                  'speed_var_scale', 'pseudo_var_scale', 'max_gyro', 'max_accel', 'max_gap_s')
         _nonnegative(self, 'nhc_min_speed', 'zupt_sigma', 'zupt_max_speed', 'relpose_gate_chi2',
                      'speed_max')
         for name in ('nhc_every', 'speed_every', 'max_clones'):

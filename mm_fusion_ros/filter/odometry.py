@@ -382,8 +382,7 @@ class InertialOdometry:
                         var = np.exp([out['lateral_logvar'], out['vertical_logvar']])
                     else:
                         var = np.array([cfg.nhc_lateral_sigma, cfg.nhc_vertical_sigma]) ** 2
-                    sig = np.sqrt(var * cfg.pseudo_var_scale *
-                                  np.array([1.0, cfg.vertical_var_scale]))
+                    sig = np.sqrt(var * cfg.pseudo_var_scale)
                     self.ekf.update_body_velocity((1, 2), np.zeros(2), sig, self.R_ic,
                                                   self.lever, self._last[2])
                     self.counts['nhc_updates'] += 1
