@@ -42,6 +42,7 @@ import time
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bag_args import add_bag_arguments  # noqa: E402  (beside this file)
 import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
@@ -64,17 +65,6 @@ TARGET_RSS_GROWTH = 0.02
 RSS_PERIOD_S = 0.25
 IDLE_END_S = 3.0        # the replay is over when no pose came for this long after the bag
 DEADLINE_S = 300.0
-
-
-def add_bag_arguments(p, frames: int = 150):
-    """The synthetic bag's flags (prepare_bag), shared with bench/soak.py."""
-    p.add_argument('--frames', type=int, default=frames, help='scans in the synthetic sequence')
-    p.add_argument('--image_size', type=int, nargs=2, default=[1241, 376],
-                   metavar=('WIDTH', 'HEIGHT'), help='camera images (default: KITTI size)')
-    p.add_argument('--azimuth_steps', type=int, default=2000,
-                   help='LiDAR columns per scan (64 beams; 2000 ~ 128k points, as KITTI)')
-    p.add_argument('--work_dir', type=Path, default=None,
-                   help='keeps the sequence and bag between runs (default: a temporary folder)')
 
 
 def build_parser():

@@ -37,18 +37,14 @@ import sys
 import tempfile
 import time
 
+from bag_args import add_bag_arguments  # beside this file; standard library only
+
 HERE = Path(__file__).resolve().parent
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--frames', type=int, default=30, help='scans in the synthetic sequence')
-    p.add_argument('--image_size', type=int, nargs=2, default=[1241, 376],
-                   metavar=('WIDTH', 'HEIGHT'), help='camera images (default: KITTI size)')
-    p.add_argument('--azimuth_steps', type=int, default=2000,
-                   help='LiDAR columns per scan (64 beams; 2000 ~ 128k points, as KITTI)')
-    p.add_argument('--work_dir', type=Path, default=None,
-                   help='keeps the sequence and bag between runs (default: a temporary folder)')
+    add_bag_arguments(p, frames=30)
     p.add_argument('--visual', nargs='+', default=['flow', 'dummy'],
                    help='visual encoders to profile (model.visual_encoder)')
     p.add_argument('--imu_intake', choices=('auto', 'single', 'batch'), default='auto')

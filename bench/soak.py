@@ -34,9 +34,9 @@ import time
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bag_args import add_bag_arguments  # noqa: E402  (beside this file)
 import numpy as np  # noqa: E402
 from online import (  # noqa: E402  (bench/online.py, beside this file)
-    add_bag_arguments,
     cloud_stamp,
     prepare_bag,
     ProcSampler,
