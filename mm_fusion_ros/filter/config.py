@@ -12,6 +12,9 @@ from mm_fusion_ros.config import ConfigBase
 
 INIT_SOURCES = ('estimate', 'true_velocity')
 SPEED_MODES = ('off', 'init', 'on')
+# World axes of the attitude error that consider updates leave alone (xi_R is in world axes).
+CONSIDER_ATTITUDE = {'none': (), 'tilt': (0, 1), 'yaw': (2,), 'all': (0, 1, 2)}
+CONSIDER_UPDATES = ('speed', 'speed_nhc')
 IDENTITY_3X4 = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -104,6 +107,14 @@ class FilterConfig(ConfigBase):
     pseudo_var_scale: float = field(default=1.0, metadata={
         'help': 'factor on the pseudo-measurement variances (their errors are correlated in '
                 'time); fitted by train_imu_filter'})
+    consider_attitude: str = field(default='tilt', metadata={
+        'help': 'attitude that the updates named by consider_updates do not correct (Schmidt '
+                'consider update; their errors pull the attitude off a good gyro): none, tilt '
+                '(world x, y), yaw (world z) or all'})
+    consider_updates: str = field(default='speed', metadata={
+        'help': 'which updates consider_attitude applies to: speed (learned speed) or '
+                'speed_nhc (and the lateral/vertical pseudo-measurements); zero velocity and '
+                'relative poses always correct the attitude'})
     max_gyro: float = field(default=8.0, metadata={
         'help': 'IMU samples with |gyro| above this are rejected as spikes [rad/s]'})
     max_accel: float = field(default=60.0, metadata={
@@ -139,6 +150,12 @@ class FilterConfig(ConfigBase):
         if self.speed_mode not in SPEED_MODES:
             raise ValueError(f'FilterConfig.speed_mode {self.speed_mode!r} not understood; '
                              f'choose one of {SPEED_MODES}')
+        if self.consider_attitude not in CONSIDER_ATTITUDE:
+            raise ValueError(f'FilterConfig.consider_attitude {self.consider_attitude!r} not '
+                             f'understood; choose one of {tuple(CONSIDER_ATTITUDE)}')
+        if self.consider_updates not in CONSIDER_UPDATES:
+            raise ValueError(f'FilterConfig.consider_updates {self.consider_updates!r} not '
+                             f'understood; choose one of {CONSIDER_UPDATES}')
         _triple(self, 'nhc_rpy_deg')
         _triple(self, 'nhc_lever_arm')
         tr = tuple(float(v) for v in self.T_imu_lidar)
