@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
+from mm_fusion_ros.filter.checkpoint import build_filter
 from mm_fusion_ros.filter.config import FilterConfig
 from mm_fusion_ros.filter.ekf import InvariantEKF
 from mm_fusion_ros.filter.odometry import InertialOdometry, run_filter
@@ -347,6 +348,15 @@ def test_consider_tilt_keeps_a_perfect_gyro_attitude_under_biased_speed_updates(
     assert FilterConfig().consider_attitude == 'tilt'
     assert tilt_err['none'] > 0.01, tilt_err
     assert tilt_err['tilt'] < 0.01 * tilt_err['none'], tilt_err
+
+
+def test_consider_setting_round_trips_and_old_checkpoints_get_the_default():
+    stored = FilterConfig(consider_attitude='yaw', consider_updates='speed_nhc').to_dict()
+    cfg, _ = build_filter({'config': {'filter': stored}})
+    assert (cfg.consider_attitude, cfg.consider_updates) == ('yaw', 'speed_nhc')
+    old = {k: v for k, v in stored.items() if not k.startswith('consider_')}
+    cfg, _ = build_filter({'config': {'filter': old}})      # written before the field existed
+    assert (cfg.consider_attitude, cfg.consider_updates) == ('tilt', 'speed')
 
 
 def test_config_errors_name_the_field():
