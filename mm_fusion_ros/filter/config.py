@@ -33,6 +33,13 @@ def _nonnegative(cfg, *names):
             raise ValueError(f'{type(cfg).__name__}.{name} must be >= 0, got {value!r}')
 
 
+def _choice(cfg, name, choices):
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ValueError(f'{type(cfg).__name__}.{name} {value!r} not understood; choose one of '
+                         f'{choices}')
+
+
 def _triple(cfg, name):
     value = tuple(float(v) for v in getattr(cfg, name))
     if len(value) != 3 or not all(math.isfinite(v) for v in value):
@@ -144,18 +151,10 @@ class FilterConfig(ConfigBase):
                 raise ValueError(f'FilterConfig.{name} must be an integer >= 0, got {value!r}')
         if self.max_clones < 2:
             raise ValueError(f'FilterConfig.max_clones must be >= 2, got {self.max_clones}')
-        if self.init_source not in INIT_SOURCES:
-            raise ValueError(f'FilterConfig.init_source {self.init_source!r} not understood; '
-                             f'choose one of {INIT_SOURCES}')
-        if self.speed_mode not in SPEED_MODES:
-            raise ValueError(f'FilterConfig.speed_mode {self.speed_mode!r} not understood; '
-                             f'choose one of {SPEED_MODES}')
-        if self.consider_attitude not in CONSIDER_ATTITUDE:
-            raise ValueError(f'FilterConfig.consider_attitude {self.consider_attitude!r} not '
-                             f'understood; choose one of {tuple(CONSIDER_ATTITUDE)}')
-        if self.consider_updates not in CONSIDER_UPDATES:
-            raise ValueError(f'FilterConfig.consider_updates {self.consider_updates!r} not '
-                             f'understood; choose one of {CONSIDER_UPDATES}')
+        _choice(self, 'init_source', INIT_SOURCES)
+        _choice(self, 'speed_mode', SPEED_MODES)
+        _choice(self, 'consider_attitude', tuple(CONSIDER_ATTITUDE))
+        _choice(self, 'consider_updates', CONSIDER_UPDATES)
         _triple(self, 'nhc_rpy_deg')
         _triple(self, 'nhc_lever_arm')
         tr = tuple(float(v) for v in self.T_imu_lidar)
