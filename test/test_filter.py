@@ -1,11 +1,14 @@
 """Inertial filter (mm_fusion_ros.filter) on synthetic drives: exact reproduction with a perfect
 IMU, NEES consistency, pseudo-measurements against lateral drift, covariance growth and shrink,
-bad-sample rejection, relative-pose updates with missing and late scans, online = offline."""
+bad-sample rejection, relative-pose updates with missing and late scans, online = offline,
+consider updates that leave the attitude alone."""
 import numpy as np
 import pytest
 from scipy.stats import chi2
 
+from mm_fusion_ros.filter.checkpoint import build_filter
 from mm_fusion_ros.filter.config import FilterConfig
+from mm_fusion_ros.filter.ekf import InvariantEKF
 from mm_fusion_ros.filter.odometry import InertialOdometry, run_filter
 from mm_fusion_ros.geometry import invert_pose, make_pose, pose_to_vec6, so3_exp, so3_log
 from mm_fusion_ros.synthetic.imu import add_sensor_noise, imu_kinematics
@@ -269,6 +272,93 @@ def test_online_object_equals_offline_run():
     assert abs(off.init_info['tilt_deg'][0]) < 5 and abs(off.init_info['tilt_deg'][1]) < 5
 
 
+def _correlated_ekf(seed):
+    """An EKF moving at 10 m/s with one cloned pose and a dense covariance, so that a speed
+    measurement would correct the attitude through the cross-covariance."""
+    rng = np.random.default_rng(seed)
+    ekf = InvariantEKF(so3_exp(np.array([0.02, -0.03, 0.7])), np.array([7.0, 7.0, 0.1]),
+                       np.zeros(3), np.zeros(3), np.zeros(3), np.eye(15),
+                       gravity=9.81, gyro_noise=1e-3, accel_noise=1e-2, gyro_bias_walk=1e-5,
+                       accel_bias_walk=1e-3)
+    ekf.add_clone('scan')
+    A = rng.normal(0.0, 0.02, (21, 21))
+    ekf.P = A @ A.T + 1e-6 * np.eye(21)
+    return ekf
+
+
+def test_consider_update_leaves_the_attitude_and_follows_the_joseph_form():
+    """A speed update with the tilt as consider states corrects velocity but neither the
+    current nor the cloned tilt, and its covariance is the Joseph form with the zeroed gain."""
+    full, cons = _correlated_ekf(7), _correlated_ekf(7)
+    R0, v0, clone0 = cons.R.copy(), cons.v.copy(), cons.clones['scan'][0].copy()
+    P0 = cons.P.copy()
+    c = cons.attitude_dims((0, 1))
+    np.testing.assert_array_equal(c, [0, 1, 15, 16])
+    full.update_body_velocity((0,), [10.5], [0.01])
+    cons.update_body_velocity((0,), [10.5], [0.01], consider=c)
+    # The correction's rotation about world x, y (the tilt).
+    assert np.abs(so3_log(full.R @ R0.T)[:2]).max() > 1e-3      # a full update tilts the car
+    np.testing.assert_allclose(so3_log(cons.R @ R0.T)[:2], 0.0, atol=1e-15)
+    np.testing.assert_allclose(so3_log(cons.clones['scan'][0] @ clone0.T)[:2], 0.0, atol=1e-15)
+    assert abs((cons.R.T @ cons.v)[0] - 10.5) < 0.5 * abs((R0.T @ v0)[0] - 10.5)
+    # Joseph form with the modified gain, written out.
+    H = np.zeros((1, 21))
+    H[0, 3:6] = R0[:, 0]
+    S = H @ P0 @ H.T + 1e-4
+    K = P0 @ H.T / S
+    K[c] = 0.0
+    I_KH = np.eye(21) - K @ H
+    np.testing.assert_allclose(cons.P, I_KH @ P0 @ I_KH.T + 1e-4 * K @ K.T, atol=1e-15)
+    np.testing.assert_array_equal(cons.P, cons.P.T)
+    assert np.linalg.eigvalsh(cons.P).min() > 0.0
+    np.testing.assert_array_equal(cons.P[np.ix_(c, c)], P0[np.ix_(c, c)])
+
+
+class _BiasedSpeed:
+    """A noise model that claims 1 m/s more than the truth's mean speed, confidently."""
+
+    window, has_speed = 20, True
+
+    def __init__(self, speed):
+        self.speed = speed
+
+    def predict(self, windows):
+        n = len(windows)
+        return {'lateral_logvar': np.full(n, -4.0), 'vertical_logvar': np.full(n, -4.0),
+                'speed': np.full(n, self.speed), 'speed_logvar': np.full(n, -4.0),
+                'speed0': np.full(n, self.speed), 'speed0_logvar': np.full(n, -4.0)}
+
+
+def test_consider_tilt_keeps_a_perfect_gyro_attitude_under_biased_speed_updates():
+    """FilterConfig.consider_attitude: with a perfect IMU, biased learned-speed updates tilt the
+    filter unless they are consider updates for the tilt (the default). What is left comes from
+    the gyro bias, which the speed updates still correct."""
+    t, rot, pos, vel, force, rate = drive(seed=8, duration=10.0)
+    model = _BiasedSpeed(float(np.linalg.norm(vel, axis=1).mean()) + 1.0)
+    idx = np.arange(0, len(t), SCAN_EVERY)
+    truth = truth_poses(rot, pos, idx)
+    tilt_err = {}
+    for mode in ('none', 'tilt'):
+        cfg = FilterConfig(nhc_every=0, zupt_sigma=0.0, speed_mode='on', consider_attitude=mode)
+        res = run_filter(cfg, t, force, rate, t[idx], noise_model=model,
+                         initial_state=(rot[0], vel[0]))
+        assert res.counts['speed_updates'] > 50
+        err = so3_log(truth[:, :3, :3] @ np.swapaxes(res.scan_poses[:, :3, :3], 1, 2))
+        tilt_err[mode] = np.abs(err[:, :2]).max()
+    assert FilterConfig().consider_attitude == 'tilt'
+    assert tilt_err['none'] > 0.01, tilt_err
+    assert tilt_err['tilt'] < 0.01 * tilt_err['none'], tilt_err
+
+
+def test_consider_setting_round_trips_and_old_checkpoints_get_the_default():
+    stored = FilterConfig(consider_attitude='yaw', consider_updates='speed_nhc').to_dict()
+    cfg, _ = build_filter({'config': {'filter': stored}})
+    assert (cfg.consider_attitude, cfg.consider_updates) == ('yaw', 'speed_nhc')
+    old = {k: v for k, v in stored.items() if not k.startswith('consider_')}
+    cfg, _ = build_filter({'config': {'filter': old}})      # written before the field existed
+    assert (cfg.consider_attitude, cfg.consider_updates) == ('tilt', 'speed')
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match='init_source'):
         FilterConfig(init_source='oracle')
@@ -276,5 +366,9 @@ def test_config_errors_name_the_field():
         FilterConfig(T_imu_lidar=(2.0,) * 12)
     with pytest.raises(ValueError, match='gyro_noise'):
         FilterConfig(gyro_noise=-1.0)
+    with pytest.raises(ValueError, match='consider_attitude'):
+        FilterConfig(consider_attitude='pitch')
+    with pytest.raises(ValueError, match='consider_updates'):
+        FilterConfig(consider_updates='zupt')
     with pytest.raises(ValueError, match='true_velocity'):
         InertialOdometry(FilterConfig(init_source='true_velocity'))

@@ -12,6 +12,9 @@ from mm_fusion_ros.config import ConfigBase
 
 INIT_SOURCES = ('estimate', 'true_velocity')
 SPEED_MODES = ('off', 'init', 'on')
+# World axes of the attitude error that consider updates leave alone (xi_R is in world axes).
+CONSIDER_ATTITUDE = {'none': (), 'tilt': (0, 1), 'yaw': (2,), 'all': (0, 1, 2)}
+CONSIDER_UPDATES = ('speed', 'speed_nhc')
 IDENTITY_3X4 = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -28,6 +31,13 @@ def _nonnegative(cfg, *names):
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f'{type(cfg).__name__}.{name} must be >= 0, got {value!r}')
+
+
+def _choice(cfg, name, choices):
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ValueError(f'{type(cfg).__name__}.{name} {value!r} not understood; choose one of '
+                         f'{choices}')
 
 
 def _triple(cfg, name):
@@ -104,6 +114,14 @@ class FilterConfig(ConfigBase):
     pseudo_var_scale: float = field(default=1.0, metadata={
         'help': 'factor on the pseudo-measurement variances (their errors are correlated in '
                 'time); fitted by train_imu_filter'})
+    consider_attitude: str = field(default='tilt', metadata={
+        'help': 'attitude that the updates named by consider_updates do not correct (Schmidt '
+                'consider update; their errors pull the attitude off a good gyro): none, tilt '
+                '(world x, y), yaw (world z) or all'})
+    consider_updates: str = field(default='speed', metadata={
+        'help': 'which updates consider_attitude applies to: speed (learned speed) or '
+                'speed_nhc (and the lateral/vertical pseudo-measurements); zero velocity and '
+                'relative poses always correct the attitude'})
     max_gyro: float = field(default=8.0, metadata={
         'help': 'IMU samples with |gyro| above this are rejected as spikes [rad/s]'})
     max_accel: float = field(default=60.0, metadata={
@@ -133,12 +151,10 @@ class FilterConfig(ConfigBase):
                 raise ValueError(f'FilterConfig.{name} must be an integer >= 0, got {value!r}')
         if self.max_clones < 2:
             raise ValueError(f'FilterConfig.max_clones must be >= 2, got {self.max_clones}')
-        if self.init_source not in INIT_SOURCES:
-            raise ValueError(f'FilterConfig.init_source {self.init_source!r} not understood; '
-                             f'choose one of {INIT_SOURCES}')
-        if self.speed_mode not in SPEED_MODES:
-            raise ValueError(f'FilterConfig.speed_mode {self.speed_mode!r} not understood; '
-                             f'choose one of {SPEED_MODES}')
+        _choice(self, 'init_source', INIT_SOURCES)
+        _choice(self, 'speed_mode', SPEED_MODES)
+        _choice(self, 'consider_attitude', tuple(CONSIDER_ATTITUDE))
+        _choice(self, 'consider_updates', CONSIDER_UPDATES)
         _triple(self, 'nhc_rpy_deg')
         _triple(self, 'nhc_lever_arm')
         tr = tuple(float(v) for v in self.T_imu_lidar)

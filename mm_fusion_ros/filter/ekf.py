@@ -98,9 +98,13 @@ class InvariantEKF:
             P[n:, :n] = P[:n, n:].T
 
     # ---------------------------------------------------------------- updates
-    def update(self, H, residual, noise_cov, gate_chi2=0.0):
+    def update(self, H, residual, noise_cov, gate_chi2=0.0, consider=None):
         """EKF update with Jacobian H (m, dim), residual z - h(x) (m,), noise (m, m).
 
+        consider: error dimensions this update must not correct (Schmidt "consider" update):
+        their gain rows are zeroed and the covariance follows the Joseph form with that gain,
+        P+ = (I - KH) P (I - KH)^T + K R K^T, which keeps their own block and lowers their
+        correlations with the updated dimensions.
         Returns the Mahalanobis distance^2 of the residual (NIS); nothing changes when it exceeds
         gate_chi2 > 0 (then the caller counts a rejection).
         """
@@ -121,6 +125,12 @@ class InvariantEKF:
         W = np.linalg.solve(chol, PHt.T).T
         dx = W @ sol
         P = P - W @ W.T
+        if consider is not None and len(consider):
+            # With K = D K_opt (D zeroes the consider rows) the Joseph form is
+            # P - K_opt S K_opt^T everywhere except the consider-consider block, which stays.
+            c = np.asarray(consider)
+            dx[c] = 0.0
+            P[np.ix_(c, c)] = self.P[np.ix_(c, c)]
         self.P = 0.5 * (P + P.T)
         self._retract(dx)
         return nis
@@ -138,8 +148,15 @@ class InvariantEKF:
             clone[0] = cR @ clone[0]
             clone[1] = cR @ clone[1] + cp
 
+    def attitude_dims(self, axes) -> np.ndarray:
+        """Error indices of the attitude about the world axes `axes` (0, 1: tilt, 2: yaw), of
+        the current pose and of every cloned pose (their xi_R is in world axes too)."""
+        axes = np.asarray(axes, dtype=int)
+        starts = [0] + [STATE_DIM + CLONE_DIM * i for i in range(len(self.clones))]
+        return np.concatenate([s + axes for s in starts]) if len(axes) else axes
+
     def update_body_velocity(self, rows, values, sigmas, R_ic=None, lever=None, gyro=None,
-                             gate_chi2=0.0):
+                             gate_chi2=0.0, consider=None):
         """Measure rows of the velocity of a point `lever` (imu frame) in a frame R_ic (imu<-c).
 
         h = R_ic^T (R^T v + (gyro - b_g) x lever): rows 1, 2 are the vehicle's lateral and
@@ -159,7 +176,7 @@ class InvariantEKF:
         H[:, 9:12] = Hbg[rows]
         residual = np.asarray(values, dtype=np.float64) - pred[rows]
         return self.update(H, residual, np.diag(np.asarray(sigmas, dtype=np.float64) ** 2),
-                           gate_chi2)
+                           gate_chi2, consider)
 
     def update_zero_rate(self, gyro_mean, sigma):
         """At standstill the mean gyro is its bias: z = gyro_mean, h = b_g."""

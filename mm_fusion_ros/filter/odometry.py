@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from mm_fusion_ros.filter.config import FilterConfig
+from mm_fusion_ros.filter.config import CONSIDER_ATTITUDE, FilterConfig
 from mm_fusion_ros.filter.ekf import InvariantEKF
 from mm_fusion_ros.geometry import (
     invert_pose,
@@ -383,15 +383,20 @@ class InertialOdometry:
                     else:
                         var = np.array([cfg.nhc_lateral_sigma, cfg.nhc_vertical_sigma]) ** 2
                     sig = np.sqrt(var * cfg.pseudo_var_scale)
+                    consider = self._consider() if cfg.consider_updates == 'speed_nhc' else None
                     self.ekf.update_body_velocity((1, 2), np.zeros(2), sig, self.R_ic,
-                                                  self.lever, self._last[2])
+                                                  self.lever, self._last[2], consider=consider)
                     self.counts['nhc_updates'] += 1
         in_range = cfg.speed_max <= 0 or float(np.linalg.norm(self.ekf.v)) < cfg.speed_max
         if speed_due and out is not None and not self.standstill and in_range:
             sig = math.sqrt(math.exp(out['speed_logvar']) * cfg.speed_var_scale)
             self.ekf.update_body_velocity((0,), [max(out['speed'], 0.0)], [sig], self.R_ic,
-                                          self.lever, self._last[2])
+                                          self.lever, self._last[2], consider=self._consider())
             self.counts['speed_updates'] += 1
+
+    def _consider(self):
+        """Attitude dimensions a pseudo-measurement leaves alone (cfg.consider_attitude)."""
+        return self.ekf.attitude_dims(CONSIDER_ATTITUDE[self.cfg.consider_attitude])
 
     def _clone_key(self, stamp):
         for key in self.ekf.clones:
