@@ -54,6 +54,9 @@ def build_parser():
                    help='inertial filter checkpoint (train_imu_filter)')
     p.add_argument('--outage', default='20:20', help='START_S:DURATION_S of camera+LiDAR cut')
     p.add_argument('--out_dir', type=Path, required=True, help='trajectories go here')
+    p.add_argument('--relpose_var_scale', type=float, default=1.0,
+                   help="factor on the network's variances in the filter (predict_odometry's "
+                        'flag; choose it on a validation sequence with bench/filter_var_scale.py)')
     p.add_argument('--threads', type=int, default=2, help='torch CPU threads')
     return p
 
@@ -78,7 +81,8 @@ def run_all(args) -> dict:
               '--sequences', args.sequence]
     for name, _, filtered, outage in ROWS[:4]:
         extra = ['--filter', 'on' if filtered else 'off']
-        extra += ['--filter_checkpoint', str(args.filter_checkpoint)] if filtered else []
+        extra += ['--filter_checkpoint', str(args.filter_checkpoint),
+                  '--relpose_var_scale', str(args.relpose_var_scale)] if filtered else []
         extra += ['--outage', args.outage] if outage else []
         t0 = time.perf_counter()
         if predict_odometry.main(common + extra + ['--out_dir', str(args.out_dir / name)]):
