@@ -80,7 +80,7 @@ DEADLINE_S = 300.0
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_bag_arguments(p)
-    p.add_argument('--rates', type=float, nargs='+', default=[1.0, 5.0, 10.0],
+    p.add_argument('--rates', type=float, nargs='*', default=[1.0, 5.0, 10.0],
                    help='replay rates to measure with training on')
     p.add_argument('--off_rates', type=float, nargs='*', default=[5.0, 10.0],
                    help='replay rates to measure with training off (the baseline of the run; '
