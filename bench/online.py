@@ -3,7 +3,7 @@
     python bench/online.py [--frames 150] [--rates 1 5 10] [--off_rates 5 10] [--work_dir DIR]
                            [--buffer 40]
                            [--image_size W H] [--azimuth_steps N] [--num_threads T]
-                           [--set key:=value ...] [--no_dds_profile]
+                           [--set key:=value ...] [--no_dds_profile] [--domain_id N]
 
 A synthetic sequence (by default full size: 1241x376 images, 64-beam ~128k-point scans,
 100 Hz IMU; built once into --work_dir) is replayed into `online_finetune` (config/finetune.yaml
@@ -15,6 +15,16 @@ arrival - publication of the scan whose stamp the odom carries. The node runs in
 its own, as in use; its RSS and CPU time (with its children: the learner process) are read from
 /proc every 0.25 s (the RSS series
 is written to WORK_DIR/run_<rate>x_<training>/rss.csv).
+
+With the inertial filter at IMU rate (--set filter.mode:=on --set filter.publish_rate:=imu) the
+node publishes /mm_fusion/odom at every IMU sample, stamped with the sample, and a scan's pose
+goes to odom only when it is newer than the IMU poses, which it seldom is. The bench tells the
+two cases apart by what it receives: odometry at stamps that are not scan stamps. Then a scan's
+pose is out when the first /mm_fusion/path that carries it arrives (the paths hold the scan poses;
+they are throttled by the node's path_publish_period_s), and latency = that arrival -
+publication of the scan; samples' poses are counted on the path. The IMU-rate odometry is
+reported besides: messages per second received (first to last) and latency = arrival -
+publication of the IMU message whose stamp the odom carries (the player publishes the IMU too).
 
 Drops: messages published by the player vs received by the synchronizer (its /diagnostics),
 the synchronizer's own drop and mask counts, and samples expected (scans - 1) vs poses received.
@@ -70,7 +80,7 @@ DEADLINE_S = 300.0
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_bag_arguments(p)
-    p.add_argument('--rates', type=float, nargs='+', default=[1.0, 5.0, 10.0],
+    p.add_argument('--rates', type=float, nargs='*', default=[1.0, 5.0, 10.0],
                    help='replay rates to measure with training on')
     p.add_argument('--off_rates', type=float, nargs='*', default=[5.0, 10.0],
                    help='replay rates to measure with training off (the baseline of the run; '
@@ -83,6 +93,8 @@ def build_parser():
                    help='extra node parameter, e.g. --set updates_per_sample:=1.0')
     p.add_argument('--no_dds_profile', action='store_true',
                    help="use Fast DDS's defaults instead of config/fastdds_replay.xml")
+    p.add_argument('--domain_id', type=int, default=None,
+                   help='ROS_DOMAIN_ID of the player, the probe and the node (default: random)')
     return p
 
 
@@ -102,24 +114,27 @@ def prepare_bag(work: Path, frames: int, image_size, azimuth_steps: int) -> Path
 
 # --- the player, in this process -------------------------------------------------------------
 def cloud_stamp(raw: bytes) -> int:
-    """Header stamp of a CDR-serialised PointCloud2 (4-byte encapsulation, then int32 sec,
-    uint32 nanosec), read without deserialising the cloud."""
+    """Header stamp of a CDR-serialised PointCloud2 or Imu (4-byte encapsulation, then int32
+    sec, uint32 nanosec), read without deserialising the message."""
     little = raw[1] == 1
     sec, nsec = struct.unpack('<iI' if little else '>iI', raw[4:12])
     return sec * 1_000_000_000 + nsec
 
 
 class TimedPlayer(BagPlayer):
-    """bag_player's node, also noting when each scan was published (time.monotonic)."""
+    """bag_player's node, also noting when each scan and IMU message was published
+    (time.monotonic)."""
 
     def __init__(self, source, names):
         super().__init__(source, names)
-        self.cloud_published = {}
+        self.cloud_published, self.imu_published = {}, {}
 
     def _publish(self, topic, publisher, raw):
         ok = super()._publish(topic, publisher, raw)
         if ok and topic == topics.CLOUD_TOPIC:
             self.cloud_published[cloud_stamp(raw)] = time.monotonic()
+        elif ok and topic == topics.IMU_TOPIC:
+            self.imu_published[cloud_stamp(raw)] = time.monotonic()
         return ok
 
 
@@ -178,20 +193,25 @@ def _children(pid) -> list:
 
 
 class Probe:
-    """Client side: odom arrival times by stamp, the synchronizer's diagnostics, services."""
+    """Client side: odom arrival times by stamp, the first arrival of each pose on
+    /mm_fusion/path by stamp, the synchronizer's diagnostics, services."""
 
     def __init__(self):
         from diagnostic_msgs.msg import DiagnosticArray
         from nav_msgs.msg import Odometry
+        from nav_msgs.msg import Path as PathMsg
         from std_srvs.srv import Trigger
         self.Trigger = Trigger
         self.node = rclpy.create_node('bench_online_probe')
         self.lock = threading.Lock()
         self.odom_arrival = {}
+        self.path_arrival = {}
         self.diag = {}
         self.odom_sub = self.node.create_subscription(
             Odometry, topics.ODOM_OUT_TOPIC, self._on_odom,
             QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
+        self.node.create_subscription(PathMsg, topics.PATH_TOPIC, self._on_path,
+                                      QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
         self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
         self.save = self.node.create_client(Trigger, topics.SAVE_SERVICE)
         self.executor = SingleThreadedExecutor()
@@ -205,20 +225,38 @@ class Probe:
         with self.lock:
             self.odom_arrival[stamp] = now
 
+    def _on_path(self, msg):
+        now = time.monotonic()
+        stamps = [p.header.stamp.sec * 1_000_000_000 + p.header.stamp.nanosec
+                  for p in msg.poses]
+        with self.lock:
+            for stamp in stamps:
+                self.path_arrival.setdefault(stamp, now)
+
     def _on_diag(self, msg):
         for status in msg.status:
             if 'synchronizer' in status.name:
                 with self.lock:
                     self.diag = {kv.key: kv.value for kv in status.values}
 
-    def odom_count(self, stamps):
-        """How many of `stamps` have an odometry message."""
+    def imu_rate(self, scan_stamps) -> bool:
+        """Odometry came at stamps that are not scans' (the filter at IMU rate)?"""
         with self.lock:
-            return sum(1 for s in stamps if s in self.odom_arrival)
+            return any(s not in scan_stamps for s in self.odom_arrival)
 
-    def last_odom(self):
+    def scan_arrival(self, scan_stamps) -> dict:
+        """Stamp -> arrival of the scans' poses: on odom, or at IMU rate on the path."""
+        imu_rate = self.imu_rate(scan_stamps)
         with self.lock:
-            return max(self.odom_arrival.values(), default=None)
+            arrival = self.path_arrival if imu_rate else self.odom_arrival
+            return {s: t for s, t in arrival.items() if s in scan_stamps}
+
+    def last_pose(self, scan_stamps):
+        """Arrival of the newest odometry message, or at IMU rate of odometry or path."""
+        imu_rate = self.imu_rate(scan_stamps)
+        with self.lock:
+            path = list(self.path_arrival.values()) if imu_rate else []
+            return max([*self.odom_arrival.values(), *path], default=None)
 
     def checkpoint(self):
         done = threading.Event()
@@ -266,6 +304,22 @@ class Case:
     player_cpu_s: float = 0.0  # CPU of this process (the player) while it played
     cpu_s: float = 0.0         # node CPU seconds from the first scan to the last pose
     cpu_wall_s: float = 0.0
+    imu_rate: bool = False     # odometry at IMU rate: the scans' poses came on the path
+    imu_odom: tuple = None     # imu_odom_summary
+
+
+def imu_odom_summary(odom_arrival: dict, scan_stamps, imu_published: dict):
+    """(messages, messages per second, latencies [ms]) of the odometry at stamps other than
+    the scans': rate over first to last arrival; latency = arrival - publication of the IMU
+    message of that stamp (stamps the player did not publish are left out)."""
+    arrivals = {s: t for s, t in odom_arrival.items() if s not in scan_stamps}
+    if not arrivals:
+        return 0, float('nan'), np.array([])
+    span = max(arrivals.values()) - min(arrivals.values())
+    rate = (len(arrivals) - 1) / span if span > 0 else float('nan')
+    latency = np.array([(t - imu_published[s]) * 1e3 for s, t in arrivals.items()
+                        if s in imu_published])
+    return len(arrivals), rate, latency
 
 
 def node_command(args, case, out: Path):
@@ -306,21 +360,23 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
                 case.player_cpu_s = time.process_time() - cpu0
                 player.wait_for_acks(10.0)
                 published = dict(player.cloud_published)
+                imu_published = dict(player.imu_published)
             finally:
                 player.destroy_node()
         case.published = dict(report.published)
         case.player_wall_s = report.wall_s
         case.expected = case.published[topics.CLOUD_TOPIC] - 1
 
-        later_scans = sorted(published)[1:]      # the first scan starts the first sample
+        scans = set(published)
+        later_scans = set(sorted(published)[1:])   # the first scan starts the first sample
 
         def scan_poses():
-            # Odometry at the scan stamps: one per sample; with the inertial filter publishing
-            # at IMU rate there are poses between them too, which are not samples.
-            return probe.odom_count(later_scans)
+            # One pose per sample: on odom at the scan stamps, or at IMU rate on the path
+            # (odom then carries the IMU stamps).
+            return len(probe.scan_arrival(scans).keys() & later_scans)
 
         def settled():
-            last = probe.last_odom()
+            last = probe.last_pose(scans)
             return scan_poses() >= case.expected or \
                 (last is not None and time.monotonic() - last > IDLE_END_S)
 
@@ -332,16 +388,19 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
                  'final diagnostics', proc, log_path)
         case.diag = dict(probe.diag)
         case.poses = scan_poses()
-        probe_end = probe.last_odom()
+        probe_end = probe.last_pose(scans)
         case.steps = metrics1['online_steps'] - metrics0['online_steps']
-        case.train_s = (probe.last_odom() or t1) - t0
-        case.latency_ms = np.array([(probe.odom_arrival[s] - published[s]) * 1e3
-                                    for s in probe.odom_arrival if s in published])
+        case.train_s = (probe_end or t1) - t0
+        arrival = probe.scan_arrival(scans)
+        case.latency_ms = np.array([(arrival[s] - published[s]) * 1e3 for s in arrival])
+        case.imu_rate = probe.imu_rate(scans)
+        with probe.lock:
+            case.imu_odom = imu_odom_summary(probe.odom_arrival, scans, imu_published)
         first_pub = min(published.values())
         # The buffer is full once `buffer` samples were emitted: the scan buffer+1's pose.
         stamps = sorted(published)
-        if len(stamps) > args.buffer and stamps[args.buffer] in probe.odom_arrival:
-            case.fill_time = probe.odom_arrival[stamps[args.buffer]] - first_pub
+        if len(stamps) > args.buffer and stamps[args.buffer] in arrival:
+            case.fill_time = arrival[stamps[args.buffer]] - first_pub
         proc.send_signal(signal.SIGINT)
         case.exit_code = proc.wait(timeout=120)
     finally:
@@ -410,6 +469,17 @@ def print_table(cases):
               f'{lat.max():>6.1f}    | {start:>6.0f}/{fill:>6.0f}/{end:>6.0f}       | '
               f'{c.cpu_s / c.cpu_wall_s:>5.2f}, {c.cpu_s / max(c.poses, 1) * 1e3:>6.1f}'
               f'{"":>14} | {c.player_cpu_s / max(c.player_wall_s, 1e-9):>5.2f} cores')
+    imu = [c for c in cases if c.imu_rate]
+    if imu:
+        print('\nodometry at IMU rate (the rows above: latency and poses of the scans on '
+              f'{topics.PATH_TOPIC}):')
+        for c in imu:
+            n, rate, lat = c.imu_odom
+            pct = np.percentile(lat, [50, 95]) if len(lat) else [float('nan')] * 2
+            print(f'{c.rate:>5g} {("on" if c.training else "off"):>5} | {n} messages, '
+                  f'{rate:.1f}/s | latency p50 {pct[0]:.1f} p95 {pct[1]:.1f} max '
+                  f'{lat.max() if len(lat) else float("nan"):.1f} ms (arrival - IMU publication)'
+                  f' | node CPU {c.cpu_s / c.cpu_wall_s * 1e3:.0f} ms/s')
 
 
 def print_verdict(cases):
@@ -428,6 +498,8 @@ def print_verdict(cases):
                  if growth == growth else 'buffer full too late to judge the RSS']
         if masked:
             notes.append(f'masked {masked}')
+        if c.imu_rate:
+            notes.append(f'odometry at IMU rate, scan poses from {topics.PATH_TOPIC}')
         print(f'{c.rate:g}x training {"on" if c.training else "off"}: ' + '; '.join(notes) +
               f'; node exit {c.exit_code}')
 
@@ -444,7 +516,8 @@ def main(argv=None) -> int:
         env.pop('FASTDDS_DEFAULT_PROFILES_FILE', None)
     else:
         env.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(DDS_PROFILE))
-    env['ROS_DOMAIN_ID'] = str(random.SystemRandom().randint(1, 101))
+    env['ROS_DOMAIN_ID'] = str(args.domain_id if args.domain_id is not None
+                               else random.SystemRandom().randint(1, 101))
     os.environ.update(env)       # this process plays and listens on the same domain
     if args.no_dds_profile:
         os.environ.pop('FASTDDS_DEFAULT_PROFILES_FILE', None)
