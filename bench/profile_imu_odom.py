@@ -12,8 +12,14 @@ subscriber; no tf2_msgs in this install: no /tf). Each stage is the CPU time of 
 IMU samples fed after the filter's poses began, per IMU-rate odometry message. The steps
 (scan, relative pose, scan read-out) are counted apart. --src DIR profiles the package in DIR
 (e.g. a worktree of main, for a before measurement).
+
+What paces the poll is measured apart (--wake_s seconds each, 0: skip): the CPU per second of
+a thread spinning an rclpy SingleThreadedExecutor over a node with the trainer node's other
+timers (1 s, 0.05 s) with and without a 10 ms timer, and of a thread waiting on
+runtime.workers.Pacer(0.01) (empty callbacks; the difference is the pacing's own cost).
 """
 import argparse
+import importlib
 from pathlib import Path
 import sys
 import time
@@ -26,7 +32,41 @@ def build_parser():
     p.add_argument('--duration', type=float, default=60.0, help='drive length [s]')
     p.add_argument('--src', type=Path, default=None,
                    help='profile the mm_fusion_ros package in this folder')
+    p.add_argument('--wake_s', type=float, default=5.0,
+                   help='seconds per pacing measurement (0: skip)')
     return p
+
+
+def wake_cost(seconds: float) -> None:
+    """CPU ms per second of pacing a 10 ms poll: an rclpy timer vs a Pacer thread."""
+    import rclpy
+    from rclpy.clock import Clock, ClockType
+    from rclpy.executors import SingleThreadedExecutor
+
+    from mm_fusion_ros.runtime.workers import Pacer
+
+    def spin(period):
+        node = rclpy.create_node('wake_cost')
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
+        for p in (1.0, 0.05) + ((period,) if period else ()):
+            node.create_timer(p, lambda: None, clock=steady)
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        t0, c0 = time.monotonic(), time.thread_time()
+        while time.monotonic() - t0 < seconds:
+            executor.spin_once(timeout_sec=0.5)
+        cpu = (time.thread_time() - c0) / seconds * 1e3
+        executor.remove_node(node)
+        node.destroy_node()
+        return cpu
+
+    base, timer = spin(None), spin(0.01)
+    pace, t0, c0 = Pacer(0.01), time.monotonic(), time.thread_time()
+    while time.monotonic() - t0 < seconds:
+        pace.wait()
+    thread = (time.thread_time() - c0) / seconds * 1e3
+    print(f'pacing a 10 ms poll, CPU ms/s: executor with the other timers {base:.1f}, plus a '
+          f'10 ms timer {timer:.1f} (+{timer - base:.1f}); a Pacer thread {thread:.1f}')
 
 
 # (owner, attribute, stage); owners are module paths or (module path, class name).
@@ -48,7 +88,6 @@ WRAPPED = [
 
 
 def owner_of(spec):
-    import importlib
     if isinstance(spec, str):
         return importlib.import_module(spec)
     module, cls = spec
@@ -131,6 +170,9 @@ def main(argv=None) -> int:
     print(f'wall {wall / n * 1e6:.0f} us per message; step (not in the table): '
           f'{t_step / len(due) * 1e6:.0f} us each; counts {src.stats()}')
     node.destroy_node()
+    if args.wake_s > 0 and hasattr(importlib.import_module('mm_fusion_ros.runtime.workers'),
+                                   'Pacer'):
+        wake_cost(args.wake_s)
     rclpy.try_shutdown()
     return 0
 
