@@ -8,7 +8,7 @@ import pytest
 from test_filter import drive, noisy, true_relative
 
 from mm_fusion_ros.filter.config import FilterConfig
-from mm_fusion_ros.filter.odometry import run_filter
+from mm_fusion_ros.filter.odometry import InertialOdometry, run_filter
 from mm_fusion_ros.filter.online import build_filter_source, FilterPoseSource, OnlineFilterConfig
 from mm_fusion_ros.geometry import invert_pose, so3_log
 from mm_fusion_ros.sync.config import SyncConfig
@@ -234,3 +234,35 @@ def test_filter_mode_on_given_as_a_ros_argument_is_a_mode_not_a_boolean():
     finally:
         rclpy.try_shutdown(context=context)
     assert OnlineFilterConfig(mode=False).mode == 'off'
+
+
+def test_imu_rate_read_out_leaves_the_covariance_propagation_alone(world):
+    """pose(propagate=False) at every sample: the filter ends as if nothing was read (its
+    covariance propagated every cov_every samples), and the covariance read is the one at the
+    last propagation or update, computed once per change and never more than cov_every - 1
+    samples old."""
+    w = world
+    t = (w['stamps_ns'] - w['stamps_ns'][0]) / 1e9
+    read, quiet = (InertialOdometry(w['cfg']) for _ in range(2))
+    scans = set(w['scans'].tolist())
+    last, since, oldest = None, 0, 0
+    for i in range(len(t)):
+        for odo in (read, quiet):
+            odo.add_imu(t[i], w['acc'][i], w['gyr'][i])
+            if i in scans:
+                odo.add_scan(t[i])
+        if not read.initialised:
+            continue
+        _, T, cov = read.pose(propagate=False)
+        if read.ekf._pending_n == 0:      # just propagated or updated: the current covariance
+            fresh = read._odom_cov(read.ekf.pose_covariance(read.T_imu_lidar))
+            np.testing.assert_array_equal(cov, fresh)
+            since = 0
+        elif last is not None:
+            assert cov is last, 'computed again without a change of the covariance'
+            since += 1
+        oldest = max(oldest, since)
+        last = cov
+    assert 0 < oldest < read.ekf.cov_every
+    np.testing.assert_array_equal(read.ekf.P, quiet.ekf.P)
+    np.testing.assert_array_equal(read.ekf.p, quiet.ekf.p)

@@ -8,7 +8,7 @@ from mm_fusion_ros.runtime import diagnostics
 from mm_fusion_ros.runtime.dispatch import SampleDispatcher
 from mm_fusion_ros.runtime.paths import PathThrottle, PoseTrail
 from mm_fusion_ros.runtime.process import MemoryTrimmer
-from mm_fusion_ros.runtime.workers import FaultLog, Worker
+from mm_fusion_ros.runtime.workers import FaultLog, Pacer, Worker
 
 
 class Clock:
@@ -167,3 +167,23 @@ def test_memory_trimmer_period():
     clock.t += 1.0
     assert trimmer.maybe_trim() and trims == [105.0]
     assert not MemoryTrimmer(None, clock=clock).maybe_trim()
+
+
+def test_pacer_keeps_a_fixed_schedule_and_skips_missed_ticks():
+    now = [100.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(round(s, 9))
+        now[0] += s
+    pace = Pacer(0.01, clock=lambda: now[0], sleep=sleep)
+    pace.wait()                      # the first call starts the schedule: no wait
+    now[0] += 0.003                  # a step of 3 ms
+    pace.wait()                      # waits the rest of the period
+    now[0] += 0.025                  # a step that ran long: 2 ticks missed, not caught up
+    pace.wait()
+    now[0] += 0.002
+    pace.wait()
+    assert slept == [0.007, 0.008]
+    with pytest.raises(ValueError, match='period'):
+        Pacer(0.0)

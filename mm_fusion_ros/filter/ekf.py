@@ -10,7 +10,9 @@ position it cannot observe.
 Covariance propagation is lazy: the nominal state follows every IMU sample, the covariance is
 propagated in one step over the samples since the last flush (with the transition of the
 state at the flush's start; exact for a constant F, since F is nilpotent of order 4), at most
-`cov_every` samples apart and always before an update or a read-out.
+`cov_every` samples apart and always before an update or a read-out that asks for it.
+`cov_version` counts the changes of the covariance, so that a read-out can be kept until it
+changes (InertialOdometry.pose with propagate=False).
 """
 import numpy as np
 
@@ -40,6 +42,7 @@ class InvariantEKF:
                                  np.full(3, gyro_bias_walk**2), np.full(3, accel_bias_walk**2)])
         self.cov_every = max(1, int(cov_every))
         self.clones = {}            # key -> [R, p]; error block order = insertion order
+        self.cov_version = 0        # +1 at every change of P
         self._pending_dt = 0.0
         self._pending_n = 0
         self._pending_state = None
@@ -70,6 +73,7 @@ class InvariantEKF:
         R, v, p = self._pending_state
         dt = self._pending_dt
         self._pending_dt, self._pending_n, self._pending_state = 0.0, 0, None
+        self.cov_version += 1
         F = np.zeros((STATE_DIM, STATE_DIM))
         F[3:6, 0:3] = hat(self.g)
         F[6:9, 3:6] = I3
@@ -132,6 +136,7 @@ class InvariantEKF:
             dx[c] = 0.0
             P[np.ix_(c, c)] = self.P[np.ix_(c, c)]
         self.P = 0.5 * (P + P.T)
+        self.cov_version += 1
         self._retract(dx)
         return nis
 
@@ -210,6 +215,7 @@ class InvariantEKF:
         P[:n, n:] = JP.T
         P[n:, n:] = JP @ J.T
         self.P = P
+        self.cov_version += 1
         self.clones[key] = [(self.R if rot is None else np.asarray(rot, dtype=np.float64)).copy(),
                             (self.p if pos is None else np.asarray(pos, dtype=np.float64)).copy()]
 
@@ -223,6 +229,7 @@ class InvariantEKF:
         j = self.clone_index(key)
         keep = np.r_[0:j, j + CLONE_DIM:self.P.shape[0]]
         self.P = self.P[np.ix_(keep, keep)]
+        self.cov_version += 1
         del self.clones[key]
 
     def clone_pose(self, key):
@@ -270,13 +277,17 @@ class InvariantEKF:
         return self.update(H, residual, Jr @ cov @ Jr.T, gate_chi2)
 
     # ---------------------------------------------------------------- read-out
-    def pose_covariance(self, T_imu_lidar=None):
+    def pose_covariance(self, T_imu_lidar=None, propagate=True):
         """6x6 covariance of base_link's pose: position in odom, then rotation about odom axes.
+
+        propagate=False: with the covariance as last propagated or updated, without propagating
+        it over the samples since (at most cov_every - 1).
 
         The right-invariant error gives p = p_hat + xi_R x p_hat + xi_p, so d(position) =
         xi_p - [q]x xi_R for the point q = p + R t_imu_lidar, and the rotation error is xi_R.
         """
-        self.flush()
+        if propagate:
+            self.flush()
         q = self.p if T_imu_lidar is None else self.p + self.R @ T_imu_lidar[:3, 3]
         J = np.zeros((6, STATE_DIM))
         J[0:3, 0:3] = -hat(q)

@@ -95,6 +95,7 @@ class InertialOdometry:
         self._record_only = set()  # scan stamps to read out, not clone
         self._finished_scans = []  # (stamp, T_odom_base, cov6) whose clone was let go
         self.standstill = False
+        self._lazy_cov = None      # (ekf, its cov_version, pose covariance) for pose()
 
     # ------------------------------------------------------------ inputs
     def add_imu(self, stamp, accel, gyro) -> bool:
@@ -161,12 +162,25 @@ class InertialOdometry:
     def stamp(self):
         return None if self._last is None or self.ekf is None else self._last[0]
 
-    def pose(self):
-        """(stamp, T_odom_base (4, 4), 6x6 covariance: position then rotation, odom axes)."""
+    def pose(self, propagate=True):
+        """(stamp, T_odom_base (4, 4), 6x6 covariance: position then rotation, odom axes).
+
+        propagate=False leaves the filter's covariance propagation alone (it runs every
+        cov_every samples, as when nothing is read): the covariance is then the one at the
+        last propagation or update, at most cov_every - 1 samples old, computed once per
+        change of the filter's covariance (the same array until it changes; do not modify it).
+        """
         if self.ekf is None:
             return None
         T = self.T_world_odom_inv @ make_pose(self.ekf.R, self.ekf.p) @ self.T_imu_lidar
-        return self._last[0], T, self._odom_cov(self.ekf.pose_covariance(self.T_imu_lidar))
+        if propagate:
+            return self._last[0], T, self._odom_cov(self.ekf.pose_covariance(self.T_imu_lidar))
+        ekf = self.ekf
+        if self._lazy_cov is None or self._lazy_cov[0] is not ekf or \
+                self._lazy_cov[1] != ekf.cov_version:
+            cov = self._odom_cov(ekf.pose_covariance(self.T_imu_lidar, propagate=False))
+            self._lazy_cov = (ekf, ekf.cov_version, cov)
+        return self._last[0], T, self._lazy_cov[2]
 
     def pose_world_imu(self):
         """(R, p) of imu_link in the filter's gravity-aligned world (no covariance flush)."""

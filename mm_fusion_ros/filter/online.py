@@ -20,7 +20,9 @@ first scan held, the filter is ready at once and A = T_filter(first scan)^-1: th
 the offline run_filter's (tested). poll() (publish_rate imu) feeds the IMU as it comes and
 returns a PoseRecord per sample; scans then arrive after the filter passed them and are cloned
 back-dated (InertialOdometry), which the offline run does not do: scan poses differ from it
-slightly (docs/inertial_filter.md, "Online").
+slightly (docs/inertial_filter.md, "Online"). Reading the IMU-rate poses leaves the filter's
+covariance propagation to its own cadence (every cov_every samples, as offline): their
+covariances are those of the last propagation or update.
 """
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -190,6 +192,7 @@ class FilterPoseSource:
             self._scanned = set()
             self._imu_out = []           # IMU-rate records not yet handed out by poll
             self._imu_dt, self._gyro = 0.01, np.zeros(3)
+            self._imu_cov_key, self._imu_covs = None, None   # see _imu_record
             self.odo = InertialOdometry(self._segment_config(), self.noise_model)
             self._feed(self._origin + self._tol_ns)
             self.odo.add_scan(self._sec(self._origin))
@@ -274,12 +277,17 @@ class FilterPoseSource:
                 self._imu_out.append(self._imu_record(stamp))
 
     def _imu_record(self, stamp_ns: int) -> PoseRecord:
-        _, T, cov = self.odo.pose()
-        pose = self._anchor @ T
-        twist, twist_cov = self._twist()
-        return PoseRecord(stamp_ns=stamp_ns, segment=self.segment, index=-1, pose=pose,
-                          cov=_block_rot(self._anchor[:3, :3], cov), twist=twist,
-                          twist_cov=twist_cov, dt=0.0, bridged='')
+        """The pose and twist at the newest sample; their covariances as of the filter's last
+        covariance propagation or update (at most cov_every - 1 samples before), computed once
+        per change of the filter's covariance or of the anchor (the records share them)."""
+        _, T, cov = self.odo.pose(propagate=False)
+        key = self._imu_cov_key
+        if key is None or key[0] is not cov or key[1] is not self._anchor:
+            self._imu_cov_key = (cov, self._anchor)
+            self._imu_covs = (_block_rot(self._anchor[:3, :3], cov), self._twist_covariance())
+        return PoseRecord(stamp_ns=stamp_ns, segment=self.segment, index=-1,
+                          pose=self._anchor @ T, cov=self._imu_covs[0], twist=self._twist(),
+                          twist_cov=self._imu_covs[1], dt=0.0, bridged='')
 
     def _scan_event(self, stamp_ns: int, relative):
         """Scan `stamp_ns` (and the relative pose ending there) into the filter, as the offline
@@ -340,19 +348,20 @@ class FilterPoseSource:
         return self._anchor @ now[0], _block_rot(self._anchor[:3, :3], now[1])
 
     def _twist(self):
-        """Twist of base_link in base_link from the filter state, and its covariance."""
+        """Twist of base_link in base_link from the filter state (linear, angular)."""
         ekf, T_il = self.odo.ekf, self.odo.T_imu_lidar
-        r_il, t_il = T_il[:3, :3], T_il[:3, 3]
         omega = self._gyro - ekf.bg                          # imu_link rate, bias removed
-        v_imu = ekf.R.T @ ekf.v + np.cross(omega, t_il)     # velocity of base_link, IMU axes
-        twist = np.concatenate([r_il.T @ v_imu, r_il.T @ omega])
+        v_imu = ekf.R.T @ ekf.v - skew(T_il[:3, 3]) @ omega  # velocity of base_link, IMU axes
+        return (np.stack([v_imu, omega]) @ T_il[:3, :3]).reshape(6)
+
+    def _twist_covariance(self):
+        """Covariance of _twist() from the filter's covariance (as last propagated)."""
+        ekf, r_il = self.odo.ekf, self.odo.T_imu_lidar[:3, :3]
         # World velocity error of the right-invariant state: xi_v - [v]x xi_R.
-        J = np.zeros((3, ekf.P.shape[0]))
-        J[:, 0:3] = -skew(ekf.v)
-        J[:, 3:6] = np.eye(3)
+        J = np.hstack([-skew(ekf.v), np.eye(3)])
         rot = (ekf.R @ r_il).T
         cov = np.zeros((6, 6))
-        cov[:3, :3] = rot @ J @ ekf.P @ J.T @ rot.T
+        cov[:3, :3] = rot @ J @ ekf.P[:6, :6] @ J.T @ rot.T
         gyro_var = self.filter_cfg.gyro_noise ** 2 / max(self._imu_dt, 1e-3)
         cov[3:, 3:] = r_il.T @ ekf.P[9:12, 9:12] @ r_il + np.eye(3) * gyro_var
-        return twist, cov
+        return cov

@@ -35,21 +35,31 @@ def pose_to_odometry_fields(pose, log_var=None):
     The covariance is diag(exp(log_var)) in ROS's (x, y, z, rot x, rot y, rot z) order, zeros
     when log_var is None.
     """
-    pose = np.asarray(pose, dtype=np.float64)
-    if pose.shape != (4, 4):
-        raise ValueError(f'pose must be 4x4, got {pose.shape}')
     cov = np.zeros((6, 6))
     if log_var is not None:
         log_var = np.asarray(log_var, dtype=np.float64).reshape(-1)
         if log_var.shape != (6,):
             raise ValueError(f'log_var must have 6 values, got {log_var.shape}')
         cov[np.diag_indices(6)] = np.exp(log_var)
-    position = tuple(float(v) for v in pose[:3, 3])
-    quat = tuple(float(v) for v in rot_to_quat(pose[:3, :3]))
+    position, quat = _pose_fields(np.asarray(pose, dtype=np.float64))
     return position, quat, [float(v) for v in cov.ravel()]
 
 
-def _fill_header(header, stamp_ns, frame_id):
+def _pose_fields(pose):
+    """4x4 pose (float64 array) -> (position, quaternion (x, y, z, w)) as tuples of floats."""
+    if pose.shape != (4, 4):
+        raise ValueError(f'pose must be 4x4, got {pose.shape}')
+    return tuple(pose[:3, 3].tolist()), tuple(rot_to_quat(pose[:3, :3]).tolist())
+
+
+def _covariance36(cov):
+    """6x6 covariance -> a float64 array of 36 (row-major, a copy): what a float64[36] message
+    field holds, assigned without the per-element checks of a list."""
+    return np.array(cov, dtype=np.float64).reshape(36)
+
+
+def fill_header(header, stamp_ns, frame_id) -> None:
+    """std_msgs/Header <- stamp [ns], frame."""
     header.stamp.sec, header.stamp.nanosec = ns_to_stamp(stamp_ns)
     header.frame_id = frame_id
 
@@ -58,7 +68,7 @@ def _fill_header(header, stamp_ns, frame_id):
 
 def fill_pose(pose_msg, pose) -> None:
     """geometry_msgs/Pose <- 4x4 pose."""
-    position, quat, _ = pose_to_odometry_fields(pose)
+    position, quat = _pose_fields(np.asarray(pose, dtype=np.float64))
     pose_msg.position.x, pose_msg.position.y, pose_msg.position.z = position
     o = pose_msg.orientation
     o.x, o.y, o.z, o.w = quat
@@ -66,7 +76,7 @@ def fill_pose(pose_msg, pose) -> None:
 
 def fill_transform(transform_msg, pose) -> None:
     """geometry_msgs/Transform <- 4x4 pose."""
-    position, quat, _ = pose_to_odometry_fields(pose)
+    position, quat = _pose_fields(np.asarray(pose, dtype=np.float64))
     t = transform_msg.translation
     t.x, t.y, t.z = position
     r = transform_msg.rotation
@@ -76,13 +86,13 @@ def fill_transform(transform_msg, pose) -> None:
 def fill_odometry(msg, record, frame_id: str, child_frame_id: str) -> None:
     """nav_msgs/Odometry <- a trajectory PoseRecord: pose and its covariance in frame_id, twist
     and its covariance in child_frame_id (trajectory/covariance.py)."""
-    _fill_header(msg.header, record.stamp_ns, frame_id)
+    fill_header(msg.header, record.stamp_ns, frame_id)
     msg.child_frame_id = child_frame_id
     fill_pose(msg.pose.pose, record.pose)
-    msg.pose.covariance = [float(v) for v in np.asarray(record.cov).ravel()]
+    msg.pose.covariance = _covariance36(record.cov)
     lin, ang = msg.twist.twist.linear, msg.twist.twist.angular
-    lin.x, lin.y, lin.z, ang.x, ang.y, ang.z = (float(v) for v in record.twist)
-    msg.twist.covariance = [float(v) for v in np.asarray(record.twist_cov).ravel()]
+    lin.x, lin.y, lin.z, ang.x, ang.y, ang.z = np.asarray(record.twist, dtype=float).tolist()
+    msg.twist.covariance = _covariance36(record.twist_cov)
 
 
 def status_to_msg(status, stamp):

@@ -4,8 +4,9 @@ The default of finetune.launch.py. Threads: each node spins in a single-threaded
 own (the synchronizer's callbacks only convert and enqueue, and a checkpoint written by a trainer
 service never holds the sensors back); the synchronizer's dispatch worker predicts and publishes
 each sample; the trainer's worker runs the gradient steps at idle priority and starts none while
-samples wait for their prediction (OnlineTrainer.set_backlog). rclpy's MultiThreadedExecutor took
-fewer IMU messages per second than this (docs/online_runtime.md).
+samples wait for their prediction (OnlineTrainer.set_backlog); with the inertial filter at IMU
+rate the trainer's imu_odometry worker polls the filter and publishes its poses. rclpy's
+MultiThreadedExecutor took fewer IMU messages per second than this (docs/online_runtime.md).
 
 The two-process form (synchronizer and trainer in separate processes) is not supported: samples
 are ~0.5-1 MB each and would cross DDS a second time; run `synchronizer` alone only to collect a

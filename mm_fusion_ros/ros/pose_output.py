@@ -4,7 +4,8 @@ the paths /mm_fusion/path and /mm_fusion/gt_path (bounded and throttled, runtime
 Scan poses (trajectory PoseRecords) go to the paths and, when newer than what was published,
 to odom and TF; the inertial filter's IMU-rate poses go to odom and TF only (runtime.paths.
 OdomOrder keeps those going forward in time). Called from the synchronizer's dispatch thread
-and the node's timers: one lock.
+and the node's timers: one lock. One Odometry message is filled and published for every pose
+(rclpy serialises it within publish()); the path poses get headers of their own.
 """
 import threading
 
@@ -32,12 +33,13 @@ class PoseOutput:
         self.throttle = PathThrottle(cfg.path_publish_period_s)
         self.order = OdomOrder()
         self.lock = threading.Lock()
+        self.odom = Odometry()     # filled again for every pose, under the lock
         self.tf_pub = node.create_publisher(TFMessage, '/tf', 50) if TFMessage else None
 
     def publish(self, record, path=True) -> None:
         """A pose: odom and TF when it is the newest of its segment; the paths when `path`."""
         with self.lock:
-            odom = Odometry()
+            odom = self.odom
             conversions.fill_odometry(odom, record, topics.ODOM_FRAME, topics.PRED_FRAME)
             if self.order.admit(record.segment, record.stamp_ns):
                 self._publish_odom(odom, record)
@@ -45,7 +47,8 @@ class PoseOutput:
                 return
             for trail, pose in zip(self.trails, (record.pose, record.gt_pose)):
                 if pose is not None:
-                    stamped = PoseStamped(header=odom.header)
+                    stamped = PoseStamped()
+                    conversions.fill_header(stamped.header, record.stamp_ns, topics.ODOM_FRAME)
                     conversions.fill_pose(stamped.pose, pose)
                     trail.add(record.segment, stamped)
             if self.throttle.added():
