@@ -8,7 +8,7 @@ from scipy.stats import chi2
 
 from mm_fusion_ros.filter.checkpoint import build_filter
 from mm_fusion_ros.filter.config import FilterConfig
-from mm_fusion_ros.filter.ekf import InvariantEKF
+from mm_fusion_ros.filter.ekf import GYRO_BIAS_DIMS, InvariantEKF
 from mm_fusion_ros.filter.odometry import InertialOdometry, run_filter
 from mm_fusion_ros.geometry import invert_pose, make_pose, pose_to_vec6, so3_exp, so3_log
 from mm_fusion_ros.synthetic.imu import add_sensor_noise, imu_kinematics
@@ -314,6 +314,54 @@ def test_consider_update_leaves_the_attitude_and_follows_the_joseph_form():
     np.testing.assert_array_equal(cons.P[np.ix_(c, c)], P0[np.ix_(c, c)])
 
 
+
+def test_consider_yaw_and_gyro_bias_leave_them_unchanged():
+    """Consider dimensions beyond the tilt: the yaw (current and cloned) and the gyro bias stay
+    where they were while the velocity is corrected; the covariance stays symmetric and PSD
+    and keeps the consider block."""
+    full, cons = _correlated_ekf(11), _correlated_ekf(11)
+    R0, v0, bg0, clone0 = cons.R.copy(), cons.v.copy(), cons.bg.copy(), cons.clones['scan'][0]
+    clone0 = clone0.copy()
+    P0 = cons.P.copy()
+    c = np.concatenate([cons.attitude_dims((2,)), GYRO_BIAS_DIMS])
+    np.testing.assert_array_equal(c, [2, 17, 9, 10, 11])
+    lever = np.array([-0.8, 0.0, 0.0])
+    gyro = np.array([0.01, -0.02, 0.3])
+    for ekf, consider in ((full, None), (cons, c)):
+        ekf.update_body_velocity((1, 2), [0.0, 0.0], [0.01, 0.01], lever=lever, gyro=gyro,
+                                 consider=consider)
+    assert np.abs(so3_log(full.R @ R0.T)[2]) > 1e-3 and np.abs(full.bg - bg0).max() > 1e-3
+    assert abs(so3_log(cons.R @ R0.T)[2]) < 1e-15
+    assert abs(so3_log(cons.clones['scan'][0] @ clone0.T)[2]) < 1e-15
+    np.testing.assert_array_equal(cons.bg, bg0)
+    def lateral(R, v):        # |lateral, vertical velocity| of the lever point (bias kept)
+        return np.abs((R.T @ v + np.cross(gyro - bg0, lever))[1:]).max()
+
+    assert lateral(cons.R, cons.v) < 0.5 * lateral(R0, v0)
+    np.testing.assert_array_equal(cons.P, cons.P.T)
+    assert np.linalg.eigvalsh(cons.P).min() > 0.0
+    np.testing.assert_array_equal(cons.P[np.ix_(c, c)], P0[np.ix_(c, c)])
+
+
+def test_consider_dims_per_update_kind():
+    """consider_attitude (speed; nhc too with consider_updates speed_nhc), consider_nhc_attitude
+    (nhc only) and consider_gyro_bias pick the dimensions of each kind of update."""
+    def dims(kind, **kw):
+        odo = InertialOdometry(FilterConfig(**kw))
+        odo.ekf = _correlated_ekf(3)
+        got = odo._consider(kind)
+        return None if got is None else sorted(int(i) for i in got)
+
+    assert dims('speed') == [0, 1, 15, 16] and dims('nhc') is None     # the defaults
+    assert dims('nhc', consider_nhc_attitude='yaw') == [2, 17]
+    assert dims('speed', consider_nhc_attitude='yaw') == [0, 1, 15, 16]
+    assert dims('nhc', consider_updates='speed_nhc', consider_nhc_attitude='yaw') == [
+        0, 1, 2, 15, 16, 17]
+    assert dims('speed', consider_attitude='none', consider_gyro_bias='speed') == [9, 10, 11]
+    assert dims('nhc', consider_gyro_bias='speed') is None
+    assert dims('nhc', consider_gyro_bias='nhc') == [9, 10, 11]
+    assert dims('speed', consider_gyro_bias='speed_nhc') == [0, 1, 9, 10, 11, 15, 16]
+
 class _BiasedSpeed:
     """A noise model that claims 1 m/s more than the truth's mean speed, confidently."""
 
@@ -351,12 +399,15 @@ def test_consider_tilt_keeps_a_perfect_gyro_attitude_under_biased_speed_updates(
 
 
 def test_consider_setting_round_trips_and_old_checkpoints_get_the_default():
-    stored = FilterConfig(consider_attitude='yaw', consider_updates='speed_nhc').to_dict()
+    names = ('consider_attitude', 'consider_updates', 'consider_nhc_attitude',
+             'consider_gyro_bias')
+    values = ('yaw', 'speed_nhc', 'tilt', 'nhc')
+    stored = FilterConfig(**dict(zip(names, values))).to_dict()
     cfg, _ = build_filter({'config': {'filter': stored}})
-    assert (cfg.consider_attitude, cfg.consider_updates) == ('yaw', 'speed_nhc')
+    assert tuple(getattr(cfg, n) for n in names) == values
     old = {k: v for k, v in stored.items() if not k.startswith('consider_')}
-    cfg, _ = build_filter({'config': {'filter': old}})      # written before the field existed
-    assert (cfg.consider_attitude, cfg.consider_updates) == ('tilt', 'speed')
+    cfg, _ = build_filter({'config': {'filter': old}})      # written before the fields existed
+    assert tuple(getattr(cfg, n) for n in names) == ('tilt', 'speed', 'none', 'none')
 
 
 def test_config_errors_name_the_field():
@@ -370,5 +421,9 @@ def test_config_errors_name_the_field():
         FilterConfig(consider_attitude='pitch')
     with pytest.raises(ValueError, match='consider_updates'):
         FilterConfig(consider_updates='zupt')
+    with pytest.raises(ValueError, match='consider_nhc_attitude'):
+        FilterConfig(consider_nhc_attitude='roll')
+    with pytest.raises(ValueError, match='consider_gyro_bias'):
+        FilterConfig(consider_gyro_bias='zupt')
     with pytest.raises(ValueError, match='true_velocity'):
         InertialOdometry(FilterConfig(init_source='true_velocity'))

@@ -15,6 +15,8 @@ SPEED_MODES = ('off', 'init', 'on')
 # World axes of the attitude error that consider updates leave alone (xi_R is in world axes).
 CONSIDER_ATTITUDE = {'none': (), 'tilt': (0, 1), 'yaw': (2,), 'all': (0, 1, 2)}
 CONSIDER_UPDATES = ('speed', 'speed_nhc')
+# Updates that leave the gyro bias alone (consider_gyro_bias).
+CONSIDER_BIAS_UPDATES = ('none', 'speed', 'nhc', 'speed_nhc')
 IDENTITY_3X4 = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
@@ -122,6 +124,14 @@ class FilterConfig(ConfigBase):
         'help': 'which updates consider_attitude applies to: speed (learned speed) or '
                 'speed_nhc (and the lateral/vertical pseudo-measurements); zero velocity and '
                 'relative poses always correct the attitude'})
+    consider_nhc_attitude: str = field(default='none', metadata={
+        'help': 'attitude that the lateral/vertical pseudo-measurements do not correct, '
+                'independent of consider_attitude: none, tilt, yaw or all (with '
+                'consider_updates speed_nhc they also leave consider_attitude alone)'})
+    consider_gyro_bias: str = field(default='none', metadata={
+        'help': 'updates that do not correct the gyro bias (it moves the attitude later): '
+                'none, speed (learned speed), nhc (lateral/vertical pseudo-measurements) or '
+                'speed_nhc'})
     max_gyro: float = field(default=8.0, metadata={
         'help': 'IMU samples with |gyro| above this are rejected as spikes [rad/s]'})
     max_accel: float = field(default=60.0, metadata={
@@ -155,6 +165,8 @@ class FilterConfig(ConfigBase):
         _choice(self, 'speed_mode', SPEED_MODES)
         _choice(self, 'consider_attitude', tuple(CONSIDER_ATTITUDE))
         _choice(self, 'consider_updates', CONSIDER_UPDATES)
+        _choice(self, 'consider_nhc_attitude', tuple(CONSIDER_ATTITUDE))
+        _choice(self, 'consider_gyro_bias', CONSIDER_BIAS_UPDATES)
         _triple(self, 'nhc_rpy_deg')
         _triple(self, 'nhc_lever_arm')
         tr = tuple(float(v) for v in self.T_imu_lidar)

@@ -21,6 +21,7 @@ from mm_fusion_ros.geometry import so3_log
 
 STATE_DIM = 15
 CLONE_DIM = 6
+GYRO_BIAS_DIMS = np.arange(9, 12)   # db_g in the error [xi_R, xi_v, xi_p, db_g, db_a]
 I3 = np.eye(3)
 
 
@@ -145,7 +146,7 @@ class InvariantEKF:
         self.R = dR @ self.R
         self.v = dR @ self.v + dv
         self.p = dR @ self.p + dp
-        self.bg = self.bg + dx[9:12]
+        self.bg = self.bg + dx[GYRO_BIAS_DIMS]
         self.ba = self.ba + dx[12:15]
         for i, clone in enumerate(self.clones.values()):
             j = STATE_DIM + CLONE_DIM * i

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from mm_fusion_ros.filter.config import CONSIDER_ATTITUDE, FilterConfig
-from mm_fusion_ros.filter.ekf import InvariantEKF
+from mm_fusion_ros.filter.ekf import GYRO_BIAS_DIMS, InvariantEKF
 from mm_fusion_ros.geometry import (
     invert_pose,
     make_pose,
@@ -397,20 +397,31 @@ class InertialOdometry:
                     else:
                         var = np.array([cfg.nhc_lateral_sigma, cfg.nhc_vertical_sigma]) ** 2
                     sig = np.sqrt(var * cfg.pseudo_var_scale)
-                    consider = self._consider() if cfg.consider_updates == 'speed_nhc' else None
                     self.ekf.update_body_velocity((1, 2), np.zeros(2), sig, self.R_ic,
-                                                  self.lever, self._last[2], consider=consider)
+                                                  self.lever, self._last[2],
+                                                  consider=self._consider('nhc'))
                     self.counts['nhc_updates'] += 1
         in_range = cfg.speed_max <= 0 or float(np.linalg.norm(self.ekf.v)) < cfg.speed_max
         if speed_due and out is not None and not self.standstill and in_range:
             sig = math.sqrt(math.exp(out['speed_logvar']) * cfg.speed_var_scale)
             self.ekf.update_body_velocity((0,), [max(out['speed'], 0.0)], [sig], self.R_ic,
-                                          self.lever, self._last[2], consider=self._consider())
+                                          self.lever, self._last[2],
+                                          consider=self._consider('speed'))
             self.counts['speed_updates'] += 1
 
-    def _consider(self):
-        """Attitude dimensions a pseudo-measurement leaves alone (cfg.consider_attitude)."""
-        return self.ekf.attitude_dims(CONSIDER_ATTITUDE[self.cfg.consider_attitude])
+    def _consider(self, kind):
+        """Error dimensions that a speed or nhc (lateral/vertical) update leaves alone:
+        attitude axes (consider_attitude, consider_nhc_attitude) and the gyro bias."""
+        cfg = self.cfg
+        axes = set()
+        if kind == 'speed' or cfg.consider_updates == 'speed_nhc':
+            axes |= set(CONSIDER_ATTITUDE[cfg.consider_attitude])
+        if kind == 'nhc':
+            axes |= set(CONSIDER_ATTITUDE[cfg.consider_nhc_attitude])
+        dims = self.ekf.attitude_dims(sorted(axes))
+        if cfg.consider_gyro_bias in (kind, 'speed_nhc'):
+            dims = np.concatenate([dims, GYRO_BIAS_DIMS])
+        return dims if len(dims) else None
 
     def _clone_key(self, stamp):
         for key in self.ekf.clones:
