@@ -314,7 +314,6 @@ def test_consider_update_leaves_the_attitude_and_follows_the_joseph_form():
     np.testing.assert_array_equal(cons.P[np.ix_(c, c)], P0[np.ix_(c, c)])
 
 
-
 def test_consider_yaw_and_gyro_bias_leave_them_unchanged():
     """Consider dimensions beyond the tilt: the yaw (current and cloned) and the gyro bias stay
     where they were while the velocity is corrected; the covariance stays symmetric and PSD
@@ -334,6 +333,7 @@ def test_consider_yaw_and_gyro_bias_leave_them_unchanged():
     assert abs(so3_log(cons.R @ R0.T)[2]) < 1e-15
     assert abs(so3_log(cons.clones['scan'][0] @ clone0.T)[2]) < 1e-15
     np.testing.assert_array_equal(cons.bg, bg0)
+
     def lateral(R, v):        # |lateral, vertical velocity| of the lever point (bias kept)
         return np.abs((R.T @ v + np.cross(gyro - bg0, lever))[1:]).max()
 
@@ -361,6 +361,7 @@ def test_consider_dims_per_update_kind():
     assert dims('nhc', consider_gyro_bias='speed') is None
     assert dims('nhc', consider_gyro_bias='nhc') == [9, 10, 11]
     assert dims('speed', consider_gyro_bias='speed_nhc') == [0, 1, 9, 10, 11, 15, 16]
+
 
 class _BiasedSpeed:
     """A noise model that claims 1 m/s more than the truth's mean speed, confidently."""
