@@ -35,7 +35,8 @@ def _nonnegative(cfg, *names):
             raise ValueError(f'{type(cfg).__name__}.{name} must be >= 0, got {value!r}')
 
 
-def _choice(cfg, name, choices):
+def check_choice(cfg, name, choices):
+    """Raise a ValueError naming the config class and field when its value is not a choice."""
     value = getattr(cfg, name)
     if value not in choices:
         raise ValueError(f'{type(cfg).__name__}.{name} {value!r} not understood; choose one of '
@@ -161,12 +162,12 @@ class FilterConfig(ConfigBase):
                 raise ValueError(f'FilterConfig.{name} must be an integer >= 0, got {value!r}')
         if self.max_clones < 2:
             raise ValueError(f'FilterConfig.max_clones must be >= 2, got {self.max_clones}')
-        _choice(self, 'init_source', INIT_SOURCES)
-        _choice(self, 'speed_mode', SPEED_MODES)
-        _choice(self, 'consider_attitude', tuple(CONSIDER_ATTITUDE))
-        _choice(self, 'consider_updates', CONSIDER_UPDATES)
-        _choice(self, 'consider_nhc_attitude', tuple(CONSIDER_ATTITUDE))
-        _choice(self, 'consider_gyro_bias', CONSIDER_BIAS_UPDATES)
+        check_choice(self, 'init_source', INIT_SOURCES)
+        check_choice(self, 'speed_mode', SPEED_MODES)
+        check_choice(self, 'consider_attitude', tuple(CONSIDER_ATTITUDE))
+        check_choice(self, 'consider_updates', CONSIDER_UPDATES)
+        check_choice(self, 'consider_nhc_attitude', tuple(CONSIDER_ATTITUDE))
+        check_choice(self, 'consider_gyro_bias', CONSIDER_BIAS_UPDATES)
         _triple(self, 'nhc_rpy_deg')
         _triple(self, 'nhc_lever_arm')
         tr = tuple(float(v) for v in self.T_imu_lidar)

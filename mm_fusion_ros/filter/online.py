@@ -38,7 +38,12 @@ from mm_fusion_ros.filter.checkpoint import (
     filter_section,
     KIND,
 )
-from mm_fusion_ros.filter.config import FilterConfig, matrix_to_3x4, RelativePoseNoise
+from mm_fusion_ros.filter.config import (
+    check_choice,
+    FilterConfig,
+    matrix_to_3x4,
+    RelativePoseNoise,
+)
 from mm_fusion_ros.filter.odometry import InertialOdometry, STAMP_TOL
 from mm_fusion_ros.geometry import invert_pose, pose_to_vec6, skew, vec6_to_pose
 from mm_fusion_ros.stamps import NS_PER_S
@@ -81,12 +86,8 @@ class OnlineFilterConfig(RelativePoseNoise):
         super().__post_init__()
         if isinstance(self.mode, bool):   # YAML 1.1 (ROS parameters) reads on / off as booleans
             object.__setattr__(self, 'mode', 'on' if self.mode else 'off')
-        if self.mode not in FILTER_MODES:
-            raise ValueError(f'OnlineFilterConfig.mode must be one of {FILTER_MODES}, got '
-                             f'{self.mode!r}')
-        if self.publish_rate not in PUBLISH_RATES:
-            raise ValueError(f'OnlineFilterConfig.publish_rate must be one of {PUBLISH_RATES}, '
-                             f'got {self.publish_rate!r}')
+        check_choice(self, 'mode', FILTER_MODES)
+        check_choice(self, 'publish_rate', PUBLISH_RATES)
         if not self.poll_period_s > 0:
             raise ValueError(f'OnlineFilterConfig.poll_period_s must be > 0, got '
                              f'{self.poll_period_s}')
