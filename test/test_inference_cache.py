@@ -5,7 +5,10 @@
   under 1 % of the pixels at KITTI size, within 2 on ~8 % for a mild (0.8x) reduction;
 - the inference cache (encoders.ScanCache: BEV grid, features and spectra, LiDAR depth image,
   flow encoder grey and stem features of the previous sample's second scan and frame) predicts
-  as the uncached forward over a drive, across a gap, a weight change and a LiDAR dropout.
+  as the uncached forward over a drive, across a gap, a weight change and a LiDAR dropout;
+- the training-side feature cache (model/feature_cache.py: frozen encoders' features per
+  sample, for repeated steps on replayed samples) gives what the encoders give, misses on any
+  changed input, and is emptied when the weights are loaded.
 """
 import numpy as np
 from PIL import Image
@@ -104,3 +107,59 @@ def test_cache_refuses_training_mode_and_batches():
         model.train()(collate_samples(samples[:1]), scan_cache=ScanCache())
     with torch.no_grad(), pytest.raises(ValueError, match='one sample at a time'):
         model.eval()(collate_samples(samples), scan_cache=ScanCache())
+
+
+@pytest.mark.parametrize('visual', ['flow', 'dummy'])
+def test_feature_cache_steps_equal_uncached_steps(visual):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SMALL, visual_encoder=visual, fusion_dropout=0.0, modality_dropout=0.0)
+    plain, cached = build_model(cfg), build_model(cfg)
+    cached.load_state_dict(plain.state_dict())
+    for model in (plain, cached):
+        model.set_frozen(('visual', 'point'))
+        model.train()
+    cached.use_feature_cache(8)
+    samples = drive_samples(4)
+    batches = [collate_samples(samples[:2]), collate_samples(samples[:2]),
+               collate_samples(samples[1:3])]
+    changed = collate_samples(samples[:2])
+    changed['points'][1, 0, :5] += 0.5          # row 1's first scan moved: must miss
+    no_lidar = collate_samples(samples[:2])
+    no_lidar['modality_mask'][:, 1] = False     # the camera's depth input changes
+    for batch in batches + [changed, no_lidar]:
+        for model in (plain, cached):
+            model.zero_grad()
+        want, got = plain(batch), cached(batch)
+        for key in ('mean', 'logvar', 'gates'):
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+        # the trained parts still get their gradients, the same ones
+        want['mean'].square().sum().backward()
+        got['mean'].square().sum().backward()
+        for (name, p), q in zip(plain.named_parameters(), cached.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4)
+    cache = cached.feature_cache
+    # per branch: batches 1 and 2 the same two rows, batch 3 one new; changed: one new point
+    # row (the camera's key holds the points too); no_lidar: the camera misses both rows (its
+    # key holds the LiDAR's presence, the flow encoder reads the depth), the point branch hits
+    assert cache.misses == (2 + 1 + 1 + 2) + (2 + 1 + 1)
+    assert cache.hits == 5 * 2 * 2 - cache.misses     # 5 batches, 2 rows, 2 branches
+    cached.load_state_dict(plain.state_dict())
+    assert len(cache.entries) == 0
+
+
+def test_feature_cache_leaves_trained_branches_and_inference_alone():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL, fusion_dropout=0.0, modality_dropout=0.0))
+    model.use_feature_cache(8)
+    samples = drive_samples(2)
+    model.train()(collate_samples(samples))          # nothing frozen: nothing cached
+    assert (model.feature_cache.hits, model.feature_cache.misses) == (0, 0)
+    model.set_frozen(('point',))
+    with torch.inference_mode():
+        model.eval()(collate_samples(samples[:1]), scan_cache=ScanCache())
+    assert (model.feature_cache.hits, model.feature_cache.misses) == (0, 0)
+    with pytest.raises(ValueError, match='capacity'):
+        from mm_fusion_ros.model.feature_cache import FeatureCache
+        FeatureCache(0)

@@ -121,8 +121,8 @@ def test_masked_lidar_gives_finite_bounded_poses_and_hides_its_depth(scene):
         out = model(no_lidar)
         torch.testing.assert_close(model(noise)['mean'], out['mean'])   # no LiDAR, no depth
         # With the LiDAR, its depth does reach the camera branch's learned part.
-        seen = model.visual_features(batch, batch['modality_mask'])
-        unseen = model.visual_features(batch, no_lidar['modality_mask'])
+        seen = model.visual_features(batch, batch['modality_mask'][:, 1])
+        unseen = model.visual_features(batch, no_lidar['modality_mask'][:, 1])
         assert not torch.allclose(seen[:, :-3], unseen[:, :-3])
         assert not torch.allclose(model(dict(noise, modality_mask=batch['modality_mask']))
                                   ['mean'], model(batch)['mean'])
@@ -211,15 +211,16 @@ def test_batch_calibration_is_used_where_known(scene):
     model = build_model(ModelConfig(visual_encoder='flow')).eval()
     k, t = camera.default_calibration(H, W)
     with torch.no_grad():
-        default = model.visual_features(batch, batch['modality_mask'])
+        default = model.visual_features(batch, batch['modality_mask'][:, 1])
         same = model.visual_features(dict(batch, intrinsics=k.expand(2, 3, 3),
-                                          t_cam_lidar=t.expand(2, 4, 4)), batch['modality_mask'])
+                                          t_cam_lidar=t.expand(2, 4, 4)),
+                                     batch['modality_mask'][:, 1])
         shifted = k.clone()
         shifted[1, 2] += 8.0   # principal point 8 px lower: the road moves in the image
         other = model.visual_features(dict(batch, intrinsics=shifted.expand(2, 3, 3),
                                            t_cam_lidar=t.expand(2, 4, 4),
                                            calib_valid=torch.tensor([[True] * 3, [False] * 3])),
-                                      batch['modality_mask'])
+                                      batch['modality_mask'][:, 1])
     torch.testing.assert_close(same, default)
     assert not torch.allclose(other[0], default[0])
     torch.testing.assert_close(other[1], default[1])

@@ -10,6 +10,7 @@ from torch import nn
 from mm_fusion_ros.model.camera import lidar_depth_image
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import BevPointEncoder, build_encoders, FlowVisualEncoder
+from mm_fusion_ros.model.feature_cache import FeatureCache
 from mm_fusion_ros.model.fusion import GatedFusion
 from mm_fusion_ros.model.head import PoseHead
 
@@ -21,6 +22,11 @@ INPUT_KEYS = ('image', 'points', 'points_mask', 'imu', 'dt', 'modality_mask')
 CALIB_KEYS = ('intrinsics', 't_cam_lidar')
 # Target dims of the camera's motion estimates (forward translation, yaw).
 CAMERA_DIMS = (0, 5)
+# The batch keys a frozen branch's output depends on (its feature cache key); 'lidar_kept' is
+# the LiDAR column of the modality mask after modality dropout (the camera's depth reads it).
+FEATURE_KEYS = {'visual': ('image', 'points', 'points_mask', 'lidar_kept', 'calib_valid')
+                + CALIB_KEYS,
+                'point': ('points', 'points_mask')}
 
 
 class FusionOdometryNet(nn.Module):
@@ -52,6 +58,7 @@ class FusionOdometryNet(nn.Module):
             init = torch.ones(6) if name.endswith('std') else torch.zeros(6)
             self.register_buffer(name, init)
         self.frozen = frozenset()
+        self.feature_cache = None
 
     # --- normalisation -------------------------------------------------------------------
     def set_normalization(self, stats: dict) -> None:
@@ -85,10 +92,33 @@ class FusionOdometryNet(nn.Module):
         if unknown:
             raise ValueError(f'cannot freeze {unknown}; branches are {", ".join(BRANCHES)}')
         self.frozen = frozenset(branches)
+        if self.feature_cache is not None:
+            self.feature_cache.clear()
         for name in BRANCHES:
             for p in getattr(self, name).parameters():
                 p.requires_grad_(name not in self.frozen)
         self.train(self.training)
+
+    def use_feature_cache(self, capacity: int) -> None:
+        """Keep the frozen camera and LiDAR encoders' features of up to `capacity` samples
+        (model/feature_cache.py); 0 = off."""
+        self.feature_cache = FeatureCache(capacity) if capacity > 0 else None
+
+    def load_state_dict(self, *args, **kwargs):
+        if self.feature_cache is not None:
+            self.feature_cache.clear()
+        return super().load_state_dict(*args, **kwargs)
+
+    def _features(self, branch, batch, compute, scan_cache=None):
+        """compute(batch) -> (B, D) features of a branch; a frozen one through the feature
+        cache (not with a ScanCache: inference keeps its own per-scan cache)."""
+        cache = self.feature_cache
+        if cache is None or branch not in self.frozen or scan_cache is not None:
+            return compute(batch)
+        keys = [k for k in FEATURE_KEYS[branch] if k in batch]
+        return cache.rows(branch, batch['points'].shape[0],
+                          lambda i: [batch[k][i] for k in keys],
+                          lambda index: compute({k: batch[k][index] for k in keys}))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -113,10 +143,13 @@ class FusionOdometryNet(nn.Module):
         # where the LiDAR is kept.
         mask = self.fusion.drop_modalities(batch['modality_mask'].bool())
         imu_norm = (batch['imu'].float() - self.imu_mean) / self.imu_std
-        feats = [self.visual_features(batch, mask, scan_cache),
-                 self.point(batch['points'], batch['points_mask'], cache=scan_cache)
-                 if scan_cache is not None and isinstance(self.point, BevPointEncoder) else
-                 self.point(batch['points'], batch['points_mask']),
+        feats = [self._features('visual', dict(batch, lidar_kept=mask[:, 1]),
+                                lambda b: self.visual_features(b, b['lidar_kept'], scan_cache),
+                                scan_cache),
+                 self._features('point', batch, lambda b: self.point(
+                     b['points'], b['points_mask'], cache=scan_cache)
+                     if scan_cache is not None and isinstance(self.point, BevPointEncoder) else
+                     self.point(b['points'], b['points_mask']), scan_cache),
                  self.imu(imu_norm, batch['dt'])]
         fused, gates, mask = self.fusion(feats, mask, dropped=True)
         extra, prior, aux = [], torch.zeros_like(fused[:, :6]), {}
@@ -157,7 +190,8 @@ class FusionOdometryNet(nn.Module):
             out['aux'] = aux
         return out
 
-    def visual_features(self, batch, mask, cache=None):
+    def visual_features(self, batch, lidar_present, cache=None):
+        """lidar_present (B,): whether the camera may read the LiDAR's depth."""
         if not isinstance(self.visual, FlowVisualEncoder):
             return self.visual(batch['image'])
         b = batch['image'].shape[0]
@@ -170,8 +204,8 @@ class FusionOdometryNet(nn.Module):
                           for k, default in zip(CALIB_KEYS, calib))
         depth = None
         if self.cfg.visual_depth:
-            depth = self.depth_images(batch['points'], batch['points_mask'], mask[:, 1], calib,
-                                      cache)
+            depth = self.depth_images(batch['points'], batch['points_mask'], lidar_present,
+                                      calib, cache)
         if cache is None:
             return self.visual(batch['image'], calib, depth)
         return self.visual(batch['image'], calib, depth, cache=cache)

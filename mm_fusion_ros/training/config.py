@@ -45,6 +45,9 @@ class TrainConfig(ConfigBase):
     freeze_visual: bool = field(default=False, metadata={'help': 'freeze the visual encoder'})
     freeze_point: bool = field(default=False, metadata={'help': 'freeze the point encoder'})
     freeze_imu: bool = field(default=False, metadata={'help': 'freeze the IMU encoder'})
+    feature_cache: int = field(default=1024, metadata={
+        'help': 'samples whose frozen camera / LiDAR encoder features are kept, so repeated '
+                'steps on them skip those encoders (exact: keyed by the inputs; 0 = off)'})
     aug_point_jitter_m: float = field(default=0.0, metadata={
         'help': 'Gaussian jitter on point xyz [m]'})
     aug_point_dropout: float = field(default=0.0, metadata={
@@ -95,6 +98,8 @@ class TrainConfig(ConfigBase):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f'TrainConfig.{name} must be in [0, 1], got '
                                  f'{getattr(self, name)}')
+        if self.feature_cache < 0:
+            raise ValueError(f'TrainConfig.feature_cache must be >= 0, got {self.feature_cache}')
         if self.batch_size < 1 or self.num_epochs < 0:
             raise ValueError('TrainConfig needs batch_size >= 1 and num_epochs >= 0, got '
                              f'{self.batch_size}, {self.num_epochs}')

@@ -72,6 +72,7 @@ class TrainerCore:
         if normalization is not None:
             self.model.set_normalization(normalization)
         self.model.set_frozen(train_cfg.frozen)
+        self.model.use_feature_cache(train_cfg.feature_cache)
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=train_cfg.learning_rate,
