@@ -98,9 +98,10 @@ class FilterConfig(ConfigBase):
                 'pseudo_var_scale [s] (0 = off)'})
     nhc_slip_vertical_sigma: float = field(default=0.0, metadata={
         'help': 'the same term for the vertical pseudo-measurement [s] (0 = off)'})
-    nhc_slip_mean: float = field(default=0.0, metadata={
+    nhc_slip_mean: float = field(default=0.02, metadata={
         'help': 'sideslip: the lateral pseudo-measurement expects this times v omega_z '
-                'instead of 0 [s] (0 = off)'})
+                'instead of 0 [s] (0 = off); fitted by train_imu_filter, the default is the '
+                'fit on the KITTI training sequences (docs/inertial_filter.md)'})
     nhc_min_speed: float = field(default=0.0, metadata={
         'help': 'pseudo-measurements only above this estimated speed [m/s]'})
     zupt_window_s: float = field(default=0.4, metadata={
