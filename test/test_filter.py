@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import chi2
 
 from mm_fusion_ros.filter.checkpoint import build_filter
-from mm_fusion_ros.filter.config import FilterConfig
+from mm_fusion_ros.filter.config import CONSIDER_ATTITUDE, FilterConfig
 from mm_fusion_ros.filter.ekf import GYRO_BIAS_DIMS, InvariantEKF
 from mm_fusion_ros.filter.odometry import InertialOdometry, run_filter
 from mm_fusion_ros.geometry import invert_pose, make_pose, pose_to_vec6, so3_exp, so3_log
@@ -341,6 +341,27 @@ def test_consider_yaw_and_gyro_bias_leave_them_unchanged():
     np.testing.assert_array_equal(cons.P, cons.P.T)
     assert np.linalg.eigvalsh(cons.P).min() > 0.0
     np.testing.assert_array_equal(cons.P[np.ix_(c, c)], P0[np.ix_(c, c)])
+
+
+def test_zero_rate_update_with_the_yaw_as_consider_state():
+    """FilterConfig.consider_zero_rate: a zero-rate update at standstill corrects the gyro bias
+    in both cases, the yaw (current and cloned) only without the consider set."""
+    full, cons = _correlated_ekf(5), _correlated_ekf(5)
+    R0, bg0, clone0 = cons.R.copy(), cons.bg.copy(), cons.clones['scan'][0].copy()
+    c = cons.attitude_dims(CONSIDER_ATTITUDE['yaw'])
+    rate = np.array([0.0, 0.0, 2e-3])            # a car that still turns slowly
+    full.update_zero_rate(rate, 3e-3)
+    cons.update_zero_rate(rate, 3e-3, consider=c)
+    assert abs(so3_log(full.R @ R0.T)[2]) > 1e-4
+    assert abs(so3_log(cons.R @ R0.T)[2]) < 1e-15
+    assert abs(so3_log(cons.clones['scan'][0] @ clone0.T)[2]) < 1e-15
+    for ekf in (full, cons):
+        assert abs(ekf.bg[2] - rate[2]) < abs(bg0[2] - rate[2])
+    np.testing.assert_array_equal(cons.P, cons.P.T)
+    assert np.linalg.eigvalsh(cons.P).min() > 0.0
+    assert FilterConfig().consider_zero_rate == 'none'
+    with pytest.raises(ValueError, match='consider_zero_rate'):
+        FilterConfig(consider_zero_rate='pitch')
 
 
 def test_consider_dims_per_update_kind():

@@ -144,6 +144,10 @@ class FilterConfig(ConfigBase):
         'help': 'updates that do not correct the gyro bias (it moves the attitude later): '
                 'none, speed (learned speed), nhc (lateral/vertical pseudo-measurements) or '
                 'speed_nhc'})
+    consider_zero_rate: str = field(default='none', metadata={
+        'help': 'attitude that the zero-rate update at standstill does not correct (it observes '
+                'the gyro bias, and through the bias the attitude integrated before): none, '
+                'tilt, yaw or all'})
     max_gyro: float = field(default=8.0, metadata={
         'help': 'IMU samples with |gyro| above this are rejected as spikes [rad/s]'})
     max_accel: float = field(default=60.0, metadata={
@@ -184,6 +188,7 @@ class FilterConfig(ConfigBase):
         check_choice(self, 'consider_updates', CONSIDER_UPDATES)
         check_choice(self, 'consider_nhc_attitude', tuple(CONSIDER_ATTITUDE))
         check_choice(self, 'consider_gyro_bias', CONSIDER_BIAS_UPDATES)
+        check_choice(self, 'consider_zero_rate', tuple(CONSIDER_ATTITUDE))
         _triple(self, 'nhc_rpy_deg')
         _triple(self, 'nhc_lever_arm')
         tr = tuple(float(v) for v in self.T_imu_lidar)

@@ -387,7 +387,9 @@ class InertialOdometry:
                                and float(np.linalg.norm(self.ekf.v)) < cfg.zupt_max_speed)
             if self.standstill:
                 self.ekf.update_body_velocity((0, 1, 2), np.zeros(3), [cfg.zupt_sigma] * 3)
-                self.ekf.update_zero_rate(buf[:, 3:].mean(axis=0), cfg.zupt_gyro_max / 3.0)
+                axes = CONSIDER_ATTITUDE[cfg.consider_zero_rate]
+                self.ekf.update_zero_rate(buf[:, 3:].mean(axis=0), cfg.zupt_gyro_max / 3.0,
+                                          self.ekf.attitude_dims(axes) if axes else None)
                 self.counts['zupt_updates'] += 1
             else:
                 speed = float(np.linalg.norm(self.ekf.v))
