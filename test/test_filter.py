@@ -499,6 +499,17 @@ def test_sideslip_sigma_inflates_the_lateral_variance_with_the_centripetal_accel
                                [np.hypot(0.1, 0.1 * a_c), np.hypot(0.2, 0.05 * a_c)], rtol=1e-3)
 
 
+def test_sideslip_and_zero_rate_settings_round_trip_and_old_checkpoints_get_the_defaults():
+    names = ('nhc_slip_sigma', 'nhc_slip_vertical_sigma', 'nhc_slip_mean', 'consider_zero_rate')
+    values = (0.1, 0.05, -0.01, 'yaw')
+    stored = FilterConfig(**dict(zip(names, values))).to_dict()
+    cfg, _ = build_filter({'config': {'filter': stored}})
+    assert tuple(getattr(cfg, n) for n in names) == values
+    old = {k: v for k, v in stored.items() if k not in names}
+    cfg, _ = build_filter({'config': {'filter': old}})      # written before the fields existed
+    assert tuple(getattr(cfg, n) for n in names) == (0.0, 0.0, 0.02, 'none')
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match='init_source'):
         FilterConfig(init_source='oracle')
