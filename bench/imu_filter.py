@@ -173,7 +173,8 @@ def main(argv=None) -> int:
                                      for s in TRAIN])
     parts = [f'Checkpoint `{args.checkpoint}`; filter config: pseudo_var_scale '
              f'{cfg.pseudo_var_scale:g}, speed_mode {cfg.speed_mode}, nhc_rpy_deg '
-             f'{tuple(round(v, 3) for v in cfg.nhc_rpy_deg)}.', '']
+             f'{tuple(round(v, 3) for v in cfg.nhc_rpy_deg)}, nhc_slip_mean '
+             f'{cfg.nhc_slip_mean:g}, consider_zero_rate {cfg.consider_zero_rate}.', '']
     for s in parse_sequences(args.sequences):
         seq = load_imu_sequence(args.kitti_sample, s)
         rows = filter_rows(seq, cfg, model)

@@ -1,13 +1,13 @@
 """Inertial filter (mm_fusion_ros.filter) on synthetic drives: exact reproduction with a perfect
 IMU, NEES consistency, pseudo-measurements against lateral drift, covariance growth and shrink,
 bad-sample rejection, relative-pose updates with missing and late scans, online = offline,
-consider updates that leave the attitude alone."""
+consider updates that leave the attitude alone, sideslip in the lateral pseudo-measurement."""
 import numpy as np
 import pytest
 from scipy.stats import chi2
 
 from mm_fusion_ros.filter.checkpoint import build_filter
-from mm_fusion_ros.filter.config import FilterConfig
+from mm_fusion_ros.filter.config import CONSIDER_ATTITUDE, FilterConfig
 from mm_fusion_ros.filter.ekf import GYRO_BIAS_DIMS, InvariantEKF
 from mm_fusion_ros.filter.odometry import InertialOdometry, run_filter
 from mm_fusion_ros.geometry import invert_pose, make_pose, pose_to_vec6, so3_exp, so3_log
@@ -343,6 +343,27 @@ def test_consider_yaw_and_gyro_bias_leave_them_unchanged():
     np.testing.assert_array_equal(cons.P[np.ix_(c, c)], P0[np.ix_(c, c)])
 
 
+def test_zero_rate_update_with_the_yaw_as_consider_state():
+    """FilterConfig.consider_zero_rate: a zero-rate update at standstill corrects the gyro bias
+    in both cases, the yaw (current and cloned) only without the consider set."""
+    full, cons = _correlated_ekf(5), _correlated_ekf(5)
+    R0, bg0, clone0 = cons.R.copy(), cons.bg.copy(), cons.clones['scan'][0].copy()
+    c = cons.attitude_dims(CONSIDER_ATTITUDE['yaw'])
+    rate = np.array([0.0, 0.0, 2e-3])            # a car that still turns slowly
+    full.update_zero_rate(rate, 3e-3)
+    cons.update_zero_rate(rate, 3e-3, consider=c)
+    assert abs(so3_log(full.R @ R0.T)[2]) > 1e-4
+    assert abs(so3_log(cons.R @ R0.T)[2]) < 1e-15
+    assert abs(so3_log(cons.clones['scan'][0] @ clone0.T)[2]) < 1e-15
+    for ekf in (full, cons):
+        assert abs(ekf.bg[2] - rate[2]) < abs(bg0[2] - rate[2])
+    np.testing.assert_array_equal(cons.P, cons.P.T)
+    assert np.linalg.eigvalsh(cons.P).min() > 0.0
+    assert FilterConfig().consider_zero_rate == 'none'
+    with pytest.raises(ValueError, match='consider_zero_rate'):
+        FilterConfig(consider_zero_rate='pitch')
+
+
 def test_consider_dims_per_update_kind():
     """consider_attitude (speed; nhc too with consider_updates speed_nhc), consider_nhc_attitude
     (nhc only) and consider_gyro_bias pick the dimensions of each kind of update."""
@@ -411,6 +432,84 @@ def test_consider_setting_round_trips_and_old_checkpoints_get_the_default():
     assert tuple(getattr(cfg, n) for n in names) == ('tilt', 'speed', 'none', 'none')
 
 
+def _slip_circle(v=20.0, w=0.15, c=0.02, duration=10.0):
+    """A perfect IMU on a circle driven with sideslip: constant forward speed v, yaw rate w and
+    lateral body velocity c v w (world z up, level road); all constant in the body frame."""
+    t = np.arange(0.0, duration, 1.0 / RATE)
+    v_lat = c * v * w
+    acc = np.tile([-w * v_lat, w * v, 9.81], (len(t), 1))
+    gyr = np.tile([0.0, 0.0, w], (len(t), 1))
+    return t, acc, gyr, np.array([v, v_lat, 0.0])
+
+
+def test_sideslip_mean_keeps_a_slipping_car_on_its_track():
+    """FilterConfig.nhc_slip_mean: in a curve with sideslip the zero lateral velocity pseudo-
+    measurement is wrong and pulls the filter off a perfect IMU (position and roll); expecting
+    c v omega_z with the true c leaves it on the track."""
+    t, acc, gyr, v_body = _slip_circle(c=0.02)
+    base = dict(zupt_sigma=0.0, speed_mode='off', nhc_lateral_sigma=0.1, nhc_vertical_sigma=0.1)
+    scans = t[::SCAN_EVERY]
+    ref = run_filter(FilterConfig(nhc_every=0, **base), t, acc, gyr, scans,
+                     initial_state=(np.eye(3), v_body))      # IMU alone: the truth here
+    err = {}
+    for c in (0.0, 0.02):
+        res = run_filter(FilterConfig(nhc_every=10, nhc_slip_mean=c, **base), t, acc, gyr,
+                         scans, initial_state=(np.eye(3), v_body))
+        assert res.counts['nhc_updates'] > 90
+        dp = np.abs(res.scan_poses[:, :3, 3] - ref.scan_poses[:, :3, 3]).max()
+        rot = so3_log(ref.scan_poses[:, :3, :3] @ np.swapaxes(res.scan_poses[:, :3, :3], 1, 2))
+        err[c] = (dp, np.abs(rot[:, 0]).max())
+    assert FilterConfig().nhc_slip_mean == 0.02
+    assert err[0.0][0] > 0.2 and err[0.0][1] > 1e-4, err        # 0.54 m, 0.024 deg
+    assert err[0.02][0] < 1e-3 and err[0.02][1] < 1e-5, err
+
+
+def _record_body_velocity_sigmas(ekf, seen):
+    """Wrap ekf.update_body_velocity so that each call appends (rows, sigmas) to seen."""
+    update = ekf.update_body_velocity
+
+    def spy(rows, values, sigmas, *args, **kwargs):
+        seen.append((tuple(rows), np.array(sigmas)))
+        return update(rows, values, sigmas, *args, **kwargs)
+    ekf.update_body_velocity = spy
+
+
+def test_sideslip_sigma_inflates_the_lateral_variance_with_the_centripetal_acceleration():
+    """FilterConfig.nhc_slip_sigma (and nhc_slip_vertical_sigma): the pseudo-measurement sigma
+    grows, in quadrature, by the factor times |v omega_z|; straight ahead it is unchanged."""
+    t, acc, gyr, v_body = _slip_circle(v=20.0, w=0.15, c=0.0, duration=1.0)
+    sigmas = {}
+    for kw in ({}, {'nhc_slip_sigma': 0.1}, {'nhc_slip_sigma': 0.1,
+                                             'nhc_slip_vertical_sigma': 0.05}):
+        odo = InertialOdometry(FilterConfig(zupt_sigma=0.0, speed_mode='off',
+                                            nhc_lateral_sigma=0.1, nhc_vertical_sigma=0.2,
+                                            **kw), initial_state=(np.eye(3), v_body))
+        seen = []
+        for i in range(len(t)):
+            odo.add_imu(t[i], acc[i], gyr[i])
+            if i == 0:
+                _record_body_velocity_sigmas(odo.ekf, seen)
+        sigmas[tuple(kw.values())] = seen[-1][1]
+        assert seen[-1][0] == (1, 2)
+        assert odo._centripetal() == pytest.approx(20.0 * 0.15, rel=1e-3)
+    a_c = 3.0
+    np.testing.assert_allclose(sigmas[()], [0.1, 0.2])
+    np.testing.assert_allclose(sigmas[(0.1,)], [np.hypot(0.1, 0.1 * a_c), 0.2], rtol=1e-3)
+    np.testing.assert_allclose(sigmas[(0.1, 0.05)],
+                               [np.hypot(0.1, 0.1 * a_c), np.hypot(0.2, 0.05 * a_c)], rtol=1e-3)
+
+
+def test_sideslip_and_zero_rate_settings_round_trip_and_old_checkpoints_get_the_defaults():
+    names = ('nhc_slip_sigma', 'nhc_slip_vertical_sigma', 'nhc_slip_mean', 'consider_zero_rate')
+    values = (0.1, 0.05, -0.01, 'yaw')
+    stored = FilterConfig(**dict(zip(names, values))).to_dict()
+    cfg, _ = build_filter({'config': {'filter': stored}})
+    assert tuple(getattr(cfg, n) for n in names) == values
+    old = {k: v for k, v in stored.items() if k not in names}
+    cfg, _ = build_filter({'config': {'filter': old}})      # written before the fields existed
+    assert tuple(getattr(cfg, n) for n in names) == (0.0, 0.0, 0.02, 'none')
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match='init_source'):
         FilterConfig(init_source='oracle')
@@ -426,5 +525,9 @@ def test_config_errors_name_the_field():
         FilterConfig(consider_nhc_attitude='roll')
     with pytest.raises(ValueError, match='consider_gyro_bias'):
         FilterConfig(consider_gyro_bias='zupt')
+    with pytest.raises(ValueError, match='nhc_slip_sigma'):
+        FilterConfig(nhc_slip_sigma=-0.1)
+    with pytest.raises(ValueError, match='nhc_slip_mean'):
+        FilterConfig(nhc_slip_mean=float('nan'))
     with pytest.raises(ValueError, match='true_velocity'):
         InertialOdometry(FilterConfig(init_source='true_velocity'))

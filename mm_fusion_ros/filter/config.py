@@ -91,6 +91,17 @@ class FilterConfig(ConfigBase):
         'help': 'roll, pitch, yaw of the vehicle motion frame in the IMU frame [deg]'})
     nhc_lever_arm: tuple = field(default=(0.0, 0.0, 0.0), metadata={
         'help': 'point of the vehicle that does not slip (rear axle), in the IMU frame [m]'})
+    nhc_slip_sigma: float = field(default=0.0, metadata={
+        'help': 'sideslip: the lateral pseudo-measurement sigma grows by this times the '
+                'centripetal acceleration |v omega_z| (estimated forward speed times the '
+                'bias-corrected yaw rate, vehicle axes), added in quadrature before '
+                'pseudo_var_scale [s] (0 = off)'})
+    nhc_slip_vertical_sigma: float = field(default=0.0, metadata={
+        'help': 'the same term for the vertical pseudo-measurement [s] (0 = off)'})
+    nhc_slip_mean: float = field(default=0.02, metadata={
+        'help': 'sideslip: the lateral pseudo-measurement expects this times v omega_z '
+                'instead of 0 [s] (0 = off); fitted by train_imu_filter, the default is the '
+                'fit on the KITTI training sequences (docs/inertial_filter.md)'})
     nhc_min_speed: float = field(default=0.0, metadata={
         'help': 'pseudo-measurements only above this estimated speed [m/s]'})
     zupt_window_s: float = field(default=0.4, metadata={
@@ -133,6 +144,10 @@ class FilterConfig(ConfigBase):
         'help': 'updates that do not correct the gyro bias (it moves the attitude later): '
                 'none, speed (learned speed), nhc (lateral/vertical pseudo-measurements) or '
                 'speed_nhc'})
+    consider_zero_rate: str = field(default='none', metadata={
+        'help': 'attitude that the zero-rate update at standstill does not correct (it observes '
+                'the gyro bias, and through the bias the attitude integrated before): none, '
+                'tilt, yaw or all'})
     max_gyro: float = field(default=8.0, metadata={
         'help': 'IMU samples with |gyro| above this are rejected as spikes [rad/s]'})
     max_accel: float = field(default=60.0, metadata={
@@ -154,8 +169,13 @@ class FilterConfig(ConfigBase):
                   'init_accel_bias_sigma', 'init_window_s', 'nhc_lateral_sigma',
                   'nhc_vertical_sigma', 'zupt_window_s', 'zupt_gyro_max', 'zupt_accel_std_max',
                   'speed_var_scale', 'pseudo_var_scale', 'max_gyro', 'max_accel', 'max_gap_s')
-        _nonnegative(self, 'nhc_min_speed', 'zupt_sigma', 'zupt_max_speed', 'relpose_gate_chi2',
+        _nonnegative(self, 'nhc_slip_sigma', 'nhc_slip_vertical_sigma', 'nhc_min_speed',
+                     'zupt_sigma', 'zupt_max_speed', 'relpose_gate_chi2',
                      'speed_max')
+        slip = self.nhc_slip_mean
+        if not (isinstance(slip, (int, float)) and math.isfinite(slip)):
+            raise ValueError(f'FilterConfig.nhc_slip_mean must be a finite number, got '
+                             f'{self.nhc_slip_mean!r}')
         for name in ('nhc_every', 'speed_every', 'max_clones'):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
@@ -168,6 +188,7 @@ class FilterConfig(ConfigBase):
         check_choice(self, 'consider_updates', CONSIDER_UPDATES)
         check_choice(self, 'consider_nhc_attitude', tuple(CONSIDER_ATTITUDE))
         check_choice(self, 'consider_gyro_bias', CONSIDER_BIAS_UPDATES)
+        check_choice(self, 'consider_zero_rate', tuple(CONSIDER_ATTITUDE))
         _triple(self, 'nhc_rpy_deg')
         _triple(self, 'nhc_lever_arm')
         tr = tuple(float(v) for v in self.T_imu_lidar)

@@ -184,11 +184,12 @@ class InvariantEKF:
         return self.update(H, residual, np.diag(np.asarray(sigmas, dtype=np.float64) ** 2),
                            gate_chi2, consider)
 
-    def update_zero_rate(self, gyro_mean, sigma):
+    def update_zero_rate(self, gyro_mean, sigma, consider=None):
         """At standstill the mean gyro is its bias: z = gyro_mean, h = b_g."""
         H = np.zeros((3, self.P.shape[0]))
         H[:, 9:12] = I3
-        return self.update(H, np.asarray(gyro_mean) - self.bg, np.eye(3) * sigma**2)
+        return self.update(H, np.asarray(gyro_mean) - self.bg, np.eye(3) * sigma**2,
+                           consider=consider)
 
     # ---------------------------------------------------------------- clones
     def add_clone(self, key, rot=None, pos=None, back_s=0.0):

@@ -87,6 +87,7 @@ class VehicleCalibration:
     R_base_imu: np.ndarray     # (3, 3) hand-eye rotation of imu_link in base_link
     nhc_rpy_deg: tuple         # vehicle motion frame in the imu frame
     nhc_point_base: np.ndarray  # (3,) point of least side slip, base axes, from base_link
+    slip_s: float = 0.0        # lateral velocity per v omega_z of the motion frame [s]
 
 
 def fit_vehicle_calibration(seqs) -> VehicleCalibration:
@@ -122,10 +123,24 @@ def fit_vehicle_calibration(seqs) -> VehicleCalibration:
     yaw = float(np.arctan(np.median(v_imu[:, 1] / v_imu[:, 0])))
     pitch = float(-np.arctan(np.median(v_imu[:, 2] / v_imu[:, 0])))
     rpy = (0.0, float(np.degrees(pitch)), float(np.degrees(yaw)))
+    # Sideslip: lateral velocity of the motion frame against v omega_z (centripetal
+    # acceleration), least squares per sequence, the median over the sequences (one sequence
+    # with a poor ground truth must not set the sign).
+    R_ic = rpy_to_rot(*np.radians(rpy))
+    per_seq = []
+    for v_s, w_s in zip(v_all, w_all):
+        keep = np.linalg.norm(v_s, axis=1) > MIN_SPEED_FOR_ALIGNMENT
+        v_car = (v_s[keep] + np.cross(w_s[keep], point)) @ R_base_imu @ R_ic
+        w_car = w_s[keep] @ R_base_imu @ R_ic
+        a_c = v_car[:, 0] * w_car[:, 2]
+        if a_c @ a_c > 0:
+            per_seq.append(float(a_c @ v_car[:, 1] / (a_c @ a_c)))
+    slip = float(np.median(per_seq)) if per_seq else 0.0
     log.info('vehicle calibration: imu in base rpy %s deg, motion frame rpy %s deg, no-slip '
-             'point %s m', np.degrees(rot_to_rpy(R_base_imu)).round(3), np.round(rpy, 3),
-             point.round(3))
-    return VehicleCalibration(R_base_imu, rpy, point)
+             'point %s m, sideslip %.4f s (per sequence %s)',
+             np.degrees(rot_to_rpy(R_base_imu)).round(3), np.round(rpy, 3), point.round(3),
+             slip, np.round(per_seq, 4))
+    return VehicleCalibration(R_base_imu, rpy, point, slip)
 
 
 @dataclass(frozen=True)

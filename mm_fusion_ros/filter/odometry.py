@@ -387,7 +387,9 @@ class InertialOdometry:
                                and float(np.linalg.norm(self.ekf.v)) < cfg.zupt_max_speed)
             if self.standstill:
                 self.ekf.update_body_velocity((0, 1, 2), np.zeros(3), [cfg.zupt_sigma] * 3)
-                self.ekf.update_zero_rate(buf[:, 3:].mean(axis=0), cfg.zupt_gyro_max / 3.0)
+                axes = CONSIDER_ATTITUDE[cfg.consider_zero_rate]
+                self.ekf.update_zero_rate(buf[:, 3:].mean(axis=0), cfg.zupt_gyro_max / 3.0,
+                                          self.ekf.attitude_dims(axes) if axes else None)
                 self.counts['zupt_updates'] += 1
             else:
                 speed = float(np.linalg.norm(self.ekf.v))
@@ -396,8 +398,14 @@ class InertialOdometry:
                         var = np.exp([out['lateral_logvar'], out['vertical_logvar']])
                     else:
                         var = np.array([cfg.nhc_lateral_sigma, cfg.nhc_vertical_sigma]) ** 2
+                    values = np.zeros(2)
+                    if cfg.nhc_slip_sigma or cfg.nhc_slip_vertical_sigma or cfg.nhc_slip_mean:
+                        a_c = self._centripetal()
+                        var = var + np.square(a_c * np.array([cfg.nhc_slip_sigma,
+                                                              cfg.nhc_slip_vertical_sigma]))
+                        values[0] = cfg.nhc_slip_mean * a_c
                     sig = np.sqrt(var * cfg.pseudo_var_scale)
-                    self.ekf.update_body_velocity((1, 2), np.zeros(2), sig, self.R_ic,
+                    self.ekf.update_body_velocity((1, 2), values, sig, self.R_ic,
                                                   self.lever, self._last[2],
                                                   consider=self._consider('nhc'))
                     self.counts['nhc_updates'] += 1
@@ -408,6 +416,13 @@ class InertialOdometry:
                                           self.lever, self._last[2],
                                           consider=self._consider('speed'))
             self.counts['speed_updates'] += 1
+
+    def _centripetal(self) -> float:
+        """v omega_z: the estimated forward speed times the bias-corrected yaw rate, both in
+        the vehicle motion frame (R_ic) [m/s^2]; > 0 turning left while driving forward."""
+        speed = (self.R_ic.T @ (self.ekf.R.T @ self.ekf.v))[0]
+        rate = (self.R_ic.T @ (self._last[2] - self.ekf.bg))[2]
+        return float(speed * rate)
 
     def _consider(self, kind):
         """Error dimensions that a speed or nhc (lateral/vertical) update leaves alone:

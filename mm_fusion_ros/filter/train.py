@@ -267,7 +267,7 @@ def run(cfg: TrainFilterConfig) -> dict:
     model = NoiseModel(net)
     # Speed updates only inside the speed range the network was trained on.
     speed_max = SPEED_RANGE_MARGIN * float(np.abs(train_ws.speed).max())
-    filter_cfg = FilterConfig(nhc_rpy_deg=calib.nhc_rpy_deg,
+    filter_cfg = FilterConfig(nhc_rpy_deg=calib.nhc_rpy_deg, nhc_slip_mean=calib.slip_s,
                               speed_mode='init' if cfg.speed_head else 'off',
                               speed_max=speed_max if cfg.speed_head else 0.0)
     scales = [float(s) for s in cfg.tune_scales.split(',') if s.strip()]
@@ -282,7 +282,8 @@ def run(cfg: TrainFilterConfig) -> dict:
                'tune_t_rel': table,
                'calibration': {'R_base_imu': calib.R_base_imu.tolist(),
                                'nhc_rpy_deg': list(calib.nhc_rpy_deg),
-                               'nhc_point_base': calib.nhc_point_base.tolist()}}
+                               'nhc_point_base': calib.nhc_point_base.tolist(),
+                               'slip_s': calib.slip_s}}
     for s in val:
         metrics[f'val_{s.name}'] = {k: v for k, v in run_on_sequence(
             s, filter_cfg, model)[2].items() if k in ('t_rel', 'r_rel')}
