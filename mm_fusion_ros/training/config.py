@@ -38,6 +38,11 @@ class TrainConfig(ConfigBase):
         'help': 'self-supervised camera (LiDAR depth) photometric term weight (0 = off)'})
     self_inertial_weight: float = field(default=1.0, metadata={
         'help': 'self-supervised gyro rotation term weight (0 = off)'})
+    self_geometric_solve: int = field(default=0, metadata={
+        'help': 'Gauss-Newton iterations that solve the geometric term once per sample (from '
+                'its first prediction); steps on the sample after that use the quadratic '
+                'model of the term at the solution (cheap for replayed samples; 0 = the direct '
+                'term, correspondences searched at every step)'})
     batch_size: int = field(default=2, metadata={'help': 'samples per step'})
     num_epochs: int = field(default=3, metadata={'help': 'epochs (offline trainer)'})
     seed: int = field(default=0, metadata={'help': 'seed of init, data order and dropout'})
@@ -98,8 +103,9 @@ class TrainConfig(ConfigBase):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f'TrainConfig.{name} must be in [0, 1], got '
                                  f'{getattr(self, name)}')
-        if self.feature_cache < 0:
-            raise ValueError(f'TrainConfig.feature_cache must be >= 0, got {self.feature_cache}')
+        for name in ('feature_cache', 'self_geometric_solve'):
+            if getattr(self, name) < 0:
+                raise ValueError(f'TrainConfig.{name} must be >= 0, got {getattr(self, name)}')
         if self.batch_size < 1 or self.num_epochs < 0:
             raise ValueError('TrainConfig needs batch_size >= 1 and num_epochs >= 0, got '
                              f'{self.batch_size}, {self.num_epochs}')

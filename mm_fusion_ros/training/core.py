@@ -92,7 +92,7 @@ class TrainerCore:
         self.step_count = 0
         self.epoch = 0
         self.counters = {'skipped_integrity': 0, 'skipped_nonfinite': 0, 'steps_skipped': 0}
-        self.selfsup = SelfSupervisedLoss()
+        self.selfsup = SelfSupervisedLoss(solve_iterations=train_cfg.self_geometric_solve)
 
     # --- batches -------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
@@ -187,7 +187,8 @@ class TrainerCore:
     # --- training ------------------------------------------------------------------------
     def step(self, batch) -> StepStats:
         """Forward, loss, skip non-finite, backward, clip, optimiser step."""
-        self.model.train()
+        if not self.model.training:     # train() walks every module: not on every step
+            self.model.train()
         terms = self.train_cfg.loss_terms
         skipped = batch_skipped(batch)
         self.counters['skipped_integrity'] += skipped

@@ -96,12 +96,14 @@ class SharedWeights:
                 n = math.prod(shape)
                 view = self.flats[dtype][offset:offset + n].view(shape)
                 if to_shared:
-                    view.copy_(state_dict[key].detach())
+                    if key in state_dict:    # a step publishes only what it can change
+                        view.copy_(state_dict[key].detach())
                 else:
                     state_dict[key].copy_(view)
 
     def publish(self, state_dict: dict) -> int:
-        """Learner: copy the weights in (waits only for a reader's copy); the new version."""
+        """Learner: copy the weights in (all, or the entries given; waits only for a
+        reader's copy); the new version."""
         with self.lock:
             self._copy(state_dict, to_shared=True)
             self.version.value += 1

@@ -226,6 +226,13 @@ class OnlineTrainer:
         self.infer_model = copy.deepcopy(self.core.model).eval()
         self._ema = {k: v.detach().clone() for k, v in self.core.model.state_dict().items()} \
             if online_cfg.prediction_ema > 0 else None
+        # What a step can change (frozen branches neither train nor move their BatchNorm
+        # statistics): only these go to the inference copy after a step.
+        model = self.core.model
+        self._infer_tensors = self.infer_model.state_dict()
+        self._changing = [n for n, p in model.named_parameters() if p.requires_grad] + \
+            [n for n, _ in model.named_buffers()
+             if n.split('.')[0] not in model.frozen and n in self._infer_tensors]
         # Consecutive samples share a scan: its half of the BEV encoder is computed once.
         self.scan_cache = ScanCache() if isinstance(self.infer_model.point, BevPointEncoder) \
             else None
@@ -404,24 +411,25 @@ class OnlineTrainer:
 
     @torch.no_grad()
     def inference_state(self) -> dict:
-        """The weights predictions should use after a step (a copy): the trained ones, or
-        their moving average (prediction_ema; integer buffers such as BatchNorm's counter are
-        copied)."""
+        """The weights predictions should use after a step (a copy of the entries a step can
+        change): the trained ones, or their moving average (prediction_ema; integer buffers
+        such as BatchNorm's counter are copied)."""
         state = self.core.model.state_dict()
         if self._ema is None:
-            return {k: v.detach().clone() for k, v in state.items()}
+            return {k: state[k].detach().clone() for k in self._changing}
         d = self.cfg.prediction_ema
-        for k, v in state.items():
-            if v.is_floating_point():
-                self._ema[k].mul_(d).add_(v.detach(), alpha=1.0 - d)
+        for k in self._changing:
+            if state[k].is_floating_point():
+                self._ema[k].mul_(d).add_(state[k].detach(), alpha=1.0 - d)
             else:
-                self._ema[k].copy_(v)
-        return {k: v.clone() for k, v in self._ema.items()}
+                self._ema[k].copy_(state[k])
+        return {k: self._ema[k].clone() for k in self._changing}
 
     def _refresh_inference_model(self):
         state = self.inference_state()
-        with self._model_lock:
-            self.infer_model.load_state_dict(state)
+        with self._model_lock, torch.no_grad():
+            for k, v in state.items():
+                self._infer_tensors[k].copy_(v)
             if self.scan_cache is not None:
                 self.scan_cache.weights_changed()
 
