@@ -17,7 +17,6 @@ import sys
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from scipy.spatial.transform import Rotation  # noqa: E402
 import torch  # noqa: E402
 
 from mm_fusion_ros.cli.predict_odometry import load_predictor  # noqa: E402
@@ -26,32 +25,10 @@ from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset  
 from mm_fusion_ros.model.selfsup import (  # noqa: E402
     _TargetScan,
     SelfSupParams,
+    solve_geometric,
     source_indices,
 )
 from mm_fusion_ros.training.online import sample_config_for  # noqa: E402
-
-
-def refine(pose6, target: _TargetScan, src, params: SelfSupParams, iterations: int):
-    """Gauss-Newton (IRLS with the Cauchy weights) on the point-to-plane residuals of `src`
-    moved by pose6 into `target`; None where fewer than geo_min_pairs match."""
-    rot, trans = Rotation.from_rotvec(pose6[3:]).as_matrix(), np.array(pose6[:3], float)
-    for _ in range(iterations):
-        moved = src @ rot.T + trans
-        dist, j = target.tree.query(moved, distance_upper_bound=params.geo_max_dist_m)
-        hit = np.isfinite(dist)
-        normals = np.zeros_like(src)
-        normals[hit] = target.normals_at(j[hit], params)
-        hit &= normals.any(axis=1)
-        if hit.sum() < params.geo_min_pairs:
-            return None
-        m, n = moved[hit], normals[hit]
-        r = ((m - target.xyz[j[hit]]) * n).sum(axis=1)
-        w = 1.0 / (1.0 + (r / params.geo_kernel_m) ** 2)
-        jac = np.c_[n, np.cross(m, n)]          # d r / d (left translation, left rotation)
-        dx = -np.linalg.solve((jac * w[:, None]).T @ jac, (jac * w[:, None]).T @ r)
-        d_rot = Rotation.from_rotvec(dx[3:]).as_matrix()
-        rot, trans = d_rot @ rot, d_rot @ trans + dx[:3]
-    return np.r_[trans, Rotation.from_matrix(rot).as_rotvec()]
 
 
 def main(argv=None) -> int:
@@ -76,10 +53,11 @@ def main(argv=None) -> int:
         pts = np.asarray(sample['points'])[..., :3].astype(np.float64)
         mask = np.asarray(sample['points_mask'], dtype=bool)
         src = pts[1][mask[1]]
-        refined = refine(pred, _TargetScan(np.ascontiguousarray(pts[0][mask[0]])),
-                         src[source_indices(src, params)], params, args.iterations)
-        if refined is None:
+        solved = solve_geometric(pred, _TargetScan(np.ascontiguousarray(pts[0][mask[0]])),
+                                 src[source_indices(src, params)], params, args.iterations)
+        if solved is None:
             continue
+        refined = solved[0]
         truth = np.asarray(sample['target'], dtype=np.float64)
         rows.append((np.linalg.norm(pred[:3] - truth[:3]), np.linalg.norm(refined[:3] - truth[:3]),
                      np.linalg.norm(refined[:3] - pred[:3])))
