@@ -4,6 +4,7 @@ Samples come from make_tiny_kitti through the offline Dataset, i.e. the DESIGN Â
 synchronizer also builds. The model is small (Dummy visual encoder, a 32-cell BEV) so every test
 takes well under a second of training.
 """
+import dataclasses
 from pathlib import Path
 import threading
 
@@ -486,3 +487,30 @@ def test_predictions_use_the_moving_average_of_the_weights_with_prediction_ema(d
     assert moved, 'the prediction weights equal the trained ones: no average was taken'
     with pytest.raises(ValueError, match='prediction_ema'):
         OnlineConfig(prediction_ema=1.0)
+
+
+def test_frozen_features_of_a_prediction_serve_the_first_step(data, tmp_path):
+    """With the encoders frozen, the prediction's camera and LiDAR features go to the training
+    model's feature cache: a new sample's first step skips those encoders, and the features
+    are the ones the training model computes itself."""
+    train = TrainConfig(learning_rate=1e-3, batch_size=2, freeze_visual=True, freeze_point=True,
+                        freeze_imu=True, supervision='self', self_photometric_weight=0.0,
+                        self_inertial_weight=0.0, self_geometric_solve=3)
+    # no modality dropout: a LiDAR dropped in training changes the camera's input (its key)
+    model = dataclasses.replace(MODEL, modality_dropout=0.0)
+    trainer = OnlineTrainer(OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'),
+                                         updates_per_sample=0.0, min_buffer=1), train, model)
+    cache = trainer.core.model.feature_cache
+    trainer.on_sample(data['samples'][0])
+    assert cache.stored == 2 and len(cache.entries) == 2     # camera and LiDAR, one sample
+    trainer.step_debt = 1.0
+    assert trainer.train_pending() == 1
+    assert (cache.hits, cache.misses) == (4, 0)    # a batch of 2 draws of the one sample
+    stored = dict(cache.entries)
+    cache.clear()
+    trainer.step_debt = 1.0
+    trainer.train_pending()                         # computed by the training model itself
+    assert cache.misses == 4                        # both rows of both branches
+    for key, row in cache.entries.items():
+        torch.testing.assert_close(row, stored[key], atol=1e-5, rtol=1e-5)
+    assert trainer.core.selfsup.solved.solved == 1 and trainer.core.selfsup.solved.reused == 3

@@ -109,6 +109,23 @@ class FusionOdometryNet(nn.Module):
             self.feature_cache.clear()
         return super().load_state_dict(*args, **kwargs)
 
+    def _feature_batch(self, batch, lidar_kept):
+        return dict(batch, lidar_kept=lidar_kept)
+
+    def remember_features(self, batch, features: dict) -> None:
+        """Store frozen branches' features that another copy of this model computed for
+        `batch` (one sample, no modality dropout: an online prediction) in the feature
+        cache, so the sample's first training step skips those encoders."""
+        cache = self.feature_cache
+        if cache is None:
+            return
+        keyed = self._feature_batch(batch, batch['modality_mask'].bool()[:, 1])
+        for branch, rows in features.items():
+            if branch in self.frozen and branch in FEATURE_KEYS:
+                keys = [k for k in FEATURE_KEYS[branch] if k in keyed]
+                for i in range(rows.shape[0]):
+                    cache.store(branch, [keyed[k][i] for k in keys], rows[i])
+
     def _features(self, branch, batch, compute, scan_cache=None):
         """compute(batch) -> (B, D) features of a branch; a frozen one through the feature
         cache (not with a ScanCache: inference keeps its own per-scan cache)."""
@@ -127,7 +144,7 @@ class FusionOdometryNet(nn.Module):
         return self
 
     # --- forward -------------------------------------------------------------------------
-    def forward(self, batch: dict, scan_cache=None) -> dict:
+    def forward(self, batch: dict, scan_cache=None, features_out: dict = None) -> dict:
         """batch: the collated DESIGN §5 tensors (INPUT_KEYS, optionally CALIB_KEYS) on the
         model's device. scan_cache: an encoders.ScanCache for online inference one sample at
         a time (eval mode): the BEV point encoder's and the flow encoder's parts computed from
@@ -135,6 +152,7 @@ class FusionOdometryNet(nn.Module):
 
         Returns normalised `mean` and `logvar` (B, 6) and the mean fusion `gates` (B, 3); with
         a camera head also `aux` = {'camera': (mean, logvar, camera present (B,))}.
+        features_out: a dict to receive each branch's features (remember_features).
         """
         missing = [k for k in INPUT_KEYS if k not in batch]
         if missing:
@@ -143,7 +161,7 @@ class FusionOdometryNet(nn.Module):
         # where the LiDAR is kept.
         mask = self.fusion.drop_modalities(batch['modality_mask'].bool())
         imu_norm = (batch['imu'].float() - self.imu_mean) / self.imu_std
-        feats = [self._features('visual', dict(batch, lidar_kept=mask[:, 1]),
+        feats = [self._features('visual', self._feature_batch(batch, mask[:, 1]),
                                 lambda b: self.visual_features(b, b['lidar_kept'], scan_cache),
                                 scan_cache),
                  self._features('point', batch, lambda b: self.point(
@@ -151,6 +169,8 @@ class FusionOdometryNet(nn.Module):
                      if scan_cache is not None and isinstance(self.point, BevPointEncoder) else
                      self.point(b['points'], b['points_mask']), scan_cache),
                  self.imu(imu_norm, batch['dt'])]
+        if features_out is not None:
+            features_out.update(zip(BRANCHES, feats))
         fused, gates, mask = self.fusion(feats, mask, dropped=True)
         extra, prior, aux = [], torch.zeros_like(fused[:, :6]), {}
         lidar = mask[:, 1:2].to(fused.dtype)

@@ -465,6 +465,9 @@ class ProcessOnlineTrainer(OnlineTrainer):
     def set_backlog(self, samples: int) -> None:
         self.client.backlog.value = int(samples)
 
+    def _remember_features(self, batch, features) -> None:
+        """The learner process computes its own (the features do not cross processes)."""
+
     # --- the node's training worker: watch the learner ------------------------------------
     def pending_steps(self) -> int:
         return 0

@@ -293,9 +293,11 @@ class OnlineTrainer:
         # inference_mode, not no_grad: no version counters or views tracked for autograd.
         with self._model_lock, torch.inference_mode():
             dev = self.core.to_device(batch)
-            out = self.infer_model(dev, scan_cache=self.scan_cache)
+            feats = {}
+            out = self.infer_model(dev, scan_cache=self.scan_cache, features_out=feats)
             mean, logvar = self.infer_model.denormalize(out['mean'].float(),
                                                         out['logvar'].float())
+        self._remember_features(dev, feats)
         mean = mean[0].cpu().numpy().astype(np.float64)
         logvar = logvar[0].cpu().numpy().astype(np.float64)
         latency = time.perf_counter() - t0
@@ -324,6 +326,11 @@ class OnlineTrainer:
         with self._wakeup:
             self._wakeup.notify_all()
         return pred
+
+    def _remember_features(self, batch, features) -> None:
+        """The frozen encoders' features of the prediction, for the sample's first step."""
+        if self.training_enabled and self.core.model.frozen:
+            self.core.model.remember_features(batch, features)
 
     # --- training ------------------------------------------------------------------------
     def set_backlog(self, samples: int) -> None:
