@@ -14,17 +14,46 @@ come from the inference copy with its per-scan cache, equal to the plain forward
 from collections import OrderedDict
 import hashlib
 import threading
+import weakref
 
 import torch
 
+# The batch's large inputs are digested once per tensor row however many keys read them (the
+# camera's, the LiDAR's and the solved geometric term's): digests are remembered per tensor
+# object and in-place version, and forgotten with the tensor.
+LARGE = ('image', 'points', 'points_mask')
+_memo = {}
+_memo_lock = threading.Lock()
 
-def row_key(branch: str, tensors) -> bytes:
-    """Digest of one batch row's inputs of a branch (tensors: that row's slices)."""
-    h = hashlib.blake2b(branch.encode(), digest_size=16)
-    for t in tensors:
-        t = t.detach()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(memoryview(t.contiguous().cpu().numpy()).cast('B'))
+
+def tensor_digest(t) -> bytes:
+    t = t.detach()
+    h = hashlib.blake2b(str((t.dtype, tuple(t.shape))).encode(), digest_size=16)
+    h.update(memoryview(t.contiguous().cpu().numpy()).cast('B'))
+    return h.digest()
+
+
+def _row_digest(t, i: int) -> bytes:
+    try:
+        version = t._version
+    except RuntimeError:           # an inference tensor keeps no version: no memo
+        return tensor_digest(t[i])
+    k = id(t)
+    with _memo_lock:
+        entry = _memo.get(k)
+        if entry is None or entry[0]() is not t or entry[1] != version:
+            entry = _memo[k] = (weakref.ref(t, lambda _, k=k: _memo.pop(k, None)), version, {})
+        digest = entry[2].get(i)
+    if digest is None:
+        digest = entry[2][i] = tensor_digest(t[i])
+    return digest
+
+
+def row_key(kind: str, batch: dict, names, i: int) -> bytes:
+    """Digest of row i of the batch entries `names` (what `kind` reads from that row)."""
+    h = hashlib.blake2b(kind.encode(), digest_size=16)
+    for name in names:
+        h.update(_row_digest(batch[name], i) if name in LARGE else tensor_digest(batch[name][i]))
     return h.digest()
 
 
@@ -51,9 +80,8 @@ class FeatureCache:
         with self._lock:
             self.entries.clear()
 
-    def store(self, branch: str, key_tensors, features) -> None:
-        """Keep one row's features (D,), computed elsewhere from exactly these inputs."""
-        key = row_key(branch, key_tensors)
+    def store(self, key: bytes, features) -> None:
+        """Keep one row's features (D,), computed elsewhere from the inputs `key` names."""
         with self._lock:
             self.entries[key] = features.detach().clone()
             self.entries.move_to_end(key)
@@ -64,11 +92,10 @@ class FeatureCache:
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
 
-    def rows(self, branch: str, batch_size: int, key_rows, compute):
-        """Features (B, D) of a branch: key_rows(i) -> the tensors row i's output depends on;
-        compute(index) -> features of the rows in `index` (a LongTensor), run once for all
-        misses."""
-        keys = [row_key(branch, key_rows(i)) for i in range(batch_size)]
+    def rows(self, keys, compute):
+        """Features (B, D) of a branch: keys, each row's row_key; compute(index) -> features
+        of the rows in `index` (a LongTensor), run once for all misses."""
+        batch_size = len(keys)
         with self._lock:
             found = {i: self.entries[k] for i, k in enumerate(keys) if k in self.entries}
             for i in found:

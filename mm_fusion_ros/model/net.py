@@ -10,7 +10,7 @@ from torch import nn
 from mm_fusion_ros.model.camera import lidar_depth_image
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import BevPointEncoder, build_encoders, FlowVisualEncoder
-from mm_fusion_ros.model.feature_cache import FeatureCache
+from mm_fusion_ros.model.feature_cache import FeatureCache, row_key
 from mm_fusion_ros.model.fusion import GatedFusion
 from mm_fusion_ros.model.head import PoseHead
 
@@ -110,6 +110,7 @@ class FusionOdometryNet(nn.Module):
         return super().load_state_dict(*args, **kwargs)
 
     def _feature_batch(self, batch, lidar_kept):
+        """The batch as the camera's key sees it."""
         return dict(batch, lidar_kept=lidar_kept)
 
     def remember_features(self, batch, features: dict) -> None:
@@ -122,9 +123,9 @@ class FusionOdometryNet(nn.Module):
         keyed = self._feature_batch(batch, batch['modality_mask'].bool()[:, 1])
         for branch, rows in features.items():
             if branch in self.frozen and branch in FEATURE_KEYS:
-                keys = [k for k in FEATURE_KEYS[branch] if k in keyed]
+                names = [k for k in FEATURE_KEYS[branch] if k in keyed]
                 for i in range(rows.shape[0]):
-                    cache.store(branch, [keyed[k][i] for k in keys], rows[i])
+                    cache.store(row_key(branch, keyed, names, i), rows[i])
 
     def _features(self, branch, batch, compute, scan_cache=None):
         """compute(batch) -> (B, D) features of a branch; a frozen one through the feature
@@ -132,10 +133,9 @@ class FusionOdometryNet(nn.Module):
         cache = self.feature_cache
         if cache is None or branch not in self.frozen or scan_cache is not None:
             return compute(batch)
-        keys = [k for k in FEATURE_KEYS[branch] if k in batch]
-        return cache.rows(branch, batch['points'].shape[0],
-                          lambda i: [batch[k][i] for k in keys],
-                          lambda index: compute({k: batch[k][index] for k in keys}))
+        names = [k for k in FEATURE_KEYS[branch] if k in batch]
+        keys = [row_key(branch, batch, names, i) for i in range(batch['points'].shape[0])]
+        return cache.rows(keys, lambda index: compute({k: batch[k][index] for k in names}))
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -294,8 +294,9 @@ class SolvedGeometric:
         self.solutions = OrderedDict()
         self.solved = self.reused = 0
 
-    def _solution(self, i, pose6, points, points_mask, lidar, params, cache):
-        key = row_key('geometric', [points[i], points_mask[i]])
+    def _solution(self, i, pose6, batch, lidar, params, cache):
+        points, points_mask = batch['points'], batch['points_mask']
+        key = row_key('geometric', batch, ('points', 'points_mask'), i)
         if key in self.solutions:
             self.solutions.move_to_end(key)
             self.reused += 1
@@ -315,11 +316,10 @@ class SolvedGeometric:
             self.solutions.popitem(last=False)
         return found
 
-    def __call__(self, pose6, points, points_mask, modality_mask, params, cache):
+    def __call__(self, pose6, batch: dict, params, cache):
         b, dev = pose6.shape[0], pose6.device
-        lidar = modality_mask[:, LIDAR].bool().cpu().numpy()
-        found = [self._solution(i, pose6, points, points_mask, lidar, params, cache)
-                 for i in range(b)]
+        lidar = batch['modality_mask'][:, LIDAR].bool().cpu().numpy()
+        found = [self._solution(i, pose6, batch, lidar, params, cache) for i in range(b)]
         valid = torch.tensor([f is not None for f in found], device=dev)
         if not valid.any():
             return torch.zeros(b, device=dev) + pose6.sum() * 0.0, valid
@@ -524,10 +524,11 @@ class SelfSupervisedLoss:
         p = self.params
         out = {}
         for term in terms:
-            if term == 'geometric':
-                geometric = self.solved or geometric_loss
-                out[term] = geometric(pose6, batch['points'], batch['points_mask'],
-                                      batch['modality_mask'], p, self.cache)
+            if term == 'geometric' and self.solved is not None:
+                out[term] = self.solved(pose6, batch, p, self.cache)
+            elif term == 'geometric':
+                out[term] = geometric_loss(pose6, batch['points'], batch['points_mask'],
+                                           batch['modality_mask'], p, self.cache)
             elif term == 'photometric':
                 out[term] = photometric_loss(pose6, batch['image'], batch['points'],
                                              batch['points_mask'], batch['intrinsics'],
