@@ -277,8 +277,8 @@ def solve_geometric(pose6, target: _TargetScan, src, params: SelfSupParams, iter
 
 
 # The solved term's quadratic q is softened to SOLVED_SOFT * log1p(q / SOLVED_SOFT): equal near the
-# solution, and a sample whose solution is far from the prediction (q of 1 is about a quarter
-# metre on KITTI scans) pulls no harder than that.
+# solution, while a sample whose solution lies far from the prediction (a wrong minimum) pulls
+# with a gradient that stops growing once q passes SOLVED_SOFT.
 SOLVED_SOFT = 1.0
 
 
