@@ -514,3 +514,19 @@ def test_frozen_features_of_a_prediction_serve_the_first_step(data, tmp_path):
     for key, row in cache.entries.items():
         torch.testing.assert_close(row, stored[key], atol=1e-5, rtol=1e-5)
     assert trainer.core.selfsup.solved.solved == 1 and trainer.core.selfsup.solved.reused == 3
+
+
+def test_learning_rate_warms_up_over_the_first_steps(data, tmp_path):
+    trainer = make_trainer(tmp_path, updates_per_sample=0.0, min_buffer=1, lr_warmup_steps=4)
+    for sample in data['samples'][:2]:
+        trainer.on_sample(sample)
+    lrs = []
+    for _ in range(6):
+        trainer.step_debt = 1.0
+        assert trainer.train_pending() == 1
+        lrs.append(trainer.core.lr)
+        if len(lrs) == 2:
+            trainer.set_learning_rate(2e-3)     # a runtime change sets what the ramp reaches
+    np.testing.assert_allclose(lrs, [2.5e-4, 5e-4, 1.5e-3, 2e-3, 2e-3, 2e-3])
+    with pytest.raises(ValueError, match='lr_warmup_steps'):
+        OnlineConfig(lr_warmup_steps=-1)

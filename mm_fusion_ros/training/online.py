@@ -81,6 +81,10 @@ class OnlineConfig(ConfigBase):
         'help': 'where save_checkpoint, autosave and the final checkpoint write'})
     updates_per_sample: float = field(default=1.0, metadata={
         'help': 'gradient steps owed per new synchronized sample'})
+    lr_warmup_steps: int = field(default=0, metadata={
+        'help': 'the learning rate ramps up linearly over this many first gradient steps of the '
+                'session (0 = none): a fresh AdamW takes steps of the full learning rate from '
+                'the first one'})
     max_step_debt: int = field(default=20, metadata={
         'help': 'cap on owed steps, so a burst of samples cannot stall the trainer for long'})
     min_buffer: int = field(default=4, metadata={'help': 'samples in the buffer before training'})
@@ -112,6 +116,9 @@ class OnlineConfig(ConfigBase):
                 'memory'})
 
     def __post_init__(self):
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f'OnlineConfig.lr_warmup_steps must be >= 0, got '
+                             f'{self.lr_warmup_steps}')
         if self.updates_per_sample < 0 or self.max_step_debt < 1 or self.min_buffer < 1:
             raise ValueError('OnlineConfig needs updates_per_sample >= 0, max_step_debt >= 1, '
                              f'min_buffer >= 1; got {self.updates_per_sample}, '
@@ -237,6 +244,7 @@ class OnlineTrainer:
         self.scan_cache = ScanCache() if isinstance(self.infer_model.point, BevPointEncoder) \
             else None
         self.training_enabled = online_cfg.training_enabled
+        self.base_lr = train_cfg.learning_rate     # what lr_warmup_steps ramps up to
         self.step_debt = 0.0
         self.samples_seen = 0
         self.steps_done = 0
@@ -365,6 +373,9 @@ class OnlineTrainer:
                     break
                 batch = collate_samples(self.buffer.sample(self.core.train_cfg.batch_size,
                                                            self.rng))
+                if self.steps_done < self.cfg.lr_warmup_steps:
+                    self.core.set_lr(self.base_lr * (self.steps_done + 1)
+                                     / self.cfg.lr_warmup_steps)
                 t0 = time.perf_counter()
                 try:
                     stats = self.core.step(batch)
@@ -415,6 +426,7 @@ class OnlineTrainer:
     def set_learning_rate(self, lr: float) -> None:
         with self._step_lock:
             self.core.set_lr(lr)
+            self.base_lr = float(lr)
 
     @torch.no_grad()
     def inference_state(self) -> dict:
