@@ -502,9 +502,11 @@ def test_frozen_features_of_a_prediction_serve_the_first_step(data, tmp_path):
                                          updates_per_sample=0.0, min_buffer=1), train, model)
     cache = trainer.core.model.feature_cache
     trainer.on_sample(data['samples'][0])
-    assert cache.stored == 2 and len(cache.entries) == 2     # camera and LiDAR, one sample
+    # handed over, not hashed on the prediction path: stored at the first training lookup
+    assert cache.stored == 0 and not cache.entries and len(cache._pending) == 1
     trainer.step_debt = 1.0
     assert trainer.train_pending() == 1
+    assert cache.stored == 2 and len(cache.entries) == 2     # camera and LiDAR, one sample
     assert (cache.hits, cache.misses) == (4, 0)    # a batch of 2 draws of the one sample
     stored = dict(cache.entries)
     cache.clear()

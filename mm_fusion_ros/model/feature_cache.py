@@ -6,12 +6,13 @@ the same samples again and again: with the camera and LiDAR encoders frozen, a s
 fusion, the heads and the losses instead of two full encoder passes per sample. Each batch row
 is keyed by a hash of exactly the inputs its branch reads, so a changed, augmented or unseen
 input simply misses. Call `clear()` whenever the frozen weights could change (the model does
-on set_frozen and load_state_dict). The online trainer also stores the features its prediction
-of a new sample computed (`store`), so a sample's first step skips the encoders too; those
+on set_frozen and load_state_dict). The online trainer also hands over the features its
+prediction of a new sample computed (`defer`: hashed and stored by the next training lookup, so
+the prediction path pays no hashing), so a sample's first step skips the encoders too; those
 come from the inference copy with its per-scan cache, equal to the plain forward within 1e-5
 (test/test_inference_cache.py). Thread-safe: prediction stores while a step reads.
 """
-from collections import OrderedDict
+from collections import deque, OrderedDict
 import hashlib
 import threading
 import weakref
@@ -67,6 +68,9 @@ class FeatureCache:
         self.entries = OrderedDict()
         self.hits = self.misses = self.stored = 0
         self._lock = threading.Lock()
+        # Hand-overs waiting for the training side (a bounded queue: the oldest are dropped
+        # when training does not run, and those samples' first steps simply miss).
+        self._pending = deque(maxlen=64)
 
     def __deepcopy__(self, memo):
         """A copy of the model (e.g. the online inference copy) starts with its own, empty,
@@ -79,6 +83,18 @@ class FeatureCache:
     def clear(self) -> None:
         with self._lock:
             self.entries.clear()
+
+    def defer(self, store) -> None:
+        """Queue store() (a callable that calls `store`) for the next `rows` call."""
+        self._pending.append(store)
+
+    def _drain(self) -> None:
+        while self._pending:
+            try:
+                store = self._pending.popleft()
+            except IndexError:
+                return
+            store()
 
     def store(self, key: bytes, features) -> None:
         """Keep one row's features (D,), computed elsewhere from the inputs `key` names."""
@@ -95,6 +111,7 @@ class FeatureCache:
     def rows(self, keys, compute):
         """Features (B, D) of a branch: keys, each row's row_key; compute(index) -> features
         of the rows in `index` (a LongTensor), run once for all misses."""
+        self._drain()
         batch_size = len(keys)
         with self._lock:
             found = {i: self.entries[k] for i, k in enumerate(keys) if k in self.entries}

@@ -114,18 +114,24 @@ class FusionOdometryNet(nn.Module):
         return dict(batch, lidar_kept=lidar_kept)
 
     def remember_features(self, batch, features: dict) -> None:
-        """Store frozen branches' features that another copy of this model computed for
-        `batch` (one sample, no modality dropout: an online prediction) in the feature
-        cache, so the sample's first training step skips those encoders."""
+        """Hand frozen branches' features that another copy of this model computed for
+        `batch` (one sample, no modality dropout: an online prediction) to the feature cache,
+        so the sample's first training step skips those encoders. They are keyed (hashed)
+        when training next looks the cache up, not here on the prediction path."""
         cache = self.feature_cache
         if cache is None:
             return
         keyed = self._feature_batch(batch, batch['modality_mask'].bool()[:, 1])
-        for branch, rows in features.items():
-            if branch in self.frozen and branch in FEATURE_KEYS:
-                names = [k for k in FEATURE_KEYS[branch] if k in keyed]
+        handed = [(branch, [k for k in FEATURE_KEYS[branch] if k in keyed], rows)
+                  for branch, rows in features.items()
+                  if branch in self.frozen and branch in FEATURE_KEYS]
+
+        def store():
+            for branch, names, rows in handed:
                 for i in range(rows.shape[0]):
                     cache.store(row_key(branch, keyed, names, i), rows[i])
+        if handed:
+            cache.defer(store)
 
     def _features(self, branch, batch, compute, scan_cache=None):
         """compute(batch) -> (B, D) features of a branch; a frozen one through the feature
