@@ -20,6 +20,7 @@ the node's own on/off replay is what the demo prints.
 import argparse
 from dataclasses import fields
 import json
+import math
 from pathlib import Path
 import sys
 import tempfile
@@ -84,8 +85,14 @@ def run(args, payload, samples, settings: dict, seed: int, training: bool) -> di
             if training:
                 steps += trainer.train_pending()
         half = len(trans) // 2
+        guard = trainer.metrics().get('guard_adapted_share', math.nan)
         return {'trans': float(np.mean(trans[half:])), 'rot': float(np.mean(rot[half:])),
-                'steps': steps, 'wall_s': time.perf_counter() - t0}
+                'steps': steps, 'wall_s': time.perf_counter() - t0, 'guard_adapted': guard}
+
+
+def _share(value: float) -> str:
+    """The guard's share of steps after which predictions got the adapted weights."""
+    return 'always (no guard)' if math.isnan(value) else f'{100 * value:.0f} % of steps'
 
 
 def main(argv=None) -> int:
@@ -114,8 +121,9 @@ def main(argv=None) -> int:
     print(f'{len(samples)} samples of {args.sequence}; second half, per step: off '
           f'{off["trans"]:.4f} m, {off["rot"]:.4f} deg', flush=True)
     results = {'off': off, 'configs': {}}
-    print('| config | seed | steps | trans [m] | on/off | rot [deg] | on/off | wall [s] |')
-    print('| --- | --- | --- | --- | --- | --- | --- | --- |')
+    print('| config | seed | steps | trans [m] | on/off | rot [deg] | on/off | wall [s] | '
+          'adapted weights used |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
     for name, settings in configs.items():
         for seed in seeds:
             r = run(args, payload, samples, settings, seed, training=True)
@@ -123,7 +131,8 @@ def main(argv=None) -> int:
                 .append(dict(r, seed=seed))
             print(f'| {name} | {seed} | {r["steps"]} | {r["trans"]:.4f} | '
                   f'{r["trans"] / off["trans"]:.3f} | {r["rot"]:.4f} | '
-                  f'{r["rot"] / off["rot"]:.3f} | {r["wall_s"]:.0f} |', flush=True)
+                  f'{r["rot"] / off["rot"]:.3f} | {r["wall_s"]:.0f} | '
+                  f'{_share(r["guard_adapted"])} |', flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

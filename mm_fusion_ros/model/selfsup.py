@@ -316,13 +316,13 @@ class SolvedGeometric:
             self.solutions.popitem(last=False)
         return found
 
-    def __call__(self, pose6, batch: dict, params, cache):
+    def offsets(self, pose6, batch: dict, params, cache):
+        """Each sample's solution as seen from pose6: (d (B, 6), H (B, 6, 6), valid (B,)), d the
+        left perturbation (dt, dtheta) that takes the solution to pose6 (zero where invalid)."""
         b, dev = pose6.shape[0], pose6.device
         lidar = batch['modality_mask'][:, LIDAR].bool().cpu().numpy()
         found = [self._solution(i, pose6, batch, lidar, params, cache) for i in range(b)]
         valid = torch.tensor([f is not None for f in found], device=dev)
-        if not valid.any():
-            return torch.zeros(b, device=dev) + pose6.sum() * 0.0, valid
         star = torch.tensor(np.stack([f[0] if f is not None else np.zeros(6) for f in found]),
                             dtype=torch.float32, device=dev)
         hess = torch.tensor(np.stack([f[1] if f is not None else np.zeros((6, 6))
@@ -333,9 +333,25 @@ class SolvedGeometric:
                               rel[:, 1, 0] - rel[:, 0, 1]], dim=-1) / 2.0
         dt = trans - (rel @ star[:, :3].unsqueeze(-1)).squeeze(-1)
         d = torch.cat([dt, dtheta], dim=-1)
-        q = 0.5 * (d.unsqueeze(1) @ hess @ d.unsqueeze(-1)).reshape(b)
+        return torch.where(valid.unsqueeze(-1), d, torch.zeros_like(d)), hess, valid
+
+    def __call__(self, pose6, batch: dict, params, cache):
+        d, hess, valid = self.offsets(pose6, batch, params, cache)
+        if not valid.any():
+            return torch.zeros(pose6.shape[0], device=pose6.device) + pose6.sum() * 0.0, valid
+        q = 0.5 * (d.unsqueeze(1) @ hess @ d.unsqueeze(-1)).reshape(-1)
         values = SOLVED_SOFT * torch.log1p(q.clamp(min=0.0) / SOLVED_SOFT)
         return torch.where(valid, values, torch.zeros_like(values)), valid
+
+
+def point_displacement(d, points, mask):
+    """(B,) mean squared displacement [m^2] of each sample's points (B, N, 3) where mask (B, N)
+    under the small left perturbation d (B, 6) = (dt, dtheta): mean |dt + dtheta x p|^2. With
+    the points of scan k in its own frame, not where the step moves them: the lever differs by
+    the step itself (about a metre), a small share of the points' range."""
+    moved = d[:, None, :3] + torch.cross(d[:, None, 3:].expand_as(points), points, dim=-1)
+    mask = mask.to(points.dtype)
+    return ((moved ** 2).sum(-1) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
 
 
 # --- photometric -----------------------------------------------------------------------------

@@ -66,6 +66,8 @@ def trainer_status(node_name: str, metrics: dict, trajectory: dict,
         values['supervision'] = str(metrics['supervision'])
     values.update({f'trajectory_{k}': str(v) for k, v in trajectory.items()})
     values.update({k: str(v) for k, v in metrics.items() if k.startswith('filter_')})
+    # The deployment guard (training/guard.py): whether predictions use the adapted weights.
+    values.update({k: str(v) for k, v in metrics.items() if k.startswith('guard_')})
     level, fault_message, fault_values = fault_part(faults_snapshot)
     values.update(fault_values)
     message = (f'{metrics.get("online_steps", 0)} steps on {metrics.get("online_samples", 0)} '

@@ -68,7 +68,7 @@ DEAD_REPORT_S = 5.0          # a dead learner is reported to the FaultLog this o
 # metrics() keys the learner owns; the others are the predictor's counters.
 LEARNER_KEYS = ('online_steps', 'online_steps_failed', 'initial_step', 'optimizer_resumed',
                 'resumed_buffer_samples', 'buffer_size', 'training_enabled', 'autosaves',
-                'autosave_failures', 'supervision', 'last_loss')
+                'autosave_failures', 'supervision', 'last_loss', 'guard_')
 
 
 class LearnerError(RuntimeError):
@@ -197,6 +197,7 @@ class LearnerTrainer(OnlineTrainer):
 
     def ingest(self, sample: dict) -> None:
         self.buffer.add(sample)
+        self._queue_for_guard(sample)
         with self._state_lock:
             self.samples_seen += 1
             if self.training_enabled:
@@ -204,8 +205,8 @@ class LearnerTrainer(OnlineTrainer):
                                      float(self.cfg.max_step_debt))
         self.wake()
 
-    def _refresh_inference_model(self):
-        self.weights.publish(self.inference_state())
+    def _publish(self, state: dict) -> None:
+        self.weights.publish(state)
 
     def metrics(self) -> dict:
         own = super().metrics()
@@ -433,8 +434,9 @@ class ProcessOnlineTrainer(OnlineTrainer):
     def __init__(self, online_cfg: OnlineConfig, train_cfg: TrainConfig, model_cfg: ModelConfig,
                  sample_cfg: SampleConfig, buffer_cfg: BufferConfig,
                  trajectory: OnlineTrajectory = None, initial=None):
-        super().__init__(online_cfg.replace(log_csv='', tensorboard_dir=''), train_cfg,
-                         model_cfg, buffer=ReplayBuffer(BufferConfig(capacity=1)),
+        # The learner process keeps the log and the guard.
+        super().__init__(online_cfg.replace(log_csv='', tensorboard_dir='', guard_window=0),
+                         train_cfg, model_cfg, buffer=ReplayBuffer(BufferConfig(capacity=1)),
                          sample_cfg=sample_cfg, trajectory=trajectory, initial=initial)
         self.cfg = online_cfg
         spec = LearnerSpec(online_cfg, train_cfg, self.core.model_cfg, sample_cfg, buffer_cfg,

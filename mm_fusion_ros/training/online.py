@@ -32,6 +32,7 @@ from mm_fusion_ros.filter.online import build_filter_source, FilterPoseSource, O
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import BevPointEncoder, ScanCache
+from mm_fusion_ros.model.selfsup import point_displacement
 from mm_fusion_ros.sync.replay_buffer import open_buffer, ReplayBuffer
 from mm_fusion_ros.training.checkpoint import (
     checkpoint_imu_window,
@@ -40,8 +41,9 @@ from mm_fusion_ros.training.checkpoint import (
     save_checkpoint,
 )
 from mm_fusion_ros.training.config import TrainConfig
-from mm_fusion_ros.training.core import TrainerCore
+from mm_fusion_ros.training.core import is_empty, TrainerCore
 from mm_fusion_ros.training.distributed import resolve_device
+from mm_fusion_ros.training.guard import DeploymentGuard
 from mm_fusion_ros.training.logging import LOSS_PARTS
 from mm_fusion_ros.trajectory.bridge import ConstantVelocityBridge
 from mm_fusion_ros.trajectory.chain import OnlineTrajectory
@@ -85,6 +87,18 @@ class OnlineConfig(ConfigBase):
         'help': 'the learning rate ramps up linearly over this many first gradient steps of the '
                 'session (0 = none): a fresh AdamW takes steps of the full learning rate from '
                 'the first one'})
+    guard_window: int = field(default=0, metadata={
+        'help': 'predictions use the adapted weights only while, over the last this many new '
+                'samples (each scored before a step trains on it), their predicted steps lie '
+                'nearer to the LiDAR solution of each step on average than those of the '
+                'weights training started from; else those (training/guard.py). 0 = always the '
+                'adapted weights. Needs train.self_geometric_solve > 0 and the geometric term '
+                'in train.supervision'})
+    guard_min_samples: int = field(default=10, metadata={
+        'help': 'scored samples before the guard may hand predictions the adapted weights'})
+    guard_confidence: float = field(default=2.0, metadata={
+        'help': 'the adapted weights must score better by this many standard errors of the '
+                'mean paired difference over the guard window (a one-sided test)'})
     max_step_debt: int = field(default=20, metadata={
         'help': 'cap on owed steps, so a burst of samples cannot stall the trainer for long'})
     min_buffer: int = field(default=4, metadata={'help': 'samples in the buffer before training'})
@@ -116,6 +130,12 @@ class OnlineConfig(ConfigBase):
                 'memory'})
 
     def __post_init__(self):
+        if self.guard_window < 0 or self.guard_confidence < 0 or (
+                self.guard_window and not 2 <= self.guard_min_samples <= self.guard_window):
+            raise ValueError(f'OnlineConfig needs guard_window >= 0, guard_confidence >= 0 and, '
+                             f'with a guard, 2 <= guard_min_samples <= guard_window; got '
+                             f'{self.guard_window}, {self.guard_confidence}, '
+                             f'{self.guard_min_samples}')
         if self.lr_warmup_steps < 0:
             raise ValueError(f'OnlineConfig.lr_warmup_steps must be >= 0, got '
                              f'{self.lr_warmup_steps}')
@@ -243,6 +263,7 @@ class OnlineTrainer:
         # Consecutive samples share a scan: its half of the BEV encoder is computed once.
         self.scan_cache = ScanCache() if isinstance(self.infer_model.point, BevPointEncoder) \
             else None
+        self._start_guard(online_cfg)
         self.training_enabled = online_cfg.training_enabled
         self.base_lr = train_cfg.learning_rate     # what lr_warmup_steps ramps up to
         self.step_debt = 0.0
@@ -280,6 +301,28 @@ class OnlineTrainer:
         log.info('fine-tuning from %s (step %d, optimizer %s)', source, self.core.step_count,
                  'restored' if self.optimizer_resumed else 'fresh')
 
+    def _start_guard(self, cfg: OnlineConfig) -> None:
+        """The deployment guard (training/guard.py) over a frozen copy of the initial weights,
+        or None."""
+        self.guard, self.reference, self._unscored = None, None, deque(maxlen=64)
+        self._adapted_deployed = True
+        if not cfg.guard_window:
+            return
+        if self.core.selfsup.solved is None or 'geometric' not in self.core.train_cfg.loss_terms:
+            log.warning('guard_window=%d is ignored: the guard scores samples with the solved '
+                        'geometric term, which needs train.self_geometric_solve > 0 and '
+                        'train.supervision self or both with train.self_geometric_weight > 0',
+                        cfg.guard_window)
+            return
+        self.guard = DeploymentGuard(cfg.guard_window, cfg.guard_min_samples,
+                                     cfg.guard_confidence)
+        self.reference = copy.deepcopy(self.core.model).eval().requires_grad_(False)
+        # Frozen branches are the same in both copies: the reference reads the same features.
+        self.reference.feature_cache = self.core.model.feature_cache
+        state = self.reference.state_dict()
+        self._reference_state = {k: state[k] for k in self._changing}
+        self._adapted_deployed = False          # predictions start with the initial weights
+
     def use_imu(self, imu, rot_base_imu=None, imu_after=None, base_imu=None) -> None:
         """Give the trajectory's bridge the IMU the synchronizer holds (imu_between) and
         R_base_imu (an array, or a function returning one or None); a bridge without these
@@ -310,6 +353,7 @@ class OnlineTrainer:
         logvar = logvar[0].cpu().numpy().astype(np.float64)
         latency = time.perf_counter() - t0
         self.buffer.add(sample)
+        self._queue_for_guard(sample)
         meta = sample['meta']
         mask = np.asarray(sample['modality_mask'], dtype=bool)
         # Without camera and LiDAR the filter takes no relative pose: it carries on on the IMU.
@@ -334,6 +378,10 @@ class OnlineTrainer:
         with self._wakeup:
             self._wakeup.notify_all()
         return pred
+
+    def _queue_for_guard(self, sample: dict) -> None:
+        if self.guard is not None and self.training_enabled:
+            self._unscored.append(sample)
 
     def _remember_features(self, batch, features) -> None:
         """The frozen encoders' features of the prediction, for the sample's first step."""
@@ -371,6 +419,7 @@ class OnlineTrainer:
             with self._step_lock:
                 if not self._take_step():
                     break
+                self._score_new_samples()
                 batch = collate_samples(self.buffer.sample(self.core.train_cfg.batch_size,
                                                            self.rng))
                 if self.steps_done < self.cfg.lr_warmup_steps:
@@ -393,6 +442,37 @@ class OnlineTrainer:
             done += 1
         self._maybe_autosave()
         return done
+
+    @torch.no_grad()
+    def _score_new_samples(self) -> None:
+        """The guard's scores of the samples that arrived since the last step, before any step
+        trains on them: how far the trained weights' prediction (eval mode, as predictions run)
+        and the reference's move the sample's scan from where the LiDAR's solved step puts it
+        (mean squared displacement of its points). The solutions are kept for the steps."""
+        samples = []
+        while self.guard is not None and self._unscored:
+            samples.append(self._unscored.popleft())
+        batch = collate_samples(samples) if samples else None
+        if is_empty(batch):
+            return
+        batch, dropped = self.core.drop_nonfinite(self.core.to_device(batch))
+        self.guard.unscorable += dropped
+        if batch is None:
+            return
+        model, sup = self.core.model, self.core.selfsup
+        model.eval()
+        try:
+            poses = [m.denormalize(out['mean'].float(), out['logvar'].float())[0]
+                     for m, out in ((model, model(batch)), (self.reference,
+                                                            self.reference(batch)))]
+        finally:
+            model.train()
+        points, mask = batch['points'][:, 1, :, :3].float(), batch['points_mask'][:, 1]
+        scores = []
+        for pose in poses:
+            d, _, valid = sup.solved.offsets(pose, batch, sup.params, sup.cache)
+            scores.append(point_displacement(d, points, mask).tolist())
+        self.guard.add(*scores, valid.tolist())
 
     def _take_step(self) -> bool:
         """Pay one owed step off if training may run now (called under _step_lock)."""
@@ -445,7 +525,18 @@ class OnlineTrainer:
         return {k: self._ema[k].clone() for k in self._changing}
 
     def _refresh_inference_model(self):
+        """Hand predictions the weights of the step just taken, or, while the guard prefers
+        them, the initial ones (copied only when switching back)."""
         state = self.inference_state()
+        if self.guard is not None:
+            adapted = self.guard.prefer_adapted()
+            if not adapted and not self._adapted_deployed:
+                return
+            state = state if adapted else self._reference_state
+            self._adapted_deployed = adapted
+        self._publish(state)
+
+    def _publish(self, state: dict) -> None:
         with self._model_lock, torch.no_grad():
             for k, v in state.items():
                 self._infer_tensors[k].copy_(v)
@@ -496,6 +587,7 @@ class OnlineTrainer:
                     'scan_cache_hits': self.scan_cache.hits if self.scan_cache else 0,
                     'scan_cache_misses': self.scan_cache.misses if self.scan_cache else 0,
                     'supervision': self.core.train_cfg.supervision,
+                    **(self.guard.stats() if self.guard is not None else {}),
                     'last_loss': float(stats.loss) if stats else math.nan,
                     **{f'last_loss_{part}': float(stats.terms.get(part, math.nan))
                        if stats else math.nan for part in LOSS_PARTS}}

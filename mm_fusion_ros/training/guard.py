@@ -1,0 +1,82 @@
+"""Which weights the online predictions use: the adapted ones, or those training started from.
+
+Self-supervised adaptation can make a model worse where it was already good: at home, a few
+dozen noisy steps of the head move it away from what pretraining found (docs/selfsup.md). A
+robot cannot check that against ground truth, but it can check it against its LiDAR. Every new
+sample is scored before any gradient step has used it (prequentially), against the solved
+geometric term's solution for it (model/selfsup.py SolvedGeometric: Gauss-Newton on the LiDAR's
+point-to-plane objective, a few millimetres from the true step): the mean squared displacement
+of the sample's scan points between the predicted step and the solution, once for the weights
+being trained (the candidate) and once for the reference weights. Predictions switch to the
+candidate only while, over the last `window` scored samples, its score is the lower by more
+than `confidence` standard errors of the paired differences' mean (a one-sided test); otherwise
+they keep the reference. A plain comparison of the means let through candidates that had been
+better over the window but no longer were (docs/selfsup.md).
+
+The comparison is paired (the same samples, the same solutions), and an error e in a solution
+enters the difference only as 2 e . (candidate - reference): the difference estimates that of
+the two squared errors against the truth without bias. A score
+weighted by the objective's Hessian would not: it weights the well-constrained directions
+(rotation, lateral, vertical), while the forward translation carries most of the error.
+"""
+from collections import deque
+import math
+import statistics
+
+
+class DeploymentGuard:
+    """Paired prequential comparison of the candidate's and the reference's score per sample."""
+
+    def __init__(self, window: int, min_samples: int, confidence: float = 2.0):
+        if window < 1 or not 2 <= min_samples <= window or confidence < 0:
+            raise ValueError(f'DeploymentGuard needs window >= 1, 2 <= min_samples <= window '
+                             f'and confidence >= 0, got {window}, {min_samples}, {confidence}')
+        self.min_samples, self.confidence = min_samples, confidence
+        self.diffs = deque(maxlen=window)       # (candidate, reference) per scored sample
+        self.scored = 0
+        self.unscorable = 0                     # no solution (too few correspondences, no LiDAR)
+        self.candidate_score = self.reference_score = math.nan    # window means [m^2]
+        self.switches = 0
+        self.adapted = False                    # what the last decision chose
+        self.decisions = self.adapted_decisions = 0
+
+    def add(self, candidate, reference, valid) -> None:
+        """Per-sample scores [m^2] (sequences of floats) of one scoring; invalid rows are
+        only counted."""
+        for c, r, ok in zip(candidate, reference, valid):
+            if not ok or not (math.isfinite(c) and math.isfinite(r)):
+                self.unscorable += 1
+                continue
+            self.diffs.append((c, r))
+            self.scored += 1
+        if self.diffs:
+            self.candidate_score = sum(c for c, _ in self.diffs) / len(self.diffs)
+            self.reference_score = sum(r for _, r in self.diffs) / len(self.diffs)
+
+    def prefer_adapted(self) -> bool:
+        """The decision for the next hand-over to predictions (counted)."""
+        adapted = len(self.diffs) >= self.min_samples and self.margin() > 0.0
+        self.switches += int(adapted != self.adapted)
+        self.adapted = adapted
+        self.decisions += 1
+        self.adapted_decisions += int(adapted)
+        return adapted
+
+    def margin(self) -> float:
+        """How much lower the candidate's mean score is than the reference's, less `confidence`
+        standard errors of that difference (> 0: the candidate is better)."""
+        if len(self.diffs) < 2:
+            return -math.inf
+        gains = [r - c for c, r in self.diffs]
+        return statistics.fmean(gains) - \
+            self.confidence * statistics.stdev(gains) / math.sqrt(len(gains))
+
+    def stats(self) -> dict:
+        return {'guard_adapted': bool(self.adapted),
+                'guard_scored_samples': int(self.scored),
+                'guard_unscorable_samples': int(self.unscorable),
+                'guard_switches': int(self.switches),
+                'guard_adapted_share': self.adapted_decisions / self.decisions
+                if self.decisions else math.nan,
+                'guard_candidate_score': float(self.candidate_score),
+                'guard_reference_score': float(self.reference_score)}
