@@ -23,6 +23,7 @@ from mm_fusion_ros.eval.trajectory_io import read_kitti_poses
 from mm_fusion_ros.geometry import cam0_to_base_link, make_pose, rpy_to_rot, so3_exp, vec6_to_pose
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
 from mm_fusion_ros.kitti.sample import build_sample, Calibration, ImuData
+from mm_fusion_ros.model import selfsup
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.selfsup import (
     gyro_rotation,
@@ -299,3 +300,22 @@ def test_solved_geometric_term_reaches_the_truth_and_its_gradient_points_back(ba
     assert valid.tolist() == [False, True] and float(value[0].detach()) == 0.0
     grad, = torch.autograd.grad(value.sum(), start)
     assert not grad[0].any()
+
+
+def test_the_solve_takes_its_own_number_of_source_points(batch, monkeypatch):
+    """TrainConfig.self_geometric_solve_points reaches the solve; the direct term keeps
+    SelfSupParams.geo_points."""
+    seen, real = [], selfsup.solve_geometric
+
+    def counting(pose6, target, src, params, iterations):
+        seen.append((len(src), params.geo_points))
+        return real(pose6, target, src, params, iterations)
+    monkeypatch.setattr(selfsup, 'solve_geometric', counting)
+    loss = SelfSupervisedLoss(SelfSupParams(geo_points=2048), solve_iterations=3, solve_points=512)
+    value, valid = loss(batch['target'].float(), batch, terms=('geometric',))['geometric']
+    assert seen == [(512, 512), (512, 512)] and valid.all()
+    core = TrainerCore(ModelConfig(image_height=96, image_width=320, bev_cells=32,
+                                   bev_range_m=12.8, bev_max_shift_cells=4),
+                       TrainConfig(supervision='self', self_geometric_solve=2,
+                                   self_geometric_solve_points=300), 'cpu')
+    assert core.selfsup.solved.points == 300

@@ -31,7 +31,7 @@ draws each sample many times; the direct term pays the correspondence search and
 time, the solved one once per sample. Pure torch + numpy + scipy; no rclpy.
 """
 from collections import OrderedDict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 import hashlib
 
 import numpy as np
@@ -286,11 +286,12 @@ class SolvedGeometric:
     """The geometric term in its solved form: per sample (keyed by its two scans) the
     Gauss-Newton solution and Hessian, solved once from the first prediction it is asked at."""
 
-    def __init__(self, iterations: int, capacity: int):
+    def __init__(self, iterations: int, capacity: int, points: int = None):
+        """points: source points per sample in the solve (None: the params' geo_points)."""
         if iterations < 1 or capacity < 1:
             raise ValueError(f'SolvedGeometric needs iterations >= 1 and capacity >= 1, got '
                              f'{iterations}, {capacity}')
-        self.iterations, self.capacity = iterations, capacity
+        self.iterations, self.capacity, self.points = iterations, capacity, points
         self.solutions = OrderedDict()
         self.solved = self.reused = 0
 
@@ -309,8 +310,9 @@ class SolvedGeometric:
                 mask[1].sum() >= params.geo_min_pairs:
             target = cache.get(np.ascontiguousarray(pts[0][mask[0]].astype(np.float32)))
             src = pts[1][mask[1]]
+            own = params if self.points is None else replace(params, geo_points=self.points)
             found = solve_geometric(pose6[i].detach().double().cpu().numpy(), target,
-                                    src[source_indices(src, params)], params, self.iterations)
+                                    src[source_indices(src, own)], own, self.iterations)
         self.solutions[key] = found
         while len(self.solutions) > self.capacity:
             self.solutions.popitem(last=False)
@@ -527,12 +529,13 @@ class SelfSupervisedLoss:
     """The three terms on a batch, with the geometric term's scan cache kept across calls."""
 
     def __init__(self, params: SelfSupParams = None, solve_iterations: int = 0,
-                 solve_capacity: int = 1024):
+                 solve_capacity: int = 1024, solve_points: int = None):
         """solve_iterations > 0: the geometric term in its solved form (SolvedGeometric),
-        keeping the solutions of up to solve_capacity samples."""
+        keeping the solutions of up to solve_capacity samples, solved with solve_points source
+        points each (None: params.geo_points)."""
         self.params = params or SelfSupParams()
         self.cache = ScanCache(self.params.cache_scans)
-        self.solved = SolvedGeometric(solve_iterations, solve_capacity) \
+        self.solved = SolvedGeometric(solve_iterations, solve_capacity, solve_points) \
             if solve_iterations > 0 else None
 
     def __call__(self, pose6, batch: dict, terms=TERMS) -> dict:

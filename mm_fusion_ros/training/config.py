@@ -43,6 +43,10 @@ class TrainConfig(ConfigBase):
                 'its first prediction); steps on the sample after that use the quadratic '
                 'model of the term at the solution (cheap for replayed samples; 0 = the direct '
                 'term, correspondences searched at every step)'})
+    self_geometric_solve_points: int = field(default=2048, metadata={
+        'help': 'source points of scan k per sample in that solve (the direct term uses 4096): '
+                'half the points halve its cost and move its solution by a fraction of a '
+                'millimetre (docs/selfsup.md)'})
     batch_size: int = field(default=2, metadata={'help': 'samples per step'})
     num_epochs: int = field(default=3, metadata={'help': 'epochs (offline trainer)'})
     seed: int = field(default=0, metadata={'help': 'seed of init, data order and dropout'})
@@ -103,6 +107,9 @@ class TrainConfig(ConfigBase):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f'TrainConfig.{name} must be in [0, 1], got '
                                  f'{getattr(self, name)}')
+        if self.self_geometric_solve_points < 64:
+            raise ValueError(f'TrainConfig.self_geometric_solve_points must be >= 64, got '
+                             f'{self.self_geometric_solve_points}')
         for name in ('feature_cache', 'self_geometric_solve'):
             if getattr(self, name) < 0:
                 raise ValueError(f'TrainConfig.{name} must be >= 0, got {getattr(self, name)}')

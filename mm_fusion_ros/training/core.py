@@ -92,7 +92,8 @@ class TrainerCore:
         self.step_count = 0
         self.epoch = 0
         self.counters = {'skipped_integrity': 0, 'skipped_nonfinite': 0, 'steps_skipped': 0}
-        self.selfsup = SelfSupervisedLoss(solve_iterations=train_cfg.self_geometric_solve)
+        self.selfsup = SelfSupervisedLoss(solve_iterations=train_cfg.self_geometric_solve,
+                                          solve_points=train_cfg.self_geometric_solve_points)
 
     # --- batches -------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
