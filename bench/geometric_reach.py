@@ -3,7 +3,7 @@ stands: per sample, Gauss-Newton steps of the term's own point-to-plane objectiv
 correspondences, normals, Cauchy weights and source points) from the network's prediction.
 
     python bench/geometric_reach.py --checkpoint MODEL.pth --data_path DATA --sequence 04 \\
-        [--every 2] [--iterations 5]
+        [--every 2] [--iterations 5] [--points 4096,2048]
 
 Prints the network's mean translation error per step, the refined pose's, the size of the
 correction and its correlation with the network's error. Ground truth is read only to score.
@@ -13,6 +13,7 @@ makes of it is bench/online_adapt.py's question.
 import argparse
 from pathlib import Path
 import sys
+import time
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,14 +39,24 @@ def main(argv=None) -> int:
     p.add_argument('--sequence', required=True)
     p.add_argument('--every', type=int, default=1, help='use every N-th sample')
     p.add_argument('--iterations', type=int, default=5, help='Gauss-Newton steps')
+    p.add_argument('--points', default='4096',
+                   help='comma-separated source-point counts per sample, each run in turn on the '
+                        'same samples (the direct term uses 4096; TrainConfig.'
+                        'self_geometric_solve_points the solved one)')
     args = p.parse_args(argv)
+    for points in (int(n) for n in args.points.split(',')):
+        reach(args, points)
+    return 0
+
+
+def reach(args, points: int) -> None:
     torch.set_num_threads(1)
     core, saved = load_predictor(args.checkpoint, 'cpu')
     # The samples the online node builds (bench/online_adapt.py does the same).
     sample_cfg = sample_config_for(core.model_cfg, SampleConfig(max_points=saved.max_points))
     samples = KITTIOdomPointDataset(args.data_path, args.sequence, sample_cfg=sample_cfg)
-    params = SelfSupParams()
-    rows = []
+    params = SelfSupParams(geo_points=points)
+    rows, seconds = [], []
     for i in range(0, len(samples), args.every):
         sample = samples.load(i)
         mean = core.predict(collate_samples([sample]))[0]
@@ -53,8 +64,10 @@ def main(argv=None) -> int:
         pts = np.asarray(sample['points'])[..., :3].astype(np.float64)
         mask = np.asarray(sample['points_mask'], dtype=bool)
         src = pts[1][mask[1]]
+        t0 = time.perf_counter()
         solved = solve_geometric(pred, _TargetScan(np.ascontiguousarray(pts[0][mask[0]])),
                                  src[source_indices(src, params)], params, args.iterations)
+        seconds.append(time.perf_counter() - t0)    # the kd-tree and normals included
         if solved is None:
             continue
         refined = solved[0]
@@ -63,10 +76,11 @@ def main(argv=None) -> int:
                      np.linalg.norm(refined[:3] - pred[:3])))
     err, ref, corr = np.array(rows).T
     print(f'{args.sequence}: {len(rows)} samples (every {args.every}, {args.iterations} '
-          f'Gauss-Newton steps); mean translation error per step: network {err.mean() * 1e3:.1f} '
-          f'mm, refined {ref.mean() * 1e3:.1f} mm; correction {corr.mean() * 1e3:.1f} mm, '
-          f'correlation with the network error {np.corrcoef(corr, err)[0, 1]:.2f}')
-    return 0
+          f'Gauss-Newton steps, {points} source points); mean translation error per step: '
+          f'network {err.mean() * 1e3:.1f} mm, refined {ref.mean() * 1e3:.1f} mm; correction '
+          f'{corr.mean() * 1e3:.1f} mm, correlation with the network error '
+          f'{np.corrcoef(corr, err)[0, 1]:.2f}; solve {np.mean(seconds) * 1e3:.1f} ms per sample',
+          flush=True)
 
 
 if __name__ == '__main__':

@@ -147,4 +147,6 @@ def test_runner_finetunes_self_supervised_on_a_bag_without_ground_truth(online_w
     assert final['metrics']['online_samples'] == FRAMES - 1
     assert final['metrics']['online_steps'] > 0
     assert changed_weights(load_checkpoint(online_world['checkpoint']), final)
+    # config/finetune.yaml's deployment guard scored the new samples against the LiDAR
+    assert 0 < final['metrics']['guard_scored_samples'] <= FRAMES - 1, final['metrics']
     assert [p.rsplit('/', 1)[-1] for p in summary['trajectory']] == ['pred_base_link.txt']

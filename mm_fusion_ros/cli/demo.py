@@ -152,8 +152,20 @@ def adaptation(data, sequence, runs: dict) -> dict:
                              f'{len(gt)} frames (see {Path(out_dir) / "online_node.log"})')
         kitti = kitti_metrics(seq.poses_cam0, base_link_to_cam0(pred, seq.Tr))
         report[name] = {**late_step_errors(gt, pred), 't_rel': kitti['t_rel'],
-                        'r_rel': kitti['r_rel']}
+                        'r_rel': kitti['r_rel'], **guard_figures(out_dir)}
     return report
+
+
+def guard_figures(out_dir) -> dict:
+    """The deployment guard's share of steps after which predictions used the adapted weights
+    and its scored samples (training/guard.py), from the run's final checkpoint; {} without."""
+    from mm_fusion_ros.training.checkpoint import load_checkpoint  # torch: only here
+    final = Path(out_dir) / 'checkpoints' / 'final.pth'
+    if not final.is_file():
+        return {}
+    metrics = load_checkpoint(final).get('metrics', {})
+    return {k: metrics[k] for k in ('guard_adapted_share', 'guard_scored_samples')
+            if k in metrics}
 
 
 def print_adaptation(report: dict, json_path: Path) -> None:
@@ -165,6 +177,10 @@ def print_adaptation(report: dict, json_path: Path) -> None:
         ratio = on[key] / off[key] if off[key] else math.nan
         print(f'{label:34}{on[key]:>12.4f}{off[key]:>14.4f}{ratio:>10.3f}')
     print(f'(per-step errors: mean over the second half of the replay, {on["steps"]} steps)')
+    if 'guard_adapted_share' in on:
+        print(f'deployment guard: predictions used the adapted weights after '
+              f'{100 * on["guard_adapted_share"]:.0f} % of the gradient steps (the initial ones '
+              f'otherwise; {on["guard_scored_samples"]} samples scored against the LiDAR)')
     atomic_write_text(json_path, json.dumps(report, indent=2) + '\n')
     print(f'wrote {json_path}')
 

@@ -305,7 +305,7 @@ class OnlineTrainer:
         """The deployment guard (training/guard.py) over a frozen copy of the initial weights,
         or None."""
         self.guard, self.reference, self._unscored = None, None, deque(maxlen=64)
-        self._adapted_deployed = True
+        self._adapted_deployed, self._guard_warned = True, False
         if not cfg.guard_window:
             return
         if self.core.selfsup.solved is None or 'geometric' not in self.core.train_cfg.loss_terms:
@@ -473,6 +473,12 @@ class OnlineTrainer:
             d, _, valid = sup.solved.offsets(pose, batch, sup.params, sup.cache)
             scores.append(point_displacement(d, points, mask).tolist())
         self.guard.add(*scores, valid.tolist())
+        if self.guard.unscorable >= NO_TARGET_WARNING and not self.guard.scored and \
+                not self._guard_warned:
+            self._guard_warned = True
+            log.warning('the deployment guard has scored none of %d samples (no LiDAR, or no '
+                        'solution of its scans): predictions keep the initial weights; '
+                        'guard_window:=0 hands them the adapted ones', self.guard.unscorable)
 
     def _take_step(self) -> bool:
         """Pay one owed step off if training may run now (called under _step_lock)."""
