@@ -168,3 +168,17 @@ def test_the_learner_process_runs_the_guard_and_reports_it(tmp_path, samples):
     finally:
         trainer.shutdown()
     assert trainer.client.process.exitcode == 0
+
+
+def test_a_sample_the_guard_cannot_score_does_not_stop_training(tmp_path, samples):
+    trainer = guarded_trainer(tmp_path, samples)
+
+    def broken(batch, **_):
+        raise RuntimeError('reference copy broken')
+    trainer.reference.forward = broken
+    for sample in samples[:3]:
+        trainer.on_sample(sample)
+        assert trainer.train_pending() == 1
+    stats = trainer.metrics()
+    assert stats['guard_unscorable_samples'] == 3 and stats['guard_scored_samples'] == 0
+    assert stats['online_steps'] == 3 and not stats['guard_adapted']

@@ -90,10 +90,10 @@ class OnlineConfig(ConfigBase):
     guard_window: int = field(default=0, metadata={
         'help': 'predictions use the adapted weights only while, over the last this many new '
                 'samples (each scored before a step trains on it), their predicted steps lie '
-                'nearer to the LiDAR solution of each step on average than those of the '
-                'weights training started from; else those (training/guard.py). 0 = always the '
-                'adapted weights. Needs train.self_geometric_solve > 0 and the geometric term '
-                'in train.supervision'})
+                'significantly nearer (guard_confidence) to the LiDAR solution of each step '
+                'than those of the weights training started from; else those '
+                '(training/guard.py). 0 = always the adapted weights. Needs '
+                'train.self_geometric_solve > 0 and the geometric term in train.supervision'})
     guard_min_samples: int = field(default=10, metadata={
         'help': 'scored samples before the guard may hand predictions the adapted weights'})
     guard_confidence: float = field(default=2.0, metadata={
@@ -459,6 +459,20 @@ class OnlineTrainer:
         self.guard.unscorable += dropped
         if batch is None:
             return
+        try:
+            self.guard.add(*self._guard_scores(batch))
+        except (RuntimeError, ValueError) as e:    # scoring must never stop training
+            self.guard.unscorable += len(batch['points'])
+            log.warning('deployment guard: %d sample(s) not scored (%s)', len(batch['points']), e)
+        if self.guard.unscorable >= NO_TARGET_WARNING and not self.guard.scored and \
+                not self._guard_warned:
+            self._guard_warned = True
+            log.warning('the deployment guard has scored none of %d samples (no LiDAR, or no '
+                        'solution of its scans): predictions keep the initial weights; '
+                        'guard_window:=0 hands them the adapted ones', self.guard.unscorable)
+
+    def _guard_scores(self, batch):
+        """(candidate scores, reference scores, valid) of a batch of new samples."""
         model, sup = self.core.model, self.core.selfsup
         model.eval()
         try:
@@ -472,13 +486,7 @@ class OnlineTrainer:
         for pose in poses:
             d, _, valid = sup.solved.offsets(pose, batch, sup.params, sup.cache)
             scores.append(point_displacement(d, points, mask).tolist())
-        self.guard.add(*scores, valid.tolist())
-        if self.guard.unscorable >= NO_TARGET_WARNING and not self.guard.scored and \
-                not self._guard_warned:
-            self._guard_warned = True
-            log.warning('the deployment guard has scored none of %d samples (no LiDAR, or no '
-                        'solution of its scans): predictions keep the initial weights; '
-                        'guard_window:=0 hands them the adapted ones', self.guard.unscorable)
+        return scores[0], scores[1], valid.tolist()
 
     def _take_step(self) -> bool:
         """Pay one owed step off if training may run now (called under _step_lock)."""
@@ -531,8 +539,8 @@ class OnlineTrainer:
         return {k: self._ema[k].clone() for k in self._changing}
 
     def _refresh_inference_model(self):
-        """Hand predictions the weights of the step just taken, or, while the guard prefers
-        them, the initial ones (copied only when switching back)."""
+        """Hand predictions the weights of the step just taken, or the initial ones while the
+        guard prefers those (copied once per switch back)."""
         state = self.inference_state()
         if self.guard is not None:
             adapted = self.guard.prefer_adapted()
