@@ -33,6 +33,7 @@ from mm_fusion_ros.eval.trajectory_io import read_kitti_poses
 from mm_fusion_ros.fileio import atomic_write_text
 from mm_fusion_ros.geometry import base_link_to_cam0
 from mm_fusion_ros.kitti.odometry import KittiSequence
+from mm_fusion_ros.training.checkpoint import load_checkpoint
 
 TRAIN, VAL, ONLINE = '00,01,02', '03', '04'
 # The rows of the adaptation on / off table: (label, key of adaptation()'s per-run dict).
@@ -159,7 +160,6 @@ def adaptation(data, sequence, runs: dict) -> dict:
 def guard_figures(out_dir) -> dict:
     """The deployment guard's share of steps after which predictions used the adapted weights
     and its scored samples (training/guard.py), from the run's final checkpoint; {} without."""
-    from mm_fusion_ros.training.checkpoint import load_checkpoint  # torch: only here
     final = Path(out_dir) / 'checkpoints' / 'final.pth'
     if not final.is_file():
         return {}
