@@ -15,9 +15,9 @@ better over the window but no longer were (docs/selfsup.md).
 
 The comparison is paired (the same samples, the same solutions), and an error e in a solution
 enters the difference only as 2 e . (candidate - reference): the difference estimates that of
-the two squared errors against the truth without bias. A score
-weighted by the objective's Hessian would not: it weights the well-constrained directions
-(rotation, lateral, vertical), while the forward translation carries most of the error.
+the two squared errors against the truth without bias. A score weighted by the objective's
+Hessian would not: it weights the well-constrained directions (rotation, lateral, vertical),
+while the forward translation carries most of the error.
 """
 from collections import deque
 import math
@@ -32,7 +32,7 @@ class DeploymentGuard:
             raise ValueError(f'DeploymentGuard needs window >= 1, 2 <= min_samples <= window '
                              f'and confidence >= 0, got {window}, {min_samples}, {confidence}')
         self.min_samples, self.confidence = min_samples, confidence
-        self.diffs = deque(maxlen=window)       # (candidate, reference) per scored sample
+        self.pairs = deque(maxlen=window)       # (candidate, reference) per scored sample
         self.scored = 0
         self.unscorable = 0                     # no solution (too few correspondences, no LiDAR)
         self.candidate_score = self.reference_score = math.nan    # window means [m^2]
@@ -47,15 +47,15 @@ class DeploymentGuard:
             if not ok or not (math.isfinite(c) and math.isfinite(r)):
                 self.unscorable += 1
                 continue
-            self.diffs.append((c, r))
+            self.pairs.append((c, r))
             self.scored += 1
-        if self.diffs:
-            self.candidate_score = sum(c for c, _ in self.diffs) / len(self.diffs)
-            self.reference_score = sum(r for _, r in self.diffs) / len(self.diffs)
+        if self.pairs:
+            self.candidate_score = sum(c for c, _ in self.pairs) / len(self.pairs)
+            self.reference_score = sum(r for _, r in self.pairs) / len(self.pairs)
 
     def prefer_adapted(self) -> bool:
         """The decision for the next hand-over to predictions (counted)."""
-        adapted = len(self.diffs) >= self.min_samples and self.margin() > 0.0
+        adapted = len(self.pairs) >= self.min_samples and self.margin() > 0.0
         self.switches += int(adapted != self.adapted)
         self.adapted = adapted
         self.decisions += 1
@@ -65,9 +65,9 @@ class DeploymentGuard:
     def margin(self) -> float:
         """How much lower the candidate's mean score is than the reference's, less `confidence`
         standard errors of that difference (> 0: the candidate is better)."""
-        if len(self.diffs) < 2:
+        if len(self.pairs) < 2:
             return -math.inf
-        gains = [r - c for c, r in self.diffs]
+        gains = [r - c for c, r in self.pairs]
         return statistics.fmean(gains) - \
             self.confidence * statistics.stdev(gains) / math.sqrt(len(gains))
 
