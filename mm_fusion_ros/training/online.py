@@ -541,14 +541,18 @@ class OnlineTrainer:
     def _refresh_inference_model(self):
         """Hand predictions the weights of the step just taken, or the initial ones while the
         guard prefers those (copied once per switch back)."""
-        state = self.inference_state()
-        if self.guard is not None:
-            adapted = self.guard.prefer_adapted()
-            if not adapted and not self._adapted_deployed:
-                return
-            state = state if adapted else self._reference_state
-            self._adapted_deployed = adapted
-        self._publish(state)
+        if self.guard is None:
+            self._publish(self.inference_state())
+            return
+        adapted = self.guard.prefer_adapted()
+        if adapted:
+            self._publish(self.inference_state())
+        else:
+            if self._ema is not None:
+                self.inference_state()      # the moving average follows every step
+            if self._adapted_deployed:
+                self._publish(self._reference_state)
+        self._adapted_deployed = adapted
 
     def _publish(self, state: dict) -> None:
         with self._model_lock, torch.no_grad():
