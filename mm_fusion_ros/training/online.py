@@ -449,21 +449,22 @@ class OnlineTrainer:
         trains on them: how far the trained weights' prediction (eval mode, as predictions run)
         and the reference's move the sample's scan from where the LiDAR's solved step puts it
         (mean squared displacement of its points). The solutions are kept for the steps."""
+        if self.guard is None or not self._unscored:
+            return
         samples = []
-        while self.guard is not None and self._unscored:
+        while self._unscored:
             samples.append(self._unscored.popleft())
-        batch = collate_samples(samples) if samples else None
-        if is_empty(batch):
-            return
-        batch, dropped = self.core.drop_nonfinite(self.core.to_device(batch))
-        self.guard.unscorable += dropped
-        if batch is None:
-            return
-        try:
-            self.guard.add(*self._guard_scores(batch))
-        except (RuntimeError, ValueError) as e:    # scoring must never stop training
-            self.guard.unscorable += len(batch['points'])
-            log.warning('deployment guard: %d sample(s) not scored (%s)', len(batch['points']), e)
+        try:                                        # scoring must never stop training
+            batch = collate_samples(samples)
+            if is_empty(batch):
+                return
+            batch, dropped = self.core.drop_nonfinite(self.core.to_device(batch))
+            if batch is not None:
+                self.guard.add(*self._guard_scores(batch))
+            self.guard.unscorable += dropped
+        except (RuntimeError, ValueError) as e:
+            self.guard.unscorable += len(samples)
+            log.warning('deployment guard: %d sample(s) not scored (%s)', len(samples), e)
         if self.guard.unscorable >= NO_TARGET_WARNING and not self.guard.scored and \
                 not self._guard_warned:
             self._guard_warned = True
