@@ -359,7 +359,7 @@ def test_zero_rate_update_with_the_yaw_as_consider_state():
         assert abs(ekf.bg[2] - rate[2]) < abs(bg0[2] - rate[2])
     np.testing.assert_array_equal(cons.P, cons.P.T)
     assert np.linalg.eigvalsh(cons.P).min() > 0.0
-    assert FilterConfig().consider_zero_rate == 'none'
+    assert FilterConfig().consider_zero_rate == 'yaw'
     with pytest.raises(ValueError, match='consider_zero_rate'):
         FilterConfig(consider_zero_rate='pitch')
 
@@ -501,13 +501,13 @@ def test_sideslip_sigma_inflates_the_lateral_variance_with_the_centripetal_accel
 
 def test_sideslip_and_zero_rate_settings_round_trip_and_old_checkpoints_get_the_defaults():
     names = ('nhc_slip_sigma', 'nhc_slip_vertical_sigma', 'nhc_slip_mean', 'consider_zero_rate')
-    values = (0.1, 0.05, -0.01, 'yaw')
+    values = (0.1, 0.05, -0.01, 'all')
     stored = FilterConfig(**dict(zip(names, values))).to_dict()
     cfg, _ = build_filter({'config': {'filter': stored}})
     assert tuple(getattr(cfg, n) for n in names) == values
     old = {k: v for k, v in stored.items() if k not in names}
     cfg, _ = build_filter({'config': {'filter': old}})      # written before the fields existed
-    assert tuple(getattr(cfg, n) for n in names) == (0.0, 0.0, 0.02, 'none')
+    assert tuple(getattr(cfg, n) for n in names) == (0.0, 0.0, 0.02, 'yaw')
 
 
 def test_config_errors_name_the_field():

@@ -144,10 +144,11 @@ class FilterConfig(ConfigBase):
         'help': 'updates that do not correct the gyro bias (it moves the attitude later): '
                 'none, speed (learned speed), nhc (lateral/vertical pseudo-measurements) or '
                 'speed_nhc'})
-    consider_zero_rate: str = field(default='none', metadata={
+    consider_zero_rate: str = field(default='yaw', metadata={
         'help': 'attitude that the zero-rate update at standstill does not correct (it observes '
-                'the gyro bias, and through the bias the attitude integrated before): none, '
-                'tilt, yaw or all'})
+                'the gyro bias, and through the bias the attitude integrated before; a car that '
+                'still creeps and turns would book its turn as a yaw step): none, tilt, yaw or '
+                'all'})
     max_gyro: float = field(default=8.0, metadata={
         'help': 'IMU samples with |gyro| above this are rejected as spikes [rad/s]'})
     max_accel: float = field(default=60.0, metadata={
