@@ -149,6 +149,29 @@ def test_feature_cache_steps_equal_uncached_steps(visual):
     assert len(cache.entries) == 0
 
 
+def test_feature_cache_capacity_counts_samples_with_every_kind_of_row():
+    """use_feature_cache(n) keeps n samples' rows of both branches, the camera's with and
+    without the LiDAR's depth: replaying them after all three kinds were stored only hits."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL, visual_encoder='flow', fusion_dropout=0.0,
+                                    modality_dropout=0.0))
+    model.set_frozen(('visual', 'point'))
+    model.train()
+    model.use_feature_cache(2)
+    batch = collate_samples(drive_samples(2))
+    no_lidar = collate_samples(drive_samples(2))
+    no_lidar['modality_mask'][:, 1] = False
+    with torch.no_grad():
+        model(batch)
+        model(no_lidar)
+        cache = model.feature_cache
+        misses = cache.misses
+        assert misses == 2 + 2 + 2                   # point, camera, camera without depth
+        model(batch)
+        model(no_lidar)
+    assert cache.misses == misses and len(cache.entries) == 6
+
+
 def test_feature_cache_leaves_trained_branches_and_inference_alone():
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SMALL, fusion_dropout=0.0, modality_dropout=0.0))
