@@ -2,6 +2,7 @@
 torch.multiprocessing process trains on the samples the predictor hands it through shared
 memory and hands its weights back; no mocks. Same tiny model and samples as test_online_core.
 """
+from dataclasses import replace
 import os
 import signal
 import time
@@ -42,10 +43,10 @@ def data(tmp_path_factory):
 def make(tmp_path, data):
     made = []
 
-    def build(filter_cfg=None, **online):
+    def build(filter_cfg=None, train=TRAIN, model=MODEL, **online):
         cfg = OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'), learner='process',
                            num_threads=1, **online)
-        trainer = build_trainer(cfg, TRAIN, MODEL, data['sample_cfg'],
+        trainer = build_trainer(cfg, train, model, data['sample_cfg'],
                                 BufferConfig(capacity=50), TrajectoryConfig(), filter_cfg)
         made.append(trainer)
         return trainer
@@ -93,6 +94,23 @@ def test_the_learner_trains_and_the_predictor_takes_its_weights_between_samples(
     assert not np.allclose(again.mean, first.mean, atol=1e-7), 'the prediction did not change'
     trainer.shutdown()
     assert not trainer.client.alive and trainer.client.process.exitcode == 0
+
+
+def test_the_predictor_hands_the_frozen_encoders_features_to_the_learner(make, data):
+    """With frozen encoders the learner takes each sample's camera and LiDAR features from
+    the predictor's forward pass instead of running those encoders again: its training
+    lookups all hit (modality dropout off, so the camera's key never drops the LiDAR)."""
+    model = replace(MODEL, modality_dropout=0.0)
+    train = replace(TRAIN, freeze_visual=True, freeze_point=True)
+    trainer = make(updates_per_sample=1.0, min_buffer=2, train=train, model=model)
+    samples = data['samples']
+    for s in samples:
+        trainer.on_sample(s)
+    wait_until(lambda: trainer.metrics()['online_steps'] >= len(samples) - 1, 'steps')
+    m = trainer.metrics()
+    assert m['feature_cache_hits'] >= 2 * 2 * (len(samples) - 1)   # rows x branches x steps
+    assert m['feature_cache_misses'] == 0
+    trainer.shutdown()
 
 
 def test_save_checkpoint_via_the_learner_and_shutdown_files(make, data, tmp_path):

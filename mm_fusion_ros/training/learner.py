@@ -36,6 +36,7 @@ import torch.multiprocessing as tmp
 
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.filter.online import OnlineFilterConfig
+from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.runtime.process import lower_thread_priority
 from mm_fusion_ros.sync.config import BufferConfig
@@ -68,7 +69,10 @@ DEAD_REPORT_S = 5.0          # a dead learner is reported to the FaultLog this o
 # metrics() keys the learner owns; the others are the predictor's counters.
 LEARNER_KEYS = ('online_steps', 'online_steps_failed', 'initial_step', 'optimizer_resumed',
                 'resumed_buffer_samples', 'buffer_size', 'training_enabled', 'autosaves',
-                'autosave_failures', 'supervision', 'last_loss', 'guard_')
+                'autosave_failures', 'supervision', 'last_loss', 'guard_', 'feature_cache_')
+# The sample's meta carries the predictor's frozen-branch features under this key to the
+# learner (popped there before the sample is stored).
+FEATURES_META_KEY = '_frozen_features'
 
 
 class LearnerError(RuntimeError):
@@ -196,7 +200,10 @@ class LearnerTrainer(OnlineTrainer):
         self.weights.publish(self.core.model.state_dict())   # the resumed optimiser's model
 
     def ingest(self, sample: dict) -> None:
+        features = sample['meta'].pop(FEATURES_META_KEY, None)
         self.buffer.add(sample)
+        if features:
+            self._adopt_features(sample, features)
         self._queue_for_guard(sample)
         with self._state_lock:
             self.samples_seen += 1
@@ -204,6 +211,17 @@ class LearnerTrainer(OnlineTrainer):
                 self.step_debt = min(self.step_debt + self.cfg.updates_per_sample,
                                      float(self.cfg.max_step_debt))
         self.wake()
+
+    def _adopt_features(self, sample: dict, features: dict) -> None:
+        """The predictor's frozen-branch features of the sample, for its first uses here (the
+        guard's score, its first step): keyed by this process's own copy of the inputs, so a
+        sample that differs in any byte simply misses."""
+        if not (self.training_enabled and self.core.model.frozen):
+            return
+        batch = self.core.to_device(collate_samples([sample]))
+        dev = batch['points'].device
+        self.core.model.remember_features(
+            batch, {name: torch.from_numpy(rows).to(dev) for name, rows in features.items()})
 
     def _publish(self, state: dict) -> None:
         self.weights.publish(state)
@@ -339,6 +357,7 @@ class LearnerClient:
         self._lock = threading.Lock()
         self.missed = 0
         self.closed = False
+        self.features = None     # the next sample's frozen-branch features (predictor thread)
         self.process.start()
         child_end.close()
         self.ready = self._wait(0, START_TIMEOUT_S, 'start')
@@ -351,11 +370,15 @@ class LearnerClient:
         """Hand a sample to the learner; False (counted) when the ring is full."""
         if self.closed:
             return False
+        features, self.features = self.features, None
         written = self.ring.write(sample)
         if written is None:
             self.missed += 1
             return False
-        self.inbox.put(('sample', *written, dict(sample['meta'])))
+        meta = dict(sample['meta'])
+        if features:
+            meta[FEATURES_META_KEY] = features
+        self.inbox.put(('sample', *written, meta))
         return True
 
     def request(self, name: str, timeout: float = REPLY_TIMEOUT_S, **args):
@@ -468,7 +491,13 @@ class ProcessOnlineTrainer(OnlineTrainer):
         self.client.backlog.value = int(samples)
 
     def _remember_features(self, batch, features) -> None:
-        """The learner process computes its own (the features do not cross processes)."""
+        """The frozen branches' features go to the learner with the sample (send_sample), so
+        that it does not run those encoders again for the sample's guard score and first
+        step (a few kB against ~35 ms of encoders at full size)."""
+        frozen = self.core.model.frozen
+        if self.training_enabled and frozen:
+            self.client.features = {name: rows.detach().cpu().numpy().copy()
+                                    for name, rows in features.items() if name in frozen}
 
     # --- the node's training worker: watch the learner ------------------------------------
     def pending_steps(self) -> int:

@@ -605,11 +605,19 @@ class OnlineTrainer:
                     **(self.filter.stats() if self.filter is not None else {}),
                     'scan_cache_hits': self.scan_cache.hits if self.scan_cache else 0,
                     'scan_cache_misses': self.scan_cache.misses if self.scan_cache else 0,
+                    **self._feature_cache_stats(),
                     'supervision': self.core.train_cfg.supervision,
                     **(self.guard.stats() if self.guard is not None else {}),
                     'last_loss': float(stats.loss) if stats else math.nan,
                     **{f'last_loss_{part}': float(stats.terms.get(part, math.nan))
                        if stats else math.nan for part in LOSS_PARTS}}
+
+    def _feature_cache_stats(self) -> dict:
+        """Hits and misses of the frozen encoders' feature cache (rows; training's lookups)."""
+        cache = self.core.model.feature_cache
+        if cache is None or not self.core.model.frozen:
+            return {}
+        return {'feature_cache_hits': int(cache.hits), 'feature_cache_misses': int(cache.misses)}
 
     def _maybe_autosave(self):
         """Checkpoint (and buffer) every autosave_interval_s. A failure is counted and raised
