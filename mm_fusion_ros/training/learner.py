@@ -203,7 +203,11 @@ class LearnerTrainer(OnlineTrainer):
         features = sample['meta'].pop(FEATURES_META_KEY, None)
         self.buffer.add(sample)
         if features:
-            self._adopt_features(sample, features)
+            try:                  # only a saving: the sample's first step computes them anyway
+                self._adopt_features(sample, features)
+            except (RuntimeError, ValueError) as e:
+                log.warning('features from the predictor not adopted for a sample (%s); the '
+                            'learner computes them itself', e)
         self._queue_for_guard(sample)
         with self._state_lock:
             self.samples_seen += 1
