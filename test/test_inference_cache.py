@@ -186,3 +186,45 @@ def test_feature_cache_leaves_trained_branches_and_inference_alone():
     with pytest.raises(ValueError, match='capacity'):
         from mm_fusion_ros.model.feature_cache import FeatureCache
         FeatureCache(0)
+
+
+def test_batches_drawn_from_the_replay_buffer_reuse_their_rows_digests(monkeypatch):
+    """A batch stacked from the buffer's frozen arrays takes their remembered digests: the keys
+    equal freshly hashed ones, the large inputs are hashed once per sample and not per draw,
+    and a batch changed afterwards (in place, or an input replaced) is hashed afresh."""
+    from mm_fusion_ros.model import feature_cache
+    from mm_fusion_ros.sync.replay_buffer import BufferConfig, ReplayBuffer
+    buf = ReplayBuffer(BufferConfig(capacity=8))
+    for s in drive_samples(3):
+        buf.add(s)
+    names = ('points', 'points_mask')
+
+    def keys(batch):
+        return [feature_cache.row_key('point', batch, names, i)
+                for i in range(batch['points'].shape[0])]
+    drawn = buf.sample(3, np.random.default_rng(0))
+    want = keys(collate_samples(drawn))               # hashed, nothing adopted
+    hashed = []
+    real = feature_cache._array_digest
+    monkeypatch.setattr(feature_cache, '_array_digest', lambda a: hashed.append(a.shape) or
+                        real(a))
+    for _ in range(3):
+        batch = collate_samples(drawn)
+        feature_cache.adopt_row_digests(batch, drawn)
+        assert keys(batch) == want
+    large = [shape for shape in hashed if len(shape) > 1]
+    assert len(large) == 3 * len(feature_cache.LARGE)  # each sample's arrays, once
+    batch = collate_samples(drawn)
+    feature_cache.adopt_row_digests(batch, drawn)
+    batch['points'][1, 0, :5] += 0.5                   # in place: the version moves on
+    changed = keys(batch)
+    assert changed[0] == want[0] and changed[1] != want[1]
+    batch = collate_samples(drawn)
+    feature_cache.adopt_row_digests(batch, drawn)
+    batch['points'] = batch['points'] + 0.0            # replaced (an augmentation): hashed
+    assert keys(batch) == want
+    # only read-only arrays that own their data are trusted
+    assert feature_cache.frozen_array_digest(np.zeros(3)) is None
+    view = np.zeros((2, 3))[0]
+    view.flags.writeable = False
+    assert feature_cache.frozen_array_digest(view) is None

@@ -17,6 +17,7 @@ import hashlib
 import threading
 import weakref
 
+import numpy as np
 import torch
 
 # The batch's large inputs are digested once per tensor row however many keys read them (the
@@ -27,11 +28,56 @@ _memo = {}
 _memo_lock = threading.Lock()
 
 
-def tensor_digest(t) -> bytes:
-    t = t.detach()
-    h = hashlib.blake2b(str((t.dtype, tuple(t.shape))).encode(), digest_size=16)
-    h.update(memoryview(t.contiguous().cpu().numpy()).cast('B'))
+def _array_digest(a: np.ndarray) -> bytes:
+    h = hashlib.blake2b(str((a.dtype.str, a.shape)).encode(), digest_size=16)
+    h.update(memoryview(np.ascontiguousarray(a)).cast('B'))
     return h.digest()
+
+
+def tensor_digest(t) -> bytes:
+    return _array_digest(t.detach().cpu().numpy())
+
+
+# The replay buffer's arrays are private read-only copies that never change (sync/
+# replay_buffer.py), and the buffer draws each of them into many batches: their digests are
+# remembered while they live, and a batch stacked from them takes its rows' digests from there
+# instead of hashing its large inputs again at every step (~9 ms of a ~40 ms head step).
+_frozen = {}
+
+
+def frozen_array_digest(a) -> bytes:
+    """The digest of a read-only array that owns its data (remembered while it lives), or None
+    for any other array, whose contents could still change."""
+    if not isinstance(a, np.ndarray) or a.flags.writeable or not a.flags.owndata:
+        return None
+    k = id(a)
+    with _memo_lock:
+        entry = _frozen.get(k)
+    if entry is not None and entry[0]() is a:
+        return entry[1]
+    digest = _array_digest(a)
+    with _memo_lock:
+        _frozen[k] = (weakref.ref(a, lambda _, k=k: _frozen.pop(k, None)), digest)
+    return digest
+
+
+def adopt_row_digests(batch: dict, samples) -> None:
+    """Give the batch's large input tensors, stacked from `samples` in order (collate_samples
+    of samples without None), the frozen arrays' digests as their rows' digests."""
+    for name in LARGE:
+        t = batch.get(name)
+        if not isinstance(t, torch.Tensor) or t.device.type != 'cpu' or \
+                len(samples) != t.shape[0]:
+            continue
+        digests = [frozen_array_digest(s.get(name)) for s in samples]
+        if any(d is None for d in digests) or any(
+                tuple(s[name].shape) != tuple(t.shape[1:]) or s[name].dtype != t.numpy().dtype
+                for s in samples):
+            continue
+        k = id(t)
+        with _memo_lock:
+            _memo[k] = (weakref.ref(t, lambda _, k=k: _memo.pop(k, None)), t._version,
+                        dict(enumerate(digests)))
 
 
 def _row_digest(t, i: int) -> bytes:

@@ -32,6 +32,7 @@ from mm_fusion_ros.filter.online import build_filter_source, FilterPoseSource, O
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import BevPointEncoder, ScanCache
+from mm_fusion_ros.model.feature_cache import adopt_row_digests
 from mm_fusion_ros.model.selfsup import point_displacement
 from mm_fusion_ros.sync.replay_buffer import open_buffer, ReplayBuffer
 from mm_fusion_ros.training.checkpoint import (
@@ -420,8 +421,9 @@ class OnlineTrainer:
                 if not self._take_step():
                     break
                 self._score_new_samples()
-                batch = collate_samples(self.buffer.sample(self.core.train_cfg.batch_size,
-                                                           self.rng))
+                drawn = self.buffer.sample(self.core.train_cfg.batch_size, self.rng)
+                batch = collate_samples(drawn)
+                adopt_row_digests(batch, drawn)
                 if self.steps_done < self.cfg.lr_warmup_steps:
                     self.core.set_lr(self.base_lr * (self.steps_done + 1)
                                      / self.cfg.lr_warmup_steps)
