@@ -113,6 +113,24 @@ def test_the_predictor_hands_the_frozen_encoders_features_to_the_learner(make, d
     trainer.shutdown()
 
 
+def test_the_learner_trains_beside_the_prediction_in_hand_and_waits_while_samples_queue(
+        make, data):
+    """The learner process runs at idle priority: it trains while the predictor works on one
+    sample, and holds off only while more samples wait behind it."""
+    trainer = make(updates_per_sample=1.0, min_buffer=2)
+    samples = data['samples']
+    trainer.set_backlog(2)                # one sample in hand, one waiting
+    for s in samples:
+        trainer.on_sample(s)
+    trainer.metrics()                     # a round trip: every sample has reached the learner
+    time.sleep(1.0)                       # ten of the learner's polls
+    assert trainer.metrics()['online_steps'] == 0
+    trainer.set_backlog(1)                # only the one being predicted
+    wait_until(lambda: trainer.metrics()['online_steps'] >= len(samples),
+               'steps beside a prediction')
+    trainer.shutdown()
+
+
 def test_save_checkpoint_via_the_learner_and_shutdown_files(make, data, tmp_path):
     trainer = make(updates_per_sample=1.0, min_buffer=2, buffer_path=str(tmp_path / 'buf.npz'),
                    log_csv=str(tmp_path / 'steps.csv'), log_every=1)

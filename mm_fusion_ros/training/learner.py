@@ -285,7 +285,11 @@ class Learner:
                 if self._answer(*msg[1:]):
                     return
                 continue
-            self.trainer._backlog = self.backlog.value
+            # Only a queue of samples behind the one being predicted holds training back: this
+            # process runs at idle priority, so while the predictor works it takes only the
+            # CPU time nobody else wants (waiting for every prediction left a core idle and
+            # halved the steps at 1x: docs/selfsup.md).
+            self.trainer._backlog = max(self.backlog.value - 1, 0)
             try:
                 if not self.trainer.train_pending(max_steps=1):
                     self.trainer.wait_for_work(0.1)
