@@ -521,7 +521,7 @@ def main(argv=None) -> int:
     os.environ.update(env)       # this process plays and listens on the same domain
     if args.no_dds_profile:
         os.environ.pop('FASTDDS_DEFAULT_PROFILES_FILE', None)
-    rclpy.init(domain_id=int(env['ROS_DOMAIN_ID']))
+    rclpy.init(args=[], domain_id=int(env['ROS_DOMAIN_ID']))
     cases = [Case(rate, True) for rate in args.rates] + \
         [Case(rate, False) for rate in args.off_rates]
     print(f'bag {bag} ({args.frames} scans), buffer capacity {args.buffer}, DDS profile '
