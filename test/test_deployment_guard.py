@@ -62,6 +62,34 @@ def test_guard_prefers_the_adapted_weights_only_on_significant_evidence_of_a_low
         DeploymentGuard(window=3, min_samples=4)
 
 
+def test_guard_retreats_at_once_when_the_adapted_weights_turn_consistently_worse():
+    """A window of 50 that a long drive filled with gains keeps the adapted weights long after
+    they turned worse (a stop); the recent check hands predictions back within `retreat`
+    samples, and a noisy recent spell does not trigger it."""
+    def drive_then_stop(retreat):
+        guard = DeploymentGuard(window=50, min_samples=10, confidence=2.0, retreat=retreat)
+        rng = np.random.default_rng(0)
+        for _ in range(40):                             # the drive: clear gains
+            guard.add([0.01 + 0.002 * rng.random()], [0.03 + 0.002 * rng.random()], [True])
+        assert guard.prefer_adapted()
+        decisions = []
+        for _ in range(20):                             # the stop: consistently worse
+            guard.add([0.0064 + 1e-4 * rng.random()], [1e-4 * rng.random()], [True])
+            decisions.append(guard.prefer_adapted())
+        return guard, decisions
+    slow, decisions = drive_then_stop(retreat=0)
+    assert all(decisions) and slow.margin() > 0         # the long window still prefers them
+    quick, decisions = drive_then_stop(retreat=5)
+    assert decisions.index(False) == 4 and not any(decisions[4:])   # at the 5th stop sample
+    assert quick.stats()['guard_retreats'] == 16
+    noisy = DeploymentGuard(window=50, min_samples=10, confidence=2.0, retreat=5)
+    noisy.add([0.01] * 40, [0.03] * 40, [True] * 40)
+    noisy.add([0.06, 0.0, 0.06, 0.0, 0.06], [0.03] * 5, [True] * 5)  # worse on average, noisy
+    assert noisy.prefer_adapted() and noisy.retreats == 0
+    with pytest.raises(ValueError, match='retreat'):
+        DeploymentGuard(window=3, min_samples=2, retreat=1)
+
+
 @pytest.fixture(scope='module')
 def samples(tmp_path_factory):
     root = tmp_path_factory.mktemp('guard')

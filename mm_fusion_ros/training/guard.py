@@ -11,7 +11,10 @@ being trained (the candidate) and once for the reference weights. Predictions sw
 candidate only while, over the last `window` scored samples, its score is the lower by more
 than `confidence` standard errors of the paired differences' mean (a one-sided test); otherwise
 they keep the reference. A plain comparison of the means let through candidates that had been
-better over the window but no longer were (docs/selfsup.md).
+better over the window but no longer were (docs/selfsup.md). And with `retreat` > 0 the
+candidate is refused as soon as it scored significantly worse over the last `retreat` samples,
+however the window reads: slow to adopt, quick to retreat (a head adapted on a drive kept
+predicting motion through a stop while the window still held the drive's gains).
 
 The comparison is paired (the same samples, the same solutions), and an error e in a solution
 enters the difference only as 2 e . (candidate - reference): the difference estimates that of
@@ -27,11 +30,17 @@ import statistics
 class DeploymentGuard:
     """Paired prequential comparison of the candidate's and the reference's score per sample."""
 
-    def __init__(self, window: int, min_samples: int, confidence: float = 2.0):
-        if window < 1 or not 2 <= min_samples <= window or confidence < 0:
-            raise ValueError(f'DeploymentGuard needs window >= 1, 2 <= min_samples <= window '
-                             f'and confidence >= 0, got {window}, {min_samples}, {confidence}')
-        self.min_samples, self.confidence = min_samples, confidence
+    def __init__(self, window: int, min_samples: int, confidence: float = 2.0,
+                 retreat: int = 0):
+        """retreat: the candidate is refused while over the last `retreat` scored samples it
+        was significantly worse (0 = no such check)."""
+        if window < 1 or not 2 <= min_samples <= window or confidence < 0 or \
+                not (retreat == 0 or 2 <= retreat):
+            raise ValueError(f'DeploymentGuard needs window >= 1, 2 <= min_samples <= window, '
+                             f'confidence >= 0 and retreat 0 or >= 2, got {window}, '
+                             f'{min_samples}, {confidence}, {retreat}')
+        self.min_samples, self.confidence, self.retreat = min_samples, confidence, retreat
+        self.retreats = 0                       # decisions the recent check turned round
         self.pairs = deque(maxlen=window)       # (candidate, reference) per scored sample
         self.scored = 0
         self.unscorable = 0                     # no solution (too few correspondences, no LiDAR)
@@ -56,11 +65,26 @@ class DeploymentGuard:
     def prefer_adapted(self) -> bool:
         """The decision for the next hand-over to predictions (counted)."""
         adapted = len(self.pairs) >= self.min_samples and self.margin() > 0.0
+        if adapted and self.recently_worse():
+            adapted = False
+            self.retreats += 1
         self.switches += int(adapted != self.adapted)
         self.adapted = adapted
         self.decisions += 1
         self.adapted_decisions += int(adapted)
         return adapted
+
+    def recently_worse(self) -> bool:
+        """Over the last `retreat` scored samples the candidate scored worse by more than
+        `confidence` standard errors (a one-sided test the other way round). A lasting change
+        of conditions that the candidate gets wrong (a car coming to a stop after a drive the
+        head adapted on) shows here within a few samples, long before it moves the window's
+        mean."""
+        if not self.retreat or len(self.pairs) < self.retreat:
+            return False
+        gains = [r - c for c, r in list(self.pairs)[-self.retreat:]]
+        return statistics.fmean(gains) + \
+            self.confidence * statistics.stdev(gains) / math.sqrt(len(gains)) < 0.0
 
     def margin(self) -> float:
         """How much lower the candidate's mean score is than the reference's, less `confidence`
@@ -76,6 +100,7 @@ class DeploymentGuard:
                 'guard_scored_samples': int(self.scored),
                 'guard_unscorable_samples': int(self.unscorable),
                 'guard_switches': int(self.switches),
+                'guard_retreats': int(self.retreats),
                 'guard_adapted_share': self.adapted_decisions / self.decisions
                 if self.decisions else math.nan,
                 'guard_candidate_score': float(self.candidate_score),

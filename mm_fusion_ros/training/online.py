@@ -100,6 +100,12 @@ class OnlineConfig(ConfigBase):
     guard_confidence: float = field(default=2.0, metadata={
         'help': 'the adapted weights must score better by this many standard errors of the '
                 'mean paired difference over the guard window (a one-sided test)'})
+    guard_retreat: int = field(default=10, metadata={
+        'help': 'predictions go back to the initial weights at once when over the last this '
+                'many scored samples the adapted ones scored significantly worse '
+                '(guard_confidence), however the longer window reads: slow to adopt, quick to '
+                'retreat (an adapted head can mistake a stop for the motion it trained on; '
+                'docs/selfsup.md). 0 = off'})
     max_step_debt: int = field(default=20, metadata={
         'help': 'cap on owed steps, so a burst of samples cannot stall the trainer for long'})
     min_buffer: int = field(default=4, metadata={'help': 'samples in the buffer before training'})
@@ -131,6 +137,9 @@ class OnlineConfig(ConfigBase):
                 'memory'})
 
     def __post_init__(self):
+        if self.guard_retreat < 0 or self.guard_retreat == 1:
+            raise ValueError(f'OnlineConfig.guard_retreat must be 0 (off) or >= 2, got '
+                             f'{self.guard_retreat}')
         if self.guard_window < 0 or self.guard_confidence < 0 or (
                 self.guard_window and not 2 <= self.guard_min_samples <= self.guard_window):
             raise ValueError(f'OnlineConfig needs guard_window >= 0, guard_confidence >= 0 and, '
@@ -316,7 +325,7 @@ class OnlineTrainer:
                         cfg.guard_window)
             return
         self.guard = DeploymentGuard(cfg.guard_window, cfg.guard_min_samples,
-                                     cfg.guard_confidence)
+                                     cfg.guard_confidence, cfg.guard_retreat)
         self.reference = copy.deepcopy(self.core.model).eval().requires_grad_(False)
         # Frozen branches are the same in both copies: the reference reads the same features.
         self.reference.feature_cache = self.core.model.feature_cache
