@@ -88,6 +88,9 @@ def test_guard_retreats_at_once_when_the_adapted_weights_turn_consistently_worse
     assert noisy.prefer_adapted() and noisy.retreats == 0
     with pytest.raises(ValueError, match='retreat'):
         DeploymentGuard(window=3, min_samples=2, retreat=1)
+    with pytest.raises(ValueError, match='guard_retreat'):
+        OnlineConfig(guard_retreat=1)
+    assert DeploymentGuard(window=4, min_samples=2, retreat=10).retreat == 4   # the window's
 
 
 @pytest.fixture(scope='module')

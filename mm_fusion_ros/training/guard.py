@@ -32,14 +32,15 @@ class DeploymentGuard:
 
     def __init__(self, window: int, min_samples: int, confidence: float = 2.0,
                  retreat: int = 0):
-        """retreat: the candidate is refused while over the last `retreat` scored samples it
-        was significantly worse (0 = no such check)."""
+        """retreat: the candidate is refused while over the last `retreat` scored samples (at
+        most the window's) it was significantly worse (0 = no such check)."""
         if window < 1 or not 2 <= min_samples <= window or confidence < 0 or \
                 not (retreat == 0 or 2 <= retreat):
             raise ValueError(f'DeploymentGuard needs window >= 1, 2 <= min_samples <= window, '
                              f'confidence >= 0 and retreat 0 or >= 2, got {window}, '
                              f'{min_samples}, {confidence}, {retreat}')
-        self.min_samples, self.confidence, self.retreat = min_samples, confidence, retreat
+        self.min_samples, self.confidence = min_samples, confidence
+        self.retreat = min(retreat, window) if window >= 2 else 0
         self.retreats = 0                       # decisions the recent check turned round
         self.pairs = deque(maxlen=window)       # (candidate, reference) per scored sample
         self.scored = 0

@@ -105,7 +105,7 @@ class OnlineConfig(ConfigBase):
                 'many scored samples the adapted ones scored significantly worse '
                 '(guard_confidence), however the longer window reads: slow to adopt, quick to '
                 'retreat (an adapted head can mistake a stop for the motion it trained on; '
-                'docs/selfsup.md). 0 = off'})
+                'docs/selfsup.md); at most guard_window samples. 0 = off'})
     max_step_debt: int = field(default=20, metadata={
         'help': 'cap on owed steps, so a burst of samples cannot stall the trainer for long'})
     min_buffer: int = field(default=4, metadata={'help': 'samples in the buffer before training'})
