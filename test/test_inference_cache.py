@@ -19,9 +19,12 @@ import torch
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.kitti.sample import resize_image
+from mm_fusion_ros.model import feature_cache
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import ScanCache
 from mm_fusion_ros.model.net import build_model
+from mm_fusion_ros.sync.config import BufferConfig
+from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
 
 H, W = 32, 96
 SMALL = dict(image_height=H, image_width=W, bev_cells=32, bev_range_m=12.8,
@@ -192,8 +195,6 @@ def test_batches_drawn_from_the_replay_buffer_reuse_their_rows_digests(monkeypat
     """A batch stacked from the buffer's frozen arrays takes their remembered digests: the keys
     equal freshly hashed ones, the large inputs are hashed once per sample and not per draw,
     and a batch changed afterwards (in place, or an input replaced) is hashed afresh."""
-    from mm_fusion_ros.model import feature_cache
-    from mm_fusion_ros.sync.replay_buffer import BufferConfig, ReplayBuffer
     buf = ReplayBuffer(BufferConfig(capacity=8))
     for s in drive_samples(3):
         buf.add(s)
