@@ -15,6 +15,8 @@ import torch
 
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.eval.trajectory_io import read_kitti_poses, read_steps
+from mm_fusion_ros.filter.checkpoint import embed_filter, filter_payload, load_filter
+from mm_fusion_ros.filter.config import FilterConfig
 from mm_fusion_ros.geometry import chain_relative, invert_pose, vec6_to_pose
 from mm_fusion_ros.kitti.dataset import KITTIOdomPointDataset
 from mm_fusion_ros.kitti.odometry import KittiSequence
@@ -22,7 +24,7 @@ from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.runtime.params import as_number, TrainerParameters
 from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.sync.replay_buffer import open_buffer, ReplayBuffer
-from mm_fusion_ros.training.checkpoint import load_checkpoint
+from mm_fusion_ros.training.checkpoint import load_checkpoint, save_checkpoint
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.online import (
     initial_payload,
@@ -532,3 +534,17 @@ def test_learning_rate_warms_up_over_the_first_steps(data, tmp_path):
     np.testing.assert_allclose(lrs, [2.5e-4, 5e-4, 1.5e-3, 2e-3, 2e-3, 2e-3])
     with pytest.raises(ValueError, match='lr_warmup_steps'):
         OnlineConfig(lr_warmup_steps=-1)
+
+
+def test_a_filter_in_the_initial_checkpoint_travels_on_when_it_does_not_run(tmp_path):
+    """filter.mode off: the filter does not run, yet the checkpoints written online carry the
+    one the initial checkpoint embeds, so nothing the run started from is lost."""
+    fresh = load_checkpoint(make_trainer(tmp_path).save_checkpoint(tmp_path / 'fresh.pth'))
+    with_filter = save_checkpoint(tmp_path / 'with_filter.pth', embed_filter(
+        fresh, filter_payload(FilterConfig(nhc_every=7))))
+    resumed = make_trainer(tmp_path, initial_checkpoint=str(with_filter))
+    assert resumed.filter is None
+    cfg, noise = load_filter(resumed.save_checkpoint(tmp_path / 'online.pth'))
+    assert cfg == FilterConfig(nhc_every=7) and noise is None
+    assert 'filter' not in load_checkpoint(make_trainer(tmp_path).save_checkpoint(
+        tmp_path / 'none.pth'))

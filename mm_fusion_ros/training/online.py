@@ -27,7 +27,7 @@ import torch
 from mm_fusion_ros.config import ConfigBase, MODALITIES, SampleConfig
 from mm_fusion_ros.eval.trajectory_io import write_segment, write_segments_index
 from mm_fusion_ros.fileio import remove_stale_temps
-from mm_fusion_ros.filter.checkpoint import embed_filter
+from mm_fusion_ros.filter.checkpoint import EMBED_KEY, embed_filter, filter_section
 from mm_fusion_ros.filter.online import build_filter_source, FilterPoseSource, OnlineFilterConfig
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
@@ -252,8 +252,12 @@ class OnlineTrainer:
         self.trajectory = trajectory or OnlineTrajectory()
         source = self.trajectory.source     # the inertial filter, when it runs (filter/online.py)
         self.filter = source if isinstance(source, FilterPoseSource) else None
-        # The filter's checkpoint section, embedded in every checkpoint written.
+        # The filter's checkpoint section, embedded in every checkpoint written. A filter the
+        # initial checkpoint carries travels on when it does not run here (filter.mode off):
+        # a checkpoint written online keeps what the run started from.
         self.filter_section = self.filter.section if self.filter is not None else None
+        if self.filter_section is None and payload is not None and EMBED_KEY in payload:
+            self.filter_section = filter_section(payload, source)
         self.rng = np.random.default_rng(train_cfg.seed)
         self._model_lock = threading.Lock()     # guards the inference copy
         self._state_lock = threading.Lock()     # guards counters and trajectories
