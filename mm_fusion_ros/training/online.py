@@ -27,7 +27,7 @@ import torch
 from mm_fusion_ros.config import ConfigBase, MODALITIES, SampleConfig
 from mm_fusion_ros.eval.trajectory_io import write_segment, write_segments_index
 from mm_fusion_ros.fileio import remove_stale_temps
-from mm_fusion_ros.filter.checkpoint import EMBED_KEY, embed_filter, filter_section
+from mm_fusion_ros.filter.checkpoint import embed_filter, EMBED_KEY, filter_section
 from mm_fusion_ros.filter.online import build_filter_source, FilterPoseSource, OnlineFilterConfig
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
