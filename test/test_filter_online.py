@@ -42,9 +42,11 @@ class Replay:
     """The IMU arriving in a Synchronizer (its store is what the source reads), steps handed
     to the trajectory LATENCY samples after their scan, and poll() at every IMU sample."""
 
-    def __init__(self, world, rate='scan', measured=None, skip=()):
+    def __init__(self, world, rate='scan', measured=None, skip=(), imu_late_ns=0):
+        """imu_late_ns: the IMU stamped this late, and the filter told so (imu_time_offset_s)."""
         self.w = world
-        self.src = FilterPoseSource(OnlineFilterConfig(publish_rate=rate), world['cfg'], None,
+        cfg = world['cfg'].replace(imu_time_offset_s=-imu_late_ns / 1e9)
+        self.src = FilterPoseSource(OnlineFilterConfig(publish_rate=rate), cfg, None,
                                     section={}, fallback=ConstantVelocityBridge())
         self.sync = Synchronizer(sync_cfg=SyncConfig(imu_keep_s=5.0))
         self.src.connect(self.sync.imu_after)
@@ -54,7 +56,8 @@ class Replay:
         due = {int(scans[k]) + LATENCY: k for k in range(1, len(scans)) if k not in skip}
         measured = measured or (lambda k: True)
         for i in range(len(world['t'])):
-            self.sync.add_imu(int(world['stamps_ns'][i]), world['acc'][i], world['gyr'][i])
+            self.sync.add_imu(int(world['stamps_ns'][i]) + imu_late_ns, world['acc'][i],
+                              world['gyr'][i])
             if rate == 'imu':
                 self.imu_records += self.src.poll()
             if i in due:
@@ -133,6 +136,23 @@ def test_imu_rate_poses_between_scans(world):
     diff = np.linalg.norm(track[:, :3, 3] - off[:, :3, 3], axis=1)
     rot = np.linalg.norm(so3_log(np.swapaxes(track[:, :3, :3], 1, 2) @ off[:, :3, :3]), axis=1)
     assert diff.max() < 0.05 and rot.max() < 2e-3, (diff.max(), rot.max())
+
+
+@pytest.mark.parametrize('rate', ['scan', 'imu'])
+def test_an_imu_stamped_late_gives_the_same_poses_on_the_scans_clock(world, rate):
+    """The IMU stamped 30 ms late, with imu_time_offset_s -0.03: the scan poses and the
+    IMU-rate poses (stamped on the scans' clock) are those of the IMU stamped on time."""
+    on_time, late = Replay(world, rate), Replay(world, rate, imu_late_ns=30_000_000)
+    a, b = on_time.traj.tracks()[0], late.traj.tracks()[0]
+    np.testing.assert_array_equal(a.stamps_ns, b.stamps_ns)
+    np.testing.assert_allclose(a.poses, b.poses, atol=1e-6)
+    if rate == 'imu':
+        assert [r.stamp_ns for r in late.imu_records] == \
+            [r.stamp_ns for r in on_time.imu_records][:len(late.imu_records)]
+        assert len(late.imu_records) >= len(on_time.imu_records) - 3
+        np.testing.assert_allclose([r.pose for r in late.imu_records],
+                                   [r.pose for r in on_time.imu_records][:len(late.imu_records)],
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize('rate', ['scan', 'imu'])

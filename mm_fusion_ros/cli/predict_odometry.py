@@ -154,7 +154,7 @@ def predict_trajectory(args, core, sample_cfg, run_cfg, inertial, seq_id):
     dataset = sequence_dataset(args, seq_id, sample_cfg)
     seq = dataset.sequences[0]
     if inertial is not None:   # before the network runs: a missing IMU fails at once
-        check_imu_covers(require_sequence_imu(seq), seq.times, seq_id)
+        check_imu_covers(require_sequence_imu(seq), seq.times, seq_id, inertial[0])
     masked = outage_steps(seq.times, run_cfg.outage_windows)
     if run_cfg.outage and not masked.any():
         raise ValueError(f'--outage {" ".join(run_cfg.outage)} covers no frame of sequence '

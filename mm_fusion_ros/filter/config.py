@@ -149,6 +149,10 @@ class FilterConfig(ConfigBase):
                 'the gyro bias, and through the bias the attitude integrated before; a car that '
                 'still creeps and turns would book its turn as a yaw step): none, tilt, yaw or '
                 'all'})
+    imu_time_offset_s: float = field(default=0.0, metadata={
+        'help': "added to every IMU stamp before use: the IMU clock's offset to the scans' "
+                '(negative: the IMU is stamped late). train_imu_filter fits it from the gyro '
+                "against the ground truth's rotations [s]"})
     max_gyro: float = field(default=8.0, metadata={
         'help': 'IMU samples with |gyro| above this are rejected as spikes [rad/s]'})
     max_accel: float = field(default=60.0, metadata={

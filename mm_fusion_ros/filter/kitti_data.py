@@ -4,11 +4,12 @@ Ground truth poses are cam0 poses converted to base_link with the sequence's Tr 
 nominal axis swap where the layout has no calib.txt, as kitti.odometry does). Everything fitted
 here uses only the sequences it is given (the training sequences).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import logging
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial.transform import Rotation, Slerp
 
 from mm_fusion_ros.eval.metrics import kitti_metrics, umeyama
 from mm_fusion_ros.filter.odometry import run_filter
@@ -78,6 +79,56 @@ def gyro_rotvecs(seq: ImuSequence) -> np.ndarray:
             R = R @ inc[j]
         out[k] = so3_log(R)
     return out
+
+
+def on_scan_clock(seq: ImuSequence, offset_s: float) -> ImuSequence:
+    """The sequence with its IMU stamps moved onto the scans' clock (FilterConfig
+    imu_time_offset_s): what the filter sees, for fits and labels that index IMU samples."""
+    return replace(seq, stamps=seq.stamps + offset_s) if offset_s else seq
+
+
+def fit_imu_time_offset(seqs, search_s=0.2, step_s=0.005) -> tuple:
+    """(offset [s], {'%+.3f' offset: cost}): the IMU clock's offset to the scans' (added to the IMU
+    stamps), where the gyro integral's rotation angle over each scan interval best matches the
+    ground truth's (RMS over all intervals of seqs; the angle needs no IMU-to-base rotation).
+    Grid over +-search_s, refined by a parabola through the best point and its neighbours."""
+    integrals = []
+    for seq in seqs:
+        dt = np.diff(seq.stamps)
+        inc = Rotation.from_rotvec(0.5 * (seq.gyro[:-1] + seq.gyro[1:]) * dt[:, None])
+        rots = [Rotation.identity()]
+        for r in inc:       # left to right: R_k = R_(k-1) exp(w dt)
+            rots.append(rots[-1] * r)
+        rel = np.swapaxes(seq.gt_base[:-1, :3, :3], 1, 2) @ seq.gt_base[1:, :3, :3]
+        integrals.append((seq, Slerp(seq.stamps, Rotation.concatenate(rots)),
+                          np.linalg.norm(so3_log(rel), axis=1)))
+    offsets = np.arange(-search_s, search_s + 0.5 * step_s, step_s)
+    costs = []
+    for off in offsets:
+        err, n = 0.0, 0
+        for seq, slerp, angle in integrals:
+            t = seq.times - off                    # each scan's stamp on the IMU clock
+            inside = (t >= seq.stamps[0]) & (t <= seq.stamps[-1])
+            both = inside[:-1] & inside[1:]
+            R = slerp(np.clip(t, seq.stamps[0], seq.stamps[-1]))
+            gyro_angle = (R[:-1].inv() * R[1:]).magnitude()
+            err += float(np.sum((gyro_angle[both] - angle[both]) ** 2))
+            n += int(both.sum())
+        costs.append(np.sqrt(err / max(n, 1)))
+    costs = np.asarray(costs)
+    i = int(np.argmin(costs))
+    best = float(offsets[i])
+    if 0 < i < len(costs) - 1:
+        c0, c1, c2 = costs[i - 1:i + 2]
+        curve = c0 - 2 * c1 + c2
+        if curve > 0:
+            best += float(0.5 * step_s * (c0 - c2) / curve)
+    if i in (0, len(costs) - 1):
+        log.warning('IMU time offset at the edge of the search (%+.3f s): widen it', best)
+    log.info('IMU time offset %+.4f s (gyro vs ground-truth rotation per scan interval: RMS '
+             '%.2e rad there, %.2e at 0)', best, costs[i],
+             costs[int(np.argmin(np.abs(offsets)))])
+    return float(best), {f'{o:+.3f}': float(c) for o, c in zip(offsets, costs)}
 
 
 @dataclass(frozen=True)

@@ -99,8 +99,9 @@ class InertialOdometry:
 
     # ------------------------------------------------------------ inputs
     def add_imu(self, stamp, accel, gyro) -> bool:
-        """One IMU sample; False (and counted) when it is rejected."""
-        stamp = float(stamp)
+        """One IMU sample; False (and counted) when it is rejected. Its stamp is on the IMU's
+        clock: the filter works on the scans' clock, stamp + cfg.imu_time_offset_s."""
+        stamp = float(stamp) + self.cfg.imu_time_offset_s
         accel = np.asarray(accel, dtype=np.float64)
         gyro = np.asarray(gyro, dtype=np.float64)
         reason = self._screen(stamp, accel, gyro)
@@ -200,8 +201,18 @@ class InertialOdometry:
         return out
 
     def close(self) -> list:
-        """Let every clone go (end of a sequence) and return pop_scan_poses()."""
+        """Let every clone go (end of a sequence) and return pop_scan_poses().
+
+        Scans at most max_gap_s after the last IMU sample are reached with that sample's rates
+        first (a negative imu_time_offset_s leaves the last scans of a recording after it)."""
         if self.ekf is not None:
+            t, a, g = self._last
+            while self._pending_scans and self._pending_scans[0] <= t + self.cfg.max_gap_s:
+                t_s = self._pending_scans.pop(0)
+                if t_s > t:
+                    self.ekf.propagate(g, a, t_s - t)
+                    t = t_s
+                self._clone(t_s)
             for key in list(self.ekf.clones):
                 self._drop_clone(key)
         return self.pop_scan_poses()
@@ -626,22 +637,27 @@ def run_filter(cfg: FilterConfig, stamps, accel, gyro, scan_stamps, rel_poses=No
     odo = InertialOdometry(cfg, noise_model, true_velocity, pre, initial_state)
     imu_t, imu_T, imu_speed = [], [], []
     next_scan = 0
+    on_scan_clock = stamps + cfg.imu_time_offset_s
     for i in range(len(stamps)):
         # Scans up to this sample's stamp: those strictly before it are cloned while it is
         # propagated, one at its stamp right after.
-        while next_scan < k and scan_stamps[next_scan] < stamps[i] - STAMP_TOL:
+        t_i = on_scan_clock[i]
+        while next_scan < k and scan_stamps[next_scan] < t_i - STAMP_TOL:
             _scan_event(odo, scan_stamps, next_scan, rel_poses, rel_logvars, rel_mask)
             next_scan += 1
         if not odo.add_imu(stamps[i], accel[i], gyro[i]):
             continue
-        while next_scan < k and scan_stamps[next_scan] <= stamps[i] + STAMP_TOL:
+        while next_scan < k and scan_stamps[next_scan] <= t_i + STAMP_TOL:
             _scan_event(odo, scan_stamps, next_scan, rel_poses, rel_logvars, rel_mask)
             next_scan += 1
         if odo.initialised:
             R, p = odo.pose_world_imu()
-            imu_t.append(stamps[i])
+            imu_t.append(t_i)
             imu_T.append(make_pose(R, p))
             imu_speed.append(float(np.linalg.norm(odo.ekf.v)))
+    while next_scan < k:    # after the last sample: close() reaches those within max_gap_s
+        _scan_event(odo, scan_stamps, next_scan, rel_poses, rel_logvars, rel_mask)
+        next_scan += 1
     if not odo.initialised:
         raise ValueError(f'the filter never initialised: {odo.counts["imu_accepted"]} IMU samples '
                          f'accepted of {len(stamps)}')

@@ -186,7 +186,7 @@ class FilterPoseSource:
             self.segment += 1
             self.counts['filter_segments'] += 1
             self._origin = int(stamp_ns)
-            self._fed_ns = self._origin - START_BACK_NS
+            self._fed_ns = self._imu_clock(self._origin) - START_BACK_NS
             self._pose, self._cov = np.eye(4), np.zeros((6, 6))   # the newest scan pose
             self._anchor = None          # segment frame <- filter odom, once poses come from it
             self._finished = OrderedDict()
@@ -195,7 +195,7 @@ class FilterPoseSource:
             self._imu_dt, self._gyro = 0.01, np.zeros(3)
             self._imu_cov_key, self._imu_covs = None, None   # see _imu_record
             self.odo = InertialOdometry(self._segment_config(), self.noise_model)
-            self._feed(self._origin + self._tol_ns)
+            self._feed(self._imu_clock(self._origin) + self._tol_ns)
             self.odo.add_scan(self._sec(self._origin))
 
     def add(self, stamp_prev_ns: int, stamp_cur_ns: int, mean6, cov6, measured=True):
@@ -251,6 +251,15 @@ class FilterPoseSource:
     def _sec(self, stamp_ns: int) -> float:
         return (int(stamp_ns) - self._origin) / NS_PER_S
 
+    @property
+    def _offset_ns(self) -> int:
+        return round(self.filter_cfg.imu_time_offset_s * NS_PER_S)
+
+    def _imu_clock(self, stamp_ns: int) -> int:
+        """A scan-clock stamp on the IMU's clock (FilterConfig imu_time_offset_s): the IMU the
+        filter needs up to a scan carries stamps up to this."""
+        return int(stamp_ns) - self._offset_ns
+
     def _segment_config(self) -> FilterConfig:
         T_base_imu = self.base_imu() if callable(self.base_imu) else None
         if T_base_imu is None:
@@ -275,12 +284,13 @@ class FilterPoseSource:
             self._fed_ns, self._gyro = stamp, gyro[i]
             if self.odo.add_imu(self._sec(stamp), accel[i], gyro[i]) and self.imu_rate and \
                     self._anchor is not None and self.odo.initialised:
-                self._imu_out.append(self._imu_record(stamp))
+                self._imu_out.append(self._imu_record(stamp + self._offset_ns))
 
     def _imu_record(self, stamp_ns: int) -> PoseRecord:
-        """The pose and twist at the newest sample; their covariances as of the filter's last
-        covariance propagation or update (at most cov_every - 1 samples before), computed once
-        per change of the filter's covariance or of the anchor (the records share them)."""
+        """The pose and twist at the newest sample (stamp_ns on the scans' clock); their
+        covariances as of the filter's last covariance propagation or update (at most
+        cov_every - 1 samples before), computed once per change of the filter's covariance or
+        of the anchor (the records share them)."""
         _, T, cov = self.odo.pose(propagate=False)
         key = self._imu_cov_key
         if key is None or key[0] is not cov or key[1] is not self._anchor:
@@ -296,7 +306,7 @@ class FilterPoseSource:
         if self.imu_rate:
             self._feed(None)
         else:
-            self._feed(stamp_ns + self._tol_ns)
+            self._feed(self._imu_clock(stamp_ns) + self._tol_ns)
         if stamp_ns not in self._scanned:
             self._scanned.add(stamp_ns)
             self.odo.add_scan(self._sec(stamp_ns))

@@ -40,13 +40,16 @@ def sequence_filter_config(cfg: FilterConfig, seq) -> FilterConfig:
     return cfg.replace(T_imu_lidar=matrix_to_3x4(invert_pose(seq.T_base_imu)))
 
 
-def check_imu_covers(imu, times, sequence):
-    """ValueError naming the IMU source when it does not span every frame of the sequence."""
+def check_imu_covers(imu, times, sequence, cfg: FilterConfig = None):
+    """ValueError naming the IMU source when it does not span every frame of the sequence, on
+    the scans' clock (cfg.imu_time_offset_s); the filter reaches frames up to cfg.max_gap_s after
+    the last sample."""
     if len(imu) < 2:
         raise ValueError(f'{imu.source}: {len(imu)} IMU samples for sequence {sequence}; the '
                          'filter needs the IMU over the whole sequence')
-    first, last = float(imu.stamps[0]), float(imu.stamps[-1])
-    if first > times[0] + STAMP_TOL or last < times[-1] - STAMP_TOL:
+    offset, reach = (cfg.imu_time_offset_s, cfg.max_gap_s) if cfg is not None else (0.0, 0.0)
+    first, last = float(imu.stamps[0]) + offset, float(imu.stamps[-1]) + offset
+    if first > times[0] + STAMP_TOL or last < times[-1] - max(STAMP_TOL, reach):
         raise ValueError(f'{imu.source}: the IMU spans {first:.3f}-{last:.3f} s but sequence '
                          f'{sequence} has frames from {times[0]:.3f} to {times[-1]:.3f} s '
                          '(times.txt); the filter needs the IMU over every frame')
@@ -68,7 +71,7 @@ def filter_sequence(seq, cfg: FilterConfig, noise_model, steps=None, logvars=Non
     steps None: the IMU alone."""
     times = np.asarray(seq.times, dtype=np.float64)
     imu = require_sequence_imu(seq)
-    check_imu_covers(imu, times, seq.sequence)
+    check_imu_covers(imu, times, seq.sequence, cfg)
     cfg = sequence_filter_config(cfg, seq)
     k = len(times)
     rel = (None, None, None)

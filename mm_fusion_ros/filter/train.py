@@ -29,8 +29,10 @@ from mm_fusion_ros.filter.checkpoint import filter_payload, save_filter_checkpoi
 from mm_fusion_ros.filter.config import FilterConfig
 from mm_fusion_ros.filter.kitti_data import (
     concat_windows,
+    fit_imu_time_offset,
     fit_vehicle_calibration,
     load_imu_sequence,
+    on_scan_clock,
     run_on_sequence,
     window_labels,
 )
@@ -58,6 +60,10 @@ class TrainFilterConfig(ConfigBase):
         'help': 'comma-separated training sequences'})
     val_sequences: str = field(default='04', metadata={
         'help': 'comma-separated validation sequences (scored, never fitted)'})
+    time_offset_search_s: float = field(default=0.2, metadata={
+        'help': "the IMU clock's offset to the scans is fitted on the training sequences within "
+                '+- this (FilterConfig imu_time_offset_s) before anything else; 0: taken as '
+                'zero [s]'})
     epochs: int = field(default=25, metadata={'help': 'passes over the training windows'})
     batch_size: int = field(default=256, metadata={'help': 'windows per step'})
     learning_rate: float = field(default=2e-3, metadata={'help': 'AdamW learning rate'})
@@ -251,10 +257,14 @@ def run(cfg: TrainFilterConfig) -> dict:
     train = [load_imu_sequence(root, s, imu_path) for s in parse_sequences(cfg.train_sequences)]
     val = ([load_imu_sequence(root, s, imu_path) for s in parse_sequences(cfg.val_sequences)]
            if cfg.val_sequences.strip() else [])
-    calib = fit_vehicle_calibration(train)
+    offset, offset_costs = (fit_imu_time_offset(train, cfg.time_offset_search_s)
+                            if cfg.time_offset_search_s > 0 else (0.0, {}))
+    # The calibration and the labels index IMU samples: they see them on the scans' clock, as
+    # the filter will (it shifts the stamps itself, so the runs below take the raw sequences).
+    calib = fit_vehicle_calibration([on_scan_clock(s, offset) for s in train])
 
     def make(seqs):
-        return concat_windows([window_labels(s, calib, cfg.window,
+        return concat_windows([window_labels(on_scan_clock(s, offset), calib, cfg.window,
                                              max_windows=cfg.max_windows_per_sequence)
                                for s in seqs])
     train_ws = make(train)
@@ -268,6 +278,7 @@ def run(cfg: TrainFilterConfig) -> dict:
     # Speed updates only inside the speed range the network was trained on.
     speed_max = SPEED_RANGE_MARGIN * float(np.abs(train_ws.speed).max())
     filter_cfg = FilterConfig(nhc_rpy_deg=calib.nhc_rpy_deg, nhc_slip_mean=calib.slip_s,
+                              imu_time_offset_s=offset,
                               speed_mode='init' if cfg.speed_head else 'off',
                               speed_max=speed_max if cfg.speed_head else 0.0)
     scales = [float(s) for s in cfg.tune_scales.split(',') if s.strip()]
@@ -280,6 +291,7 @@ def run(cfg: TrainFilterConfig) -> dict:
         filter_cfg, table = tune_filter(filter_cfg, model, tune, scales, speed_scales)
     metrics = {'history': history, 'best_epoch': best_epoch, 'train_seconds': train_s,
                'tune_t_rel': table,
+               'imu_time_offset_s': offset, 'imu_time_offset_rms_rad': offset_costs,
                'calibration': {'R_base_imu': calib.R_base_imu.tolist(),
                                'nhc_rpy_deg': list(calib.nhc_rpy_deg),
                                'nhc_point_base': calib.nhc_point_base.tolist(),
