@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
     cfg = TrainFilterConfig(kitti_sample=str(kitti_sample), out=str(out),
                             train_sequences='05,08', val_sequences='04', epochs=4,
                             max_windows_per_sequence=600, window=100, channels=16, hidden=32,
-                            tune_scales='', tune_speed_scales='', threads=1)
+                            tune_scales='', tune_speed_scales='', threads=1, seeds=2)
     metrics = train_run(cfg)
     assert snapshot(kitti_sample) == before        # nothing written under the data
     return out, metrics
@@ -66,6 +66,10 @@ def test_short_real_imu_training_lowers_validation_loss(trained):
     assert history[-1]['val_loss'] < history[0]['val_loss'], history
     assert history[-1]['val_speed_mae'] < history[0]['val_speed_mae'], history
     assert path.is_file()
+    # Two seeds trained; the one with the lower validation loss (no tuning here) is kept.
+    scores = metrics['seed_scores']
+    assert sorted(scores) == ['0', '1'] and scores['0'] != scores['1']
+    assert metrics['seed'] == int(min(scores, key=scores.get))
     val = metrics['val_04']
     assert np.isfinite(val['t_rel']) and np.isfinite(val['r_rel'])
 

@@ -86,11 +86,15 @@ class TrainFilterConfig(ConfigBase):
         'help': 'sequences whose mean t_rel chooses the variance factors (the training ones '
                 'see an in-sample network, so the validation sequence is included)'})
     seed: int = field(default=0, metadata={'help': 'torch and shuffling seed'})
+    seeds: int = field(default=3, metadata={
+        'help': 'networks trained, with seeds seed, seed+1, ...; the one whose tuned filter has '
+                'the lowest mean t_rel over tune_sequences is kept (without tuning: the lowest '
+                'validation loss). One network varies much from seed to seed'})
     threads: int = field(default=2, metadata={'help': 'torch CPU threads'})
 
     def __post_init__(self):
         for name in ('epochs', 'batch_size', 'window', 'channels', 'hidden', 'threads',
-                     'stop_oversample'):
+                     'stop_oversample', 'seeds'):
             if getattr(self, name) < 1:
                 raise ValueError(f'TrainFilterConfig.{name} must be >= 1, got '
                                  f'{getattr(self, name)}')
@@ -271,25 +275,40 @@ def run(cfg: TrainFilterConfig) -> dict:
     val_ws = make(val) if val else None
     log.info('%d training windows, %d validation windows of %d samples', len(train_ws.windows),
              0 if val_ws is None else len(val_ws.windows), cfg.window)
-    t0 = time.perf_counter()
-    net, history, best_epoch = train_noise_net(cfg, train_ws, val_ws)
-    train_s = time.perf_counter() - t0
-    model = NoiseModel(net)
     # Speed updates only inside the speed range the network was trained on.
     speed_max = SPEED_RANGE_MARGIN * float(np.abs(train_ws.speed).max())
-    filter_cfg = FilterConfig(nhc_rpy_deg=calib.nhc_rpy_deg, nhc_slip_mean=calib.slip_s,
-                              imu_time_offset_s=offset,
-                              speed_mode='init' if cfg.speed_head else 'off',
-                              speed_max=speed_max if cfg.speed_head else 0.0)
+    base_cfg = FilterConfig(nhc_rpy_deg=calib.nhc_rpy_deg, nhc_slip_mean=calib.slip_s,
+                            imu_time_offset_s=offset,
+                            speed_mode='init' if cfg.speed_head else 'off',
+                            speed_max=speed_max if cfg.speed_head else 0.0)
     scales = [float(s) for s in cfg.tune_scales.split(',') if s.strip()]
     speed_scales = [float(s) for s in cfg.tune_speed_scales.split(',') if s.strip()]
-    table = {}
+    tune = []
     if scales or speed_scales:
         loaded = {s.name: s for s in train + val}
         tune = [loaded.get(s) or load_imu_sequence(root, s, imu_path)
                 for s in parse_sequences(cfg.tune_sequences)]
-        filter_cfg, table = tune_filter(filter_cfg, model, tune, scales, speed_scales)
+    t0 = time.perf_counter()
+    candidates = []
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        net, history, best_epoch = train_noise_net(cfg.replace(seed=seed), train_ws, val_ws)
+        model = NoiseModel(net)
+        filter_cfg, table = base_cfg, {}
+        if tune:
+            filter_cfg, table = tune_filter(base_cfg, model, tune, scales, speed_scales)
+            score = min(table.values())
+        else:
+            score = min(h.get('val_loss', h['train_loss']) for h in history)
+        log.info('seed %d: %s %.4f', seed, 'mean t_rel' if tune else 'loss', score)
+        candidates.append((score, seed, net, history, best_epoch, model, filter_cfg, table))
+    train_s = time.perf_counter() - t0
+    score, seed, net, history, best_epoch, model, filter_cfg, table = min(
+        candidates, key=lambda c: c[0])
+    if cfg.seeds > 1:
+        log.info('kept seed %d (%s)', seed, ', '.join(f'seed {c[1]}: {c[0]:.4f}'
+                                                     for c in candidates))
     metrics = {'history': history, 'best_epoch': best_epoch, 'train_seconds': train_s,
+               'seed': seed, 'seed_scores': {str(c[1]): c[0] for c in candidates},
                'tune_t_rel': table,
                'imu_time_offset_s': offset, 'imu_time_offset_rms_rad': offset_costs,
                'calibration': {'R_base_imu': calib.R_base_imu.tolist(),
