@@ -3,6 +3,8 @@ without ROS: the synchronizer's IMU store is a real Synchronizer fed the samples
 the steps come as the trainer hands them over. Equal to the offline run_filter at scan rate;
 poses at IMU rate between scans; a hole bridged by the filter; camera and LiDAR gone -> the
 IMU carries the pose on."""
+import contextlib
+
 import numpy as np
 import pytest
 from test_filter import drive, noisy, true_relative
@@ -228,32 +230,54 @@ def test_build_filter_source_modes(tmp_path):
         OnlineFilterConfig(publish_rate='fast')
 
 
+@contextlib.contextmanager
+def _probe_node(*params):
+    """A node in a context of its own, started with `-p NAME:=VALUE` for each of params."""
+    import rclpy
+    from rclpy.node import Node
+    context = rclpy.Context()
+    rclpy.init(context=context, args=['x', '--ros-args', *[a for p in params for a in ('-p', p)]])
+    try:
+        node = Node('params_probe', context=context)
+        try:
+            yield node
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=context)
+
+
 def test_filter_mode_on_given_as_a_ros_argument_is_a_mode_not_a_boolean():
     """`--set filter.mode:=on` reaches the node as YAML 1.1, which reads on / off as booleans:
     the text parameter takes them, the config makes them its modes; a bad text still fails
     naming the field."""
-    import rclpy
-    from rclpy.node import Node
-
     from mm_fusion_ros.ros.params import declare_config
-    context = rclpy.Context()
-    rclpy.init(context=context, args=['x', '--ros-args', '-p', 'filter.mode:=on',
-                                      '-p', 'filter.publish_rate:=scan'])
-    try:
-        node = Node('params_probe', context=context)
+    with _probe_node('filter.mode:=on', 'filter.publish_rate:=scan') as node:
         cfg = declare_config(node, OnlineFilterConfig, 'filter.')
         assert cfg.mode == 'on' and cfg.publish_rate == 'scan'
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-        context = rclpy.Context()
-        rclpy.init(context=context, args=['x', '--ros-args', '-p', 'filter.publish_rate:=no'])
-        node = Node('params_probe', context=context)
+    with _probe_node('filter.publish_rate:=no') as node:
         with pytest.raises(ValueError, match='publish_rate'):
             declare_config(node, OnlineFilterConfig, 'filter.')
-        node.destroy_node()
-    finally:
-        rclpy.try_shutdown(context=context)
     assert OnlineFilterConfig(mode=False).mode == 'off'
+
+
+def test_a_double_parameter_given_as_an_integer_or_as_text_is_taken_as_a_double():
+    """`--set filter.relpose_var_scale:=300` reaches the node as an integer and `1e-5` as text
+    (YAML 1.1); both are the doubles they mean, as `ros2 param set` takes them (as_doubles).
+    Text that is no number still fails, naming the parameter."""
+    from rclpy.exceptions import InvalidParameterTypeException
+    from rclpy.parameter import Parameter
+
+    from mm_fusion_ros.ros.params import declare_config
+    with _probe_node('filter.relpose_var_scale:=300', 'filter.relpose_min_std_m:=1e-3') as node:
+        cfg = declare_config(node, OnlineFilterConfig, 'filter.')
+        assert cfg.relpose_var_scale == 300.0 and isinstance(cfg.relpose_var_scale, float)
+        assert cfg.relpose_min_std_m == 1e-3
+        for name in ('filter.relpose_var_scale', 'filter.relpose_min_std_m'):
+            assert node.get_parameter(name).type_ == Parameter.Type.DOUBLE
+    with _probe_node('filter.relpose_var_scale:=big') as node:
+        with pytest.raises(InvalidParameterTypeException, match='filter.relpose_var_scale'):
+            declare_config(node, OnlineFilterConfig, 'filter.')
 
 
 def test_imu_rate_read_out_leaves_the_covariance_propagation_alone(world):

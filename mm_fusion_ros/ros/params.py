@@ -35,6 +35,8 @@ def declare_config(node, cls, prefix='', read_only=True, overrides=None):
         # (filter.mode:=on), and the class's __post_init__ judges the value, naming the field.
         desc = ParameterDescriptor(description=f.metadata.get('help', ''), read_only=read_only,
                                    dynamic_typing=isinstance(default, str))
+        if isinstance(default, float):
+            _double_override(node, prefix + f.name)
         value = node.declare_parameter(prefix + f.name, default, desc).value
         if isinstance(f.default, tuple) or isinstance(default, list):
             value = tuple(value)
@@ -45,6 +47,21 @@ def declare_config(node, cls, prefix='', read_only=True, overrides=None):
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise ValueError(f'node {node.get_name()}: bad parameters for {cls.__name__}: {e}') from e
+
+
+def _double_override(node, name):
+    """A start-up value of a double parameter given as `name:=300` (an integer) or `1e-5` (text
+    to YAML 1.1) is taken as the double it means, as as_doubles does for `ros2 param set`;
+    rclpy would refuse it for its type. rclpy keeps the start-up values in
+    Node._parameter_overrides and has no public accessor for them; without that attribute the
+    value goes on as given, to rclpy's own error naming the parameter."""
+    given = getattr(node, '_parameter_overrides', None)
+    param = given.get(name) if isinstance(given, dict) else None
+    if param is None or param.type_ not in (Parameter.Type.INTEGER, Parameter.Type.STRING):
+        return
+    value = as_number(param.value)
+    if isinstance(value, float):
+        given[name] = Parameter(name, Parameter.Type.DOUBLE, value)
 
 
 def as_doubles(*names):
