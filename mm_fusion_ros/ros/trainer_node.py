@@ -66,6 +66,11 @@ class TrainerNode(Node):
         self.trainer = build_trainer(cfg['online'], cfg['train'], cfg['model'], cfg['sample'],
                                      cfg['buffer'], cfg['trajectory'], cfg['filter'])
         self.filter = self.trainer.filter if cfg['filter'].publish_rate == 'imu' else None
+        # The synchronizer reads it: with the IMU stamped late (imu_time_offset_s < 0) a sample
+        # waits for the IMU that takes the filter to its scan on the scans' clock.
+        running = self.trainer.filter
+        self.imu_lag_s = 0.0 if running is None else max(
+            0.0, -running.filter_cfg.imu_time_offset_s)
         self.sample_cfg, self.buffer = self.trainer.sample_cfg, self.trainer.buffer
         self.on_backlog = self.trainer.set_backlog
         self.on_ground_truth = self.trainer.trajectory.add_ground_truth

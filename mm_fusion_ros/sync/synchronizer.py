@@ -130,8 +130,11 @@ class Synchronizer:
     """
 
     def __init__(self, sample_cfg: SampleConfig = None, sync_cfg: SyncConfig = None, *,
-                 origin_ns: int = None, calibration: Calibration = None):
+                 origin_ns: int = None, calibration: Calibration = None, imu_lag_ns: int = 0):
+        """imu_lag_ns: a sample waits for IMU stamped this far past its scan (an IMU stamped
+        late: the online inertial filter needs it to reach the scan on the scans' clock)."""
         self.sample_cfg = sample_cfg or SampleConfig()
+        self._imu_lag = max(0, int(imu_lag_ns))
         self.cfg = sync_cfg or SyncConfig()
         self._uses = set(self.sample_cfg.modalities)
         self._lock = threading.Lock()
@@ -221,7 +224,7 @@ class Synchronizer:
                 self._route('imu', stamp, row)
                 if self._run != run or (ring.n > n and ring.stamps[ring.n - 1] != stamp) or \
                         (self._scans and self._imu_latest is not None and
-                         self._imu_latest >= self._scans[0].stamp):
+                         self._imu_latest >= self._scans[0].stamp + self._imu_lag):
                     self._advance()
             self._advance()
 
@@ -544,7 +547,7 @@ class Synchronizer:
     def _imu_complete(self, scan: _Scan) -> bool:
         if 'imu' not in self._uses:
             return True
-        if self._imu_latest is not None and self._imu_latest >= scan.stamp:
+        if self._imu_latest is not None and self._imu_latest >= scan.stamp + self._imu_lag:
             return True
         return self._waited(scan.stamp, self._imu_timeout)
 
