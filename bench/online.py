@@ -308,18 +308,32 @@ class Case:
     imu_odom: tuple = None     # imu_odom_summary
 
 
-def imu_odom_summary(odom_arrival: dict, scan_stamps, imu_published: dict):
+def imu_odom_summary(odom_arrival: dict, scan_stamps, imu_published: dict, offset_ns=0):
     """(messages, messages per second, latencies [ms]) of the odometry at stamps other than
     the scans': rate over first to last arrival; latency = arrival - publication of the IMU
-    message of that stamp (stamps the player did not publish are left out)."""
+    message of that stamp (stamps the player did not publish are left out). offset_ns: the
+    filter's imu_time_offset_s; its IMU-rate poses carry the IMU stamp plus it (the scans'
+    clock)."""
     arrivals = {s: t for s, t in odom_arrival.items() if s not in scan_stamps}
     if not arrivals:
         return 0, float('nan'), np.array([])
     span = max(arrivals.values()) - min(arrivals.values())
     rate = (len(arrivals) - 1) / span if span > 0 else float('nan')
-    latency = np.array([(t - imu_published[s]) * 1e3 for s, t in arrivals.items()
-                        if s in imu_published])
+    latency = np.array([(t - imu_published[s - offset_ns]) * 1e3 for s, t in arrivals.items()
+                        if s - offset_ns in imu_published])
     return len(arrivals), rate, latency
+
+
+def filter_offset_ns(settings) -> int:
+    """imu_time_offset_s [ns] of the filter checkpoint given as --set filter.checkpoint:=PATH
+    (0 without one): a filter fitted to a late-stamped IMU stamps its IMU-rate poses on the
+    scans' clock."""
+    paths = [item.split(':=', 1)[1] for item in settings
+             if item.split(':=', 1)[0] == 'filter.checkpoint' and ':=' in item]
+    if not paths or not paths[-1]:
+        return 0
+    from mm_fusion_ros.filter.checkpoint import load_filter
+    return round(load_filter(paths[-1])[0].imu_time_offset_s * 1e9)
 
 
 def node_command(args, case, out: Path):
@@ -395,7 +409,8 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
         case.latency_ms = np.array([(arrival[s] - published[s]) * 1e3 for s in arrival])
         case.imu_rate = probe.imu_rate(scans)
         with probe.lock:
-            case.imu_odom = imu_odom_summary(probe.odom_arrival, scans, imu_published)
+            case.imu_odom = imu_odom_summary(probe.odom_arrival, scans, imu_published,
+                                             filter_offset_ns(args.set))
         first_pub = min(published.values())
         # The buffer is full once `buffer` samples were emitted: the scan buffer+1's pose.
         stamps = sorted(published)

@@ -49,3 +49,17 @@ def test_imu_rate_poses_come_from_the_path(bench):
     n, rate, latency = bench.imu_odom_summary(odom, SCANS, {1110: 5.2, 1120: 5.2})
     assert n == 3 and rate == pytest.approx(2 / 0.02)
     assert np.allclose(np.sort(latency), [10.0, 20.0])   # 1130 was not published: left out
+    # A filter with imu_time_offset_s -0.06 stamps the pose of IMU message t at t - 60 ms.
+    late = {s - 60: t for s, t in odom.items() if s != 1000}
+    _, _, shifted = bench.imu_odom_summary(late, SCANS, {1110: 5.2, 1120: 5.2}, offset_ns=-60)
+    assert np.allclose(np.sort(shifted), [10.0, 20.0])
+    assert len(bench.imu_odom_summary(late, SCANS, {1110: 5.2, 1120: 5.2})[2]) == 0
+
+
+def test_the_filter_offset_comes_from_the_filter_checkpoint_given(bench, tmp_path):
+    from mm_fusion_ros.filter.checkpoint import filter_payload, save_filter_checkpoint
+    from mm_fusion_ros.filter.config import FilterConfig
+    path = save_filter_checkpoint(tmp_path / 'f.pth',
+                                  filter_payload(FilterConfig(imu_time_offset_s=-0.0609)))
+    assert bench.filter_offset_ns(['training_enabled:=true']) == 0
+    assert bench.filter_offset_ns([f'filter.checkpoint:={path}']) == -60_900_000
