@@ -12,8 +12,9 @@ Per scan, in stamp order:
   none within slop, or no frame after `camera_timeout_s` of sensor time -> camera missing.
 - ground truth (when used, see SyncConfig.ground_truth): the pose within `gt_slop_s`, else
   missing once the GT stream passed the scan or `gt_timeout_s` elapsed.
-- IMU: the sample waits until an IMU stamp >= the scan stamp arrived (or `imu_timeout_s`); the
-  window itself is cut and resampled by build_sample from the ring buffer.
+- IMU: the sample waits until an IMU stamp >= the scan stamp (+ imu_lag_ns, for an online
+  filter whose IMU is stamped late) arrived (or `imu_timeout_s`); the window itself is cut and
+  resampled by build_sample from the ring buffer.
 A missing camera/IMU either masks the modality off or drops the sample (`missing_policy`).
 Scans further apart than `max_scan_gap_s` restart the chain. Every drop is counted by reason.
 
