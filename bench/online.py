@@ -353,6 +353,7 @@ def node_command(args, case, out: Path):
 
 def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
     out.mkdir(parents=True, exist_ok=True)
+    offset_ns = filter_offset_ns(args.set)   # read before the replay, not under the probe's lock
     log_path = out / 'node.log'
     with open(log_path, 'w') as log:
         proc = subprocess.Popen(node_command(args, case, out), env=env, stdout=log,
@@ -410,7 +411,7 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
         case.imu_rate = probe.imu_rate(scans)
         with probe.lock:
             case.imu_odom = imu_odom_summary(probe.odom_arrival, scans, imu_published,
-                                             filter_offset_ns(args.set))
+                                             offset_ns)
         first_pub = min(published.values())
         # The buffer is full once `buffer` samples were emitted: the scan buffer+1's pose.
         stamps = sorted(published)
