@@ -92,6 +92,64 @@ def test_an_imu_stamped_late_is_put_back_on_the_scans_clock():
     assert np.median(errors[0.0]) > 0.2, np.median(errors[0.0])     # 12.5 m/s * 40 ms = 0.5 m
 
 
+@pytest.mark.parametrize('late', [0.04, 0.15])
+def test_a_scan_ahead_of_the_imu_is_forecast_and_its_relative_pose_waits_for_the_imu(late):
+    """Online with the IMU stamped `late` s late: each scan and its relative pose arrive when
+    the IMU's own clock reaches the scan, before the filter does. forecast() gives the pose
+    there at once (the newest rates held) without changing the filter, while the scan is at
+    most max_gap_s ahead (0.1 s; at 0.15 s the start of the relative pose is ahead too). The
+    relative pose waits and is applied when the IMU reaches the scan, so the scan poses are
+    the offline run's."""
+    t, rot, pos, vel, force, rate = drive(seed=3, duration=10.0)
+    cfg = FilterConfig(**IMU_ONLY, imu_time_offset_s=-late)
+    scan_idx = np.arange(0, len(t), SCAN_EVERY)
+    rel = true_relative(rot, pos, scan_idx)
+    logvar = np.tile(np.log(np.array([0.05] * 3 + [2e-3] * 3) ** 2), (len(rel), 1))
+    truth = truth_poses(rot, pos, scan_idx)
+    offline = run_filter(cfg, t + late, force, rate, t[scan_idx], rel, logvar,
+                         initial_state=(rot[0], vel[0]))
+    odo = InertialOdometry(cfg, initial_state=(rot[0], vel[0]))
+    forecast_err, settled = [], {}
+    k = 0
+    for i in range(len(t)):
+        odo.add_imu(t[i] + late, force[i], rate[i])
+        if k < len(scan_idx) and t[i] + late >= t[scan_idx[k]] - 1e-9:
+            odo.add_scan(t[scan_idx[k]])
+            if k > 0:
+                odo.add_relative_pose(t[scan_idx[k - 1]], t[scan_idx[k]], rel[k - 1],
+                                      logvar[k - 1])
+            if k > 0:       # the first scan is the filter's start, reached at once
+                assert odo.scan_readout(t[scan_idx[k]]) is None    # the filter is not there
+                before = (odo.ekf.R.copy(), odo.ekf.p.copy(), odo.ekf.P.copy(), odo.stamp)
+                ahead = odo.forecast(t[scan_idx[k]])
+                after = (odo.ekf.R, odo.ekf.p, odo.ekf.P, odo.stamp)
+                for b, a in zip(before, after):
+                    np.testing.assert_array_equal(b, a)
+                if t[scan_idx[k]] - odo.stamp > cfg.max_gap_s:
+                    assert ahead is None
+                else:
+                    T, cov = ahead
+                    assert np.isfinite(cov).all() and np.all(np.diag(cov) > 0)
+                    forecast_err.append(np.linalg.norm(T[:3, 3] - truth[k, :3, 3]))
+            k += 1
+        for stamp, T, _ in odo.pop_scan_poses():
+            settled[stamp] = T
+    for stamp, T, _ in odo.close():
+        settled[stamp] = T
+    assert odo.counts['scan_forecasts'] == len(forecast_err)
+    if late < cfg.max_gap_s:
+        assert len(forecast_err) == len(scan_idx) - 1
+        assert max(forecast_err) < 0.05, max(forecast_err)   # 12 m/s x 40 ms = 0.5 m
+    else:
+        assert len(forecast_err) < 3        # only near the start
+    assert odo.counts['relpose_applied'] == len(rel)
+    assert odo.counts['relpose_no_clone'] == 0
+    online = np.stack([settled[s] for s in t[scan_idx]])
+    np.testing.assert_allclose(online, offline.scan_poses, atol=1e-6)
+    assert odo.forecast(odo.stamp + cfg.max_gap_s + 0.01) is None
+    assert odo.forecast(odo.stamp) is None
+
+
 def _right_invariant_error(R_hat, v_hat, p_hat, R, v, p):
     eta = R @ R_hat.T
     return np.concatenate([so3_log(eta), v - eta @ v_hat, p - eta @ p_hat])

@@ -13,6 +13,7 @@ vertical_logvar and, when has_speed, speed, speed_logvar (forward speed at the w
 speed0, speed0_logvar (at its start). filter.noise_net.NoiseModel is the learned one.
 """
 from collections import deque
+import copy
 from dataclasses import dataclass, field
 import logging
 import math
@@ -37,7 +38,8 @@ HISTORY_S = 1.0           # [s] of nominal states kept to back-date a late scan
 COUNT_KEYS = ('imu_accepted', 'imu_rejected_nonfinite', 'imu_rejected_spike',
               'imu_rejected_stamp', 'imu_gaps', 'zupt_updates', 'nhc_updates', 'speed_updates',
               'scans', 'scans_late', 'scans_too_old', 'clones_evicted', 'relpose_applied',
-              'relpose_gated', 'relpose_no_clone', 'relpose_waiting_dropped')
+              'relpose_gated', 'relpose_no_clone', 'relpose_waiting_dropped',
+              'scan_forecasts')
 
 
 def _logvar_to_cov(logvar):
@@ -229,6 +231,24 @@ class InertialOdometry:
         after the relative pose ending there (what pop_scan_poses will give); else None."""
         key = self._clone_key(float(stamp))
         return None if key is None else self._open_scans[key]
+
+    def forecast(self, stamp):
+        """(T_odom_base, cov6) at a stamp ahead of the newest IMU sample, by at most
+        max_gap_s: the state carried there with that sample's rates held, on a copy (the
+        filter is not changed); else None. A scan reached this way is the online node's pose
+        while the IMU that reaches it is still to come (an IMU stamped late)."""
+        if self.ekf is None:
+            return None
+        t, accel, gyro = self._last
+        dt = float(stamp) - t
+        if not STAMP_TOL < dt <= self.cfg.max_gap_s:
+            return None
+        ekf = copy.copy(self.ekf)
+        ekf.P = self.ekf.P.copy()      # flush() writes into P; the nominal state is replaced
+        ekf.propagate(gyro, accel, dt)
+        T = self.T_world_odom_inv @ make_pose(ekf.R, ekf.p) @ self.T_imu_lidar
+        self.counts['scan_forecasts'] += 1
+        return T, self._odom_cov(ekf.pose_covariance(self.T_imu_lidar))
 
     def _clone_readout(self, key):
         R, p, cov = self.ekf.clone_pose(key)
@@ -510,13 +530,12 @@ class InertialOdometry:
         self._clone(stamp, rot, pos, back_s=now - stamp)
 
     def _add_relative(self, t_from, t_to, vec6, cov):
-        key_from = self._clone_key(t_from)
-        if key_from is None:
+        key_from, key_to = self._clone_key(t_from), self._clone_key(t_to)
+        if key_from is None and not self._is_pending(t_from):
             self.counts['relpose_no_clone'] += 1
             return
-        key_to = self._clone_key(t_to)
-        if key_to is None:
-            if any(abs(t - t_to) <= STAMP_TOL for t in self._pending_scans):
+        if key_from is None or key_to is None:
+            if self._is_pending(t_to):
                 self._waiting_rel.append((t_from, t_to, vec6, cov))
             else:
                 self.counts['relpose_no_clone'] += 1
@@ -532,9 +551,14 @@ class InertialOdometry:
         for key in [k for k in self.ekf.clones if k < key_to - STAMP_TOL]:
             self._drop_clone(key)
 
+    def _is_pending(self, stamp) -> bool:
+        return any(abs(t - stamp) <= STAMP_TOL for t in self._pending_scans)
+
     def _apply_waiting(self):
-        ready = [w for w in self._waiting_rel if self._clone_key(w[1]) is not None]
-        self._waiting_rel = [w for w in self._waiting_rel if self._clone_key(w[1]) is None]
+        def cloned(w):
+            return self._clone_key(w[0]) is not None and self._clone_key(w[1]) is not None
+        ready = [w for w in self._waiting_rel if cloned(w)]
+        self._waiting_rel = [w for w in self._waiting_rel if not cloned(w)]
         for args in ready:
             self._add_relative(*args)
 
