@@ -102,19 +102,6 @@ def test_imu_window_between_scans_and_waits_for_imu():
     assert sample['dt'] == np.float32(0.1)
 
 
-def test_with_an_imu_lag_a_sample_waits_for_the_imu_past_its_scan():
-    """imu_lag_ns (the online filter's IMU stamped 60 ms late): the sample is held until IMU
-    stamped 60 ms past its scan arrived, and its IMU window is the same as without the lag."""
-    sync = Synchronizer(CFG, SyncConfig(), origin_ns=0, imu_lag_ns=60 * MS)
-    feed_imu(sync, 0, 150)
-    feed_scans(sync, [0, 100])
-    assert sync.pop_ready() == []       # IMU up to 150 ms: not yet 100 + 60
-    feed_imu(sync, 160, 160)
-    (sample,) = sync.pop_ready()
-    np.testing.assert_allclose(sample['imu'][:, 5], np.linspace(0.0, 0.1, CFG.imu_steps),
-                               rtol=0, atol=1e-7)
-
-
 def test_imu_window_config_longer_than_scan_interval():
     cfg = SampleConfig(image_height=8, image_width=8, max_points=16, imu_steps=5,
                        imu_window_s=0.3)

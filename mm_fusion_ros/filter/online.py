@@ -7,7 +7,10 @@ segment. The IMU comes from the synchronizer's store (Synchronizer.imu_after: th
 stamp), pulled when a step arrives and, at IMU rate, by poll(); the synchronizer's intake is not
 touched. Per step k-1 -> k of the network: the IMU up to scan k, scan k (a cloned pose), the
 network's relative pose with its log-variance (RelativePoseNoise: scaled, floored); the pose is
-the filter's at scan k after that update, with its covariance. A step predicted without camera
+the filter's at scan k after that update, with its covariance. Where the IMU has not reached
+scan k yet (an IMU stamped late, imu_time_offset_s < 0), the pose is the filter's state carried
+to the scan with the newest rates (InertialOdometry.forecast), published at once; the relative
+pose is applied when the IMU reaches the scan. A step predicted without camera
 and LiDAR gives the filter no relative pose: it carries on with the IMU and its pseudo-
 measurements. A missing step (a hole) is bridged by the filter the same way.
 
@@ -159,12 +162,18 @@ class FilterPoseSource:
         self.counts = {'filter_steps': 0, 'filter_chained_steps': 0, 'filter_imu_only_steps': 0,
                        'filter_bridged': 0, 'filter_imu_poses': 0, 'filter_segments': 0}
         self.odo = None
+        self._anchor = None
         self.segment = -1
         self._extrinsic_logged = False
 
     @property
     def imu_rate(self) -> bool:
         return self.cfg.publish_rate == 'imu'
+
+    @property
+    def imu_poses_flowing(self) -> bool:
+        """publish_rate imu and the filter's poses anchored: poll() gives the IMU-rate poses."""
+        return self.imu_rate and self._anchor is not None
 
     def connect(self, imu_after, base_imu=None) -> None:
         with self._lock:
@@ -336,6 +345,11 @@ class FilterPoseSource:
     def _place(self, prev_ns, cur_ns, mean6, cov6):
         """(pose, covariance in the segment's odom axes) at scan cur."""
         now = self._filter_scan_pose(cur_ns)
+        if now is None and self.odo.initialised:
+            # The IMU that takes the filter to this scan is still to come (an IMU stamped late:
+            # imu_time_offset_s < 0): the filter's state carried there now, rather than wait
+            # for it; the scan's relative pose is applied when the IMU reaches it.
+            now = self.odo.forecast(self._sec(cur_ns))   # counted as filter_scan_forecasts
         if now is None:     # no filter pose (yet): chain, and anchor afresh when one comes
             self._anchor = None
             step = vec6_to_pose(mean6)

@@ -2,7 +2,7 @@
 the paths /mm_fusion/path and /mm_fusion/gt_path (bounded and throttled, runtime/paths.py).
 
 Scan poses (trajectory PoseRecords) go to the paths and, when newer than what was published,
-to odom and TF; the inertial filter's IMU-rate poses go to odom and TF only (runtime.paths.
+to odom and TF (not while the filter's IMU-rate poses are odom); the inertial filter's IMU-rate poses go to odom and TF only (runtime.paths.
 OdomOrder keeps those going forward in time). Called from the synchronizer's dispatch thread
 and the node's timers: one lock. One Odometry message is filled and published for every pose
 (rclpy serialises it within publish()); the path poses get headers of their own.
@@ -36,13 +36,14 @@ class PoseOutput:
         self.odom = Odometry()     # filled again for every pose, under the lock
         self.tf_pub = node.create_publisher(TFMessage, '/tf', 50) if TFMessage else None
 
-    def publish(self, record, path=True) -> None:
-        """A pose: odom and TF when it is the newest of its segment; the paths when `path`."""
+    def publish(self, record, path=True, odom=True) -> None:
+        """A pose: odom and TF (with `odom`) when it is the newest of its segment; the paths
+        when `path`."""
         with self.lock:
-            odom = self.odom
-            conversions.fill_odometry(odom, record, topics.ODOM_FRAME, topics.PRED_FRAME)
-            if self.order.admit(record.segment, record.stamp_ns):
-                self._publish_odom(odom, record)
+            if odom and self.order.admit(record.segment, record.stamp_ns):
+                msg = self.odom
+                conversions.fill_odometry(msg, record, topics.ODOM_FRAME, topics.PRED_FRAME)
+                self._publish_odom(msg, record)
             if not path:
                 return
             for trail, pose in zip(self.trails, (record.pose, record.gt_pose)):

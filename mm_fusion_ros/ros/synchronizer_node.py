@@ -35,7 +35,7 @@ from mm_fusion_ros.sync.config import BufferConfig, InputConfig, SyncConfig
 from mm_fusion_ros.sync.frames import FrameConfig, FrameError, FrameGuard
 from mm_fusion_ros.sync.imu_intake import ImuIntake
 from mm_fusion_ros.sync.replay_buffer import open_buffer
-from mm_fusion_ros.sync.synchronizer import seconds_to_ns, Synchronizer
+from mm_fusion_ros.sync.synchronizer import Synchronizer
 
 try:  # No wheel exists for tf2_msgs: static transforms then come from frames.static_transforms.
     from tf2_msgs.msg import TFMessage
@@ -65,11 +65,9 @@ class SynchronizerNode(Node):
             self.inputs.buffer_path, declare_config(self, *self.PARAMETERS['buffer']),
             self.sample_cfg)
         self.calib = CalibrationTracker(self.frames.cfg, self.frames.transforms)
-        # The sink's inertial filter may need the IMU past each scan (an IMU stamped late).
         self.sync = Synchronizer(self.sample_cfg,
                                  sync_cfg.for_supervision(getattr(sink, 'supervision', None)),
-                                 calibration=self.calib.current,
-                                 imu_lag_ns=seconds_to_ns(getattr(sink, 'imu_lag_s', 0.0)))
+                                 calibration=self.calib.current)
         self.imu_intake = ImuIntake(self.sync, self.frames)
         self.faults, self.log_throttle = FaultLog(), LogThrottle(5.0)
         self.dispatcher = SampleDispatcher(

@@ -66,11 +66,6 @@ class TrainerNode(Node):
         self.trainer = build_trainer(cfg['online'], cfg['train'], cfg['model'], cfg['sample'],
                                      cfg['buffer'], cfg['trajectory'], cfg['filter'])
         self.filter = self.trainer.filter if cfg['filter'].publish_rate == 'imu' else None
-        # The synchronizer reads it: with the IMU stamped late (imu_time_offset_s < 0) a sample
-        # waits for the IMU that takes the filter to its scan on the scans' clock.
-        running = self.trainer.filter
-        self.imu_lag_s = 0.0 if running is None else max(
-            0.0, -running.filter_cfg.imu_time_offset_s)
         self.sample_cfg, self.buffer = self.trainer.sample_cfg, self.trainer.buffer
         self.on_backlog = self.trainer.set_backlog
         self.on_ground_truth = self.trainer.trajectory.add_ground_truth
@@ -106,18 +101,22 @@ class TrainerNode(Node):
 
     # --- samples in, poses out ------------------------------------------------------------
     def on_sample(self, sample) -> None:
-        self._publish(self.trainer.on_sample(sample).poses, path=True)
+        records = self.trainer.on_sample(sample).poses
+        # While the filter's IMU-rate poses flow, they are odom; a scan pose placed ahead of
+        # them (a forecast, with the IMU stamped late) would hold them back (OdomOrder).
+        odom = self.filter is None or not self.filter.imu_poses_flowing
+        self._publish(records, path=True, odom=odom)
 
     def _imu_step(self):
         self.imu_pace.wait()
         self._publish(self.filter.poll(), path=False)
 
-    def _publish(self, records, path):
+    def _publish(self, records, path, odom=True):
         for record in records:
             if not self.context.ok():   # shutting down: the sample counts, nothing to publish
                 return
             try:
-                self.out.publish(record, path)
+                self.out.publish(record, path, odom)
             except _rclpy.RCLError as e:
                 if self.context.ok():
                     raise

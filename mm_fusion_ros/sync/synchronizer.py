@@ -12,9 +12,8 @@ Per scan, in stamp order:
   none within slop, or no frame after `camera_timeout_s` of sensor time -> camera missing.
 - ground truth (when used, see SyncConfig.ground_truth): the pose within `gt_slop_s`, else
   missing once the GT stream passed the scan or `gt_timeout_s` elapsed.
-- IMU: the sample waits until an IMU stamp >= the scan stamp (+ imu_lag_ns, for an online
-  filter whose IMU is stamped late) arrived (or `imu_timeout_s`); the window itself is cut and
-  resampled by build_sample from the ring buffer.
+- IMU: the sample waits until an IMU stamp >= the scan stamp arrived (or `imu_timeout_s`); the
+  window itself is cut and resampled by build_sample from the ring buffer.
 A missing camera/IMU either masks the modality off or drops the sample (`missing_policy`).
 Scans further apart than `max_scan_gap_s` restart the chain. Every drop is counted by reason.
 
@@ -131,11 +130,8 @@ class Synchronizer:
     """
 
     def __init__(self, sample_cfg: SampleConfig = None, sync_cfg: SyncConfig = None, *,
-                 origin_ns: int = None, calibration: Calibration = None, imu_lag_ns: int = 0):
-        """imu_lag_ns: a sample waits for IMU stamped this far past its scan (an IMU stamped
-        late: the online inertial filter needs it to reach the scan on the scans' clock)."""
+                 origin_ns: int = None, calibration: Calibration = None):
         self.sample_cfg = sample_cfg or SampleConfig()
-        self._imu_lag = max(0, int(imu_lag_ns))
         self.cfg = sync_cfg or SyncConfig()
         self._uses = set(self.sample_cfg.modalities)
         self._lock = threading.Lock()
@@ -225,7 +221,7 @@ class Synchronizer:
                 self._route('imu', stamp, row)
                 if self._run != run or (ring.n > n and ring.stamps[ring.n - 1] != stamp) or \
                         (self._scans and self._imu_latest is not None and
-                         self._imu_latest >= self._scans[0].stamp + self._imu_lag):
+                         self._imu_latest >= self._scans[0].stamp):
                     self._advance()
             self._advance()
 
@@ -548,7 +544,7 @@ class Synchronizer:
     def _imu_complete(self, scan: _Scan) -> bool:
         if 'imu' not in self._uses:
             return True
-        if self._imu_latest is not None and self._imu_latest >= scan.stamp + self._imu_lag:
+        if self._imu_latest is not None and self._imu_latest >= scan.stamp:
             return True
         return self._waited(scan.stamp, self._imu_timeout)
 
