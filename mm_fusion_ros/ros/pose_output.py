@@ -2,10 +2,11 @@
 the paths /mm_fusion/path and /mm_fusion/gt_path (bounded and throttled, runtime/paths.py).
 
 Scan poses (trajectory PoseRecords) go to the paths and, when newer than what was published,
-to odom and TF (not while the filter's IMU-rate poses are odom); the inertial filter's IMU-rate poses go to odom and TF only (runtime.paths.
-OdomOrder keeps those going forward in time). Called from the synchronizer's dispatch thread
-and the node's timers: one lock. One Odometry message is filled and published for every pose
-(rclpy serialises it within publish()); the path poses get headers of their own.
+to odom and TF (not while the filter's IMU-rate poses are odom); the inertial filter's IMU-rate
+poses go to odom and TF only (runtime.paths.OdomOrder keeps those going forward in time).
+Called from the synchronizer's dispatch thread and the node's timers: one lock. One Odometry
+message is filled and published for every pose (rclpy serialises it within publish()); the path
+poses get headers of their own.
 """
 import threading
 
