@@ -148,6 +148,14 @@ def test_a_scan_ahead_of_the_imu_is_forecast_and_its_relative_pose_waits_for_the
     np.testing.assert_allclose(online, offline.scan_poses, atol=1e-6)
     assert odo.forecast(odo.stamp + cfg.max_gap_s + 0.01) is None
     assert odo.forecast(odo.stamp) is None
+    assert odo.counts['relpose_waiting_dropped'] == 0
+    # A relative pose to a scan that the IMU never reaches is counted when the filter closes.
+    last = odo.stamp
+    odo.add_scan(last + 1.0)
+    odo.add_scan(last + 1.1)
+    odo.add_relative_pose(last + 1.0, last + 1.1, rel[-1], logvar[-1])
+    odo.close()
+    assert odo.counts['relpose_waiting_dropped'] == 1
 
 
 def _right_invariant_error(R_hat, v_hat, p_hat, R, v, p):

@@ -217,6 +217,9 @@ class InertialOdometry:
                 self._clone(t_s)
             for key in list(self.ekf.clones):
                 self._drop_clone(key)
+        # Relative poses still waiting for a scan the IMU never reached: counted, not lost.
+        self.counts['relpose_waiting_dropped'] += len(self._waiting_rel)
+        self._waiting_rel = []
         return self.pop_scan_poses()
 
     def scan_pose(self, stamp):
