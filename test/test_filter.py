@@ -136,7 +136,6 @@ def test_a_scan_ahead_of_the_imu_is_forecast_and_its_relative_pose_waits_for_the
             settled[stamp] = T
     for stamp, T, _ in odo.close():
         settled[stamp] = T
-    assert odo.counts['scan_forecasts'] == len(forecast_err)
     if late < cfg.max_gap_s:
         assert len(forecast_err) == len(scan_idx) - 1
         assert max(forecast_err) < 0.05, max(forecast_err)   # 12 m/s x 40 ms = 0.5 m

@@ -38,8 +38,7 @@ HISTORY_S = 1.0           # [s] of nominal states kept to back-date a late scan
 COUNT_KEYS = ('imu_accepted', 'imu_rejected_nonfinite', 'imu_rejected_spike',
               'imu_rejected_stamp', 'imu_gaps', 'zupt_updates', 'nhc_updates', 'speed_updates',
               'scans', 'scans_late', 'scans_too_old', 'clones_evicted', 'relpose_applied',
-              'relpose_gated', 'relpose_no_clone', 'relpose_waiting_dropped',
-              'scan_forecasts')
+              'relpose_gated', 'relpose_no_clone', 'relpose_waiting_dropped')
 
 
 def _logvar_to_cov(logvar):
@@ -94,6 +93,7 @@ class InertialOdometry:
         self._pending_scans = []   # scan stamps ahead of the filter, ascending
         self._waiting_rel = []     # relative poses whose end scan is still ahead
         self._open_scans = {}      # cloned scan stamp -> (T_odom_base, cov6), still improving
+        self._settled = set()      # cloned scans whose ending relative pose was applied
         self._record_only = set()  # scan stamps to read out, not clone
         self._finished_scans = []  # (stamp, T_odom_base, cov6) whose clone was let go
         self.standstill = False
@@ -229,6 +229,11 @@ class InertialOdometry:
             return None
         return self._clone_readout(key)
 
+    def scan_settled(self, stamp) -> bool:
+        """Whether a held scan's pose has had the relative pose ending there applied."""
+        key = self._clone_key(float(stamp))
+        return key is not None and key in self._settled
+
     def scan_readout(self, stamp):
         """(T_odom_base, cov6) of a held scan as last read out: when it was cloned, or right
         after the relative pose ending there (what pop_scan_poses will give); else None."""
@@ -250,7 +255,6 @@ class InertialOdometry:
         ekf.P = self.ekf.P.copy()      # flush() writes into P; the nominal state is replaced
         ekf.propagate(gyro, accel, dt)
         T = self.T_world_odom_inv @ make_pose(ekf.R, ekf.p) @ self.T_imu_lidar
-        self.counts['scan_forecasts'] += 1
         return T, self._odom_cov(ekf.pose_covariance(self.T_imu_lidar))
 
     def _clone_readout(self, key):
@@ -497,6 +501,7 @@ class InertialOdometry:
 
     def _drop_clone(self, key):
         self.ekf.drop_clone(key)
+        self._settled.discard(key)
         T, cov = self._open_scans.pop(key)
         self._finished_scans.append((key, T, cov))
 
@@ -550,6 +555,7 @@ class InertialOdometry:
         else:
             self.counts['relpose_applied'] += 1
             self._open_scans[key_to] = self._clone_readout(key_to)
+            self._settled.add(key_to)
         # Clones older than the measurement's end are not needed any more.
         for key in [k for k in self.ekf.clones if k < key_to - STAMP_TOL]:
             self._drop_clone(key)

@@ -159,8 +159,9 @@ class FilterPoseSource:
         self.fallback = fallback   # bridge while the filter cannot (not initialised yet)
         self.imu_after, self.base_imu = None, None
         self._lock = threading.Lock()
-        self.counts = {'filter_steps': 0, 'filter_chained_steps': 0, 'filter_imu_only_steps': 0,
-                       'filter_bridged': 0, 'filter_imu_poses': 0, 'filter_segments': 0}
+        self.counts = {'filter_steps': 0, 'filter_forecast_steps': 0, 'filter_chained_steps': 0,
+                       'filter_imu_only_steps': 0, 'filter_bridged': 0, 'filter_imu_poses': 0,
+                       'filter_segments': 0}
         self.odo = None
         self._anchor = None
         self.segment = -1
@@ -345,11 +346,18 @@ class FilterPoseSource:
     def _place(self, prev_ns, cur_ns, mean6, cov6):
         """(pose, covariance in the segment's odom axes) at scan cur."""
         now = self._filter_scan_pose(cur_ns)
-        if now is None and self.odo.initialised:
+        forecast = now is None and self.odo.initialised
+        if forecast:
             # The IMU that takes the filter to this scan is still to come (an IMU stamped late:
             # imu_time_offset_s < 0): the filter's state carried there now, rather than wait
             # for it; the scan's relative pose is applied when the IMU reaches it.
-            now = self.odo.forecast(self._sec(cur_ns))   # counted as filter_scan_forecasts
+            now = self.odo.forecast(self._sec(cur_ns))
+            if now is not None and self._anchor is None and not \
+                    self.odo.scan_settled(self._sec(prev_ns)):
+                # Anchored on a forecast, the poses would stay off by what this step's relative
+                # pose, still to come, corrects (metres while the filter does not know its
+                # speed yet): anchor once prev's pose has had its relative pose.
+                now = None
         if now is None:     # no filter pose (yet): chain, and anchor afresh when one comes
             self._anchor = None
             step = vec6_to_pose(mean6)
@@ -358,7 +366,12 @@ class FilterPoseSource:
             pose = self._pose @ step
             self.counts['filter_chained_steps'] += 1
             return pose, _block_rot(pose[:3, :3], body)
-        if self._anchor is None:
+        if self._anchor is None and forecast:
+            # Continuous with the pose at prev, as the filter knows it after the relative pose
+            # ending there; the filter's own motion prev -> cur (a forecast) on from it.
+            self._anchor = self._pose @ invert_pose(
+                self._filter_scan_pose(prev_ns, current=True)[0])
+        elif self._anchor is None:
             # Continuous with the pose at prev: through the filter's own motion prev -> cur
             # where prev is still cloned (a step without a relative pose), else the network's
             # step (a relative pose lets prev's clone go; its read-out from when it was cloned
@@ -370,6 +383,7 @@ class FilterPoseSource:
             else:
                 self._anchor = self._pose @ vec6_to_pose(mean6) @ invert_pose(now[0])
         self.counts['filter_steps'] += 1
+        self.counts['filter_forecast_steps'] += forecast
         return self._anchor @ now[0], _block_rot(self._anchor[:3, :3], now[1])
 
     def _twist(self):
