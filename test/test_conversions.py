@@ -10,6 +10,7 @@ from ros_messages import array_to_cloud, array_to_image, cloud_msg_fields, image
 from rosbags.typesys import get_typestore, Stores
 from sensor_msgs.msg import Imu, PointCloud2
 
+from mm_fusion_ros import messages
 from mm_fusion_ros.geometry import make_pose, rpy_to_rot
 from mm_fusion_ros.ros import conversions as cv
 
@@ -107,6 +108,32 @@ def test_big_endian_mixed_types_and_padding():
     np.testing.assert_array_equal(out[:, 3], np.arange(64) * 1000)
     msg.is_bigendian = False   # read with the wrong byte order: garbage, so the flag matters
     assert not np.array_equal(cv.cloud_to_array(msg)[:, :3], pts[:, :3])
+
+
+@pytest.mark.parametrize('layout', ['offset_8', 'reordered', 'big_endian', 'gap'])
+def test_float32_fields_in_any_layout_give_x_y_z_intensity(layout):
+    """KITTI's layout (x, y, z, intensity float32 side by side) is read in one strided copy;
+    every other layout by field. Both give the same columns."""
+    pts = points(40)
+    names, offsets, order = ['x', 'y', 'z', 'intensity'], [8, 12, 16, 20], '<f4'
+    if layout == 'reordered':
+        offsets = [12, 16, 20, 8]       # intensity first in memory
+    elif layout == 'big_endian':
+        order = '>f4'
+    elif layout == 'gap':
+        offsets = [8, 12, 16, 24]       # 4 bytes between z and intensity
+    rec = np.zeros(40, dtype=np.dtype({'names': names + ['ring'],
+                                       'formats': [order] * 4 + ['<u2'],
+                                       'offsets': offsets + [0], 'itemsize': 32}))
+    for i, n in enumerate(names):
+        rec[n] = pts[:, i]
+    fields = [field(n, o, 7) for n, o in zip(names, offsets)] + [field('ring', 0, 4)]
+    msg = fake_cloud(fields, 32, rec.tobytes(), 40, bigendian=layout == 'big_endian')
+    out = cv.cloud_to_array(msg)
+    assert out.dtype == np.float32 and out.flags.c_contiguous and out.flags.writeable
+    np.testing.assert_array_equal(out, pts)
+    block = messages._float32_block(cv.cloud_to_structured(msg), names)
+    assert (block is not None) == (layout == 'offset_8')   # which path read it
 
 
 def test_intensity_aliases_missing_fields_and_float64():
