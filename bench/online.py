@@ -148,6 +148,7 @@ class ProcSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid = pid
         self.samples = []      # (monotonic, RSS MB, CPU s)
+        self.threads = []      # per sample: {thread name: CPU ticks} (_thread_ticks)
         self.stop = threading.Event()
         self.tick = os.sysconf('SC_CLK_TCK')
 
@@ -161,12 +162,23 @@ class ProcSampler(threading.Thread):
                                   if u is not None and u[0] is not None]
                 self.samples.append((time.monotonic(), sum(u[0] for u in usage) / 1024.0,
                                      sum(u[1] for u in usage) / self.tick))
+                self.threads.append(_thread_ticks(self.pid))
             self.stop.wait(RSS_PERIOD_S)
 
     def cpu_between(self, t0, t1) -> float:
         """CPU seconds the node used between two monotonic times (nearest samples)."""
         inside = [(t, c) for t, _, c in self.samples if t0 <= t <= t1]
         return inside[-1][1] - inside[0][1] if len(inside) > 1 else float('nan')
+
+    def threads_between(self, t0, t1) -> dict:
+        """{thread name: CPU seconds} between two monotonic times (nearest samples), threads of
+        the same name summed; named by the node (runtime/process.py name_os_thread)."""
+        inside = [i for i, (t, _, _) in enumerate(self.samples) if t0 <= t <= t1]
+        if len(inside) < 2:
+            return {}
+        first, last = self.threads[inside[0]], self.threads[inside[-1]]
+        return {name: (ticks - first.get(name, 0)) / self.tick for name, ticks in last.items()
+                if ticks > first.get(name, 0)}
 
 
 def _proc_usage(pid):
@@ -179,6 +191,28 @@ def _proc_usage(pid):
     rss = [int(line.split()[1]) for line in status.splitlines() if line.startswith('VmRSS:')]
     fields = stat.rsplit(')', 1)[1].split()
     return (rss[0] if rss else None), int(fields[11]) + int(fields[12])
+
+
+def _thread_ticks(pid) -> dict:
+    """{name: utime + stime ticks} over the threads of the node and of its child processes
+    (their names prefixed 'child '); threads the node did not name (the main thread, DDS's,
+    torch's) keep the process's name and are reported as 'unnamed'."""
+    out = {}
+    for proc, prefix in [(pid, '')] + [(c, 'child ') for c in _children(pid)]:
+        try:
+            own = Path(f'/proc/{proc}/comm').read_text().strip()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for task in Path(f'/proc/{proc}/task').glob('*'):
+            try:
+                name = (task / 'comm').read_text().strip()
+                fields = (task / 'stat').read_text().rsplit(')', 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            key = prefix + ('unnamed' if name == own and task.name != str(proc) or
+                            name in ('python', 'python3') else name)
+            out[key] = out.get(key, 0) + int(fields[11]) + int(fields[12])
+    return out
 
 
 def _children(pid) -> list:
@@ -304,6 +338,7 @@ class Case:
     player_cpu_s: float = 0.0  # CPU of this process (the player) while it played
     cpu_s: float = 0.0         # node CPU seconds from the first scan to the last pose
     cpu_wall_s: float = 0.0
+    threads_s: dict = None     # node CPU seconds by thread over the same span
     imu_rate: bool = False     # odometry at IMU rate: the scans' poses came on the path
     imu_odom: tuple = None     # imu_odom_summary
 
@@ -431,6 +466,7 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
                                                            for t, mb in case.rss))
     end = probe_end if probe_end is not None else first_pub
     case.cpu_s = rss.cpu_between(first_pub, end)
+    case.threads_s = rss.threads_between(first_pub, end)
     case.cpu_wall_s = end - first_pub
     return case
 
@@ -485,6 +521,11 @@ def print_table(cases):
               f'{lat.max():>6.1f}    | {start:>6.0f}/{fill:>6.0f}/{end:>6.0f}       | '
               f'{c.cpu_s / c.cpu_wall_s:>5.2f}, {c.cpu_s / max(c.poses, 1) * 1e3:>6.1f}'
               f'{"":>14} | {c.player_cpu_s / max(c.player_wall_s, 1e-9):>5.2f} cores')
+    print('\nnode CPU by thread, cores over the same span (with its child processes):')
+    for c in cases:
+        busy = sorted((c.threads_s or {}).items(), key=lambda kv: -kv[1])
+        print(f'{c.rate:>5g} {("on" if c.training else "off"):>5} | ' + ', '.join(
+            f'{name} {s / c.cpu_wall_s:.2f}' for name, s in busy if s / c.cpu_wall_s >= 0.005))
     imu = [c for c in cases if c.imu_rate]
     if imu:
         print('\nodometry at IMU rate (the rows above: latency and poses of the scans on '

@@ -1,6 +1,10 @@
 """The online runtime's pure cores (mm_fusion_ros/runtime), with injected clocks and no ROS."""
 import logging
+import os
+from pathlib import Path
+import sys
 import threading
+import time
 
 import pytest
 
@@ -187,3 +191,26 @@ def test_pacer_keeps_a_fixed_schedule_and_skips_missed_ticks():
     assert slept == [0.007, 0.008]
     with pytest.raises(ValueError, match='period'):
         Pacer(0.0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='/proc and prctl are Linux')
+def test_a_worker_thread_carries_its_name_in_the_kernel():
+    """bench/online.py splits the node's CPU by the kernel's thread names (/proc/.../comm)."""
+    seen = threading.Event()
+
+    def comm_names():
+        return {(task / 'comm').read_text().strip()
+                for task in Path(f'/proc/{os.getpid()}/task').iterdir()}
+
+    worker = Worker('dispatch_probe', lambda: seen.wait(0.05), FaultLog())
+    assert 'dispatch_probe' not in comm_names()
+    worker.start()
+    try:
+        for _ in range(100):
+            if 'dispatch_probe' in comm_names():
+                break
+            time.sleep(0.02)
+        assert 'dispatch_probe' in comm_names()
+    finally:
+        seen.set()
+        worker.stop(5.0)

@@ -22,7 +22,12 @@ from rclpy.signals import SignalHandlerOptions
 from rclpy.utilities import remove_ros_args
 
 from mm_fusion_ros.bag.topics import READY_LINE
-from mm_fusion_ros.runtime.process import freeze_gc, keep_freed_memory, MemoryTrimmer
+from mm_fusion_ros.runtime.process import (
+    freeze_gc,
+    keep_freed_memory,
+    MemoryTrimmer,
+    name_os_thread,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,7 @@ class _Spinner:
         self.thread.start()
 
     def _spin(self):
+        name_os_thread(f'spin {self.name.removeprefix("mm_fusion_")}')
         try:
             self.executor.spin()
         except ExternalShutdownException:

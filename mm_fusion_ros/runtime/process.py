@@ -60,6 +60,19 @@ def freeze_gc() -> None:
     gc.freeze()
 
 
+def name_os_thread(name: str) -> None:
+    """Give the calling thread `name` in the kernel too (Linux prctl PR_SET_NAME; cut to 15
+    bytes), so per-thread CPU in /proc/<pid>/task/*/comm, top -H and py-spy tells intake,
+    prediction and training apart (bench/online.py reports it). Python's thread names are not
+    the kernel's. A no-op where unsupported."""
+    if platform.system() != 'Linux':
+        return
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)   # 15: PR_SET_NAME
+    except (OSError, AttributeError) as e:
+        log.debug('thread name not set: %s', e)
+
+
 def lower_thread_priority(nice: int = TRAIN_THREAD_NICE) -> None:
     """Put the calling thread at idle priority (SCHED_IDLE; lowering one's own priority needs no
     privilege, and Linux schedules threads separately), else raise its nice value: sensor

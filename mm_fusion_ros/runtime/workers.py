@@ -10,6 +10,8 @@ import logging
 import threading
 import time
 
+from mm_fusion_ros.runtime.process import name_os_thread
+
 log = logging.getLogger(__name__)
 
 
@@ -93,6 +95,7 @@ class Worker:
         return self._thread.is_alive()
 
     def _run(self) -> None:
+        name_os_thread(self.name)
         try:
             if self.setup is not None:
                 self.setup()

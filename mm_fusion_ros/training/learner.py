@@ -38,7 +38,7 @@ from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.filter.online import OnlineFilterConfig
 from mm_fusion_ros.kitti.dataset import collate_samples
 from mm_fusion_ros.model.config import ModelConfig
-from mm_fusion_ros.runtime.process import lower_thread_priority
+from mm_fusion_ros.runtime.process import lower_thread_priority, name_os_thread
 from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.sync.replay_buffer import (
     ARRAY_KEYS,
@@ -253,6 +253,7 @@ class Learner:
         self.trainer = LearnerTrainer(spec, weights, buffer, (payload, spec.checkpoint))
 
     def _intake(self):
+        name_os_thread('learner intake')
         while True:
             msg = self.inbox.get()
             if msg[0] == 'sample':
@@ -274,6 +275,7 @@ class Learner:
         self.errors.append(message)
 
     def run(self) -> None:
+        name_os_thread('learner')
         threading.Thread(target=self._intake, name='learner-intake', daemon=True).start()
         self.replies.send((0, True, self._state()))      # ready
         while os.getppid() == self.spec.parent_pid:
