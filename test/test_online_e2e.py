@@ -39,7 +39,8 @@ def world(online_world):
 
 
 # --- scenario: train, save, stop training, lose the camera, SIGINT ------------------------------
-# In both learner modes: gradient steps in a thread of the node, or in a learner process.
+# In both modes: everything in the node's process (gradient steps in a thread), or the intake
+# (synchronizer) and the gradient steps each in a process of their own.
 @pytest.fixture(scope='module', params=['thread', 'process'])
 def scenario(world, tmp_path_factory, request):
     out = tmp_path_factory.mktemp(f'scenario_{request.param}')
@@ -49,7 +50,7 @@ def scenario(world, tmp_path_factory, request):
     params = {'initial_checkpoint': world['checkpoint'], 'checkpoint_dir': out / 'ckpt',
               'buffer_path': out / 'buffer.npz', 'trajectory_dir': out / 'traj',
               'log_csv': out / 'steps.csv', 'log_every': 1, 'updates_per_sample': 2.0,
-              'learner': request.param}
+              'learner': request.param, 'intake': request.param}
     rec = {'out': out, 'cut_samples': CAMERA_CUT_SCAN}
     with online_session(out, 'node.log', **params) as (env, node, probe):
         play(env, world['bag'], 2.0, duration=cut_s)

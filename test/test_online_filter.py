@@ -42,8 +42,10 @@ def run(online_world, tmp_path_factory):
     initial = embed_filter(load_checkpoint(online_world['checkpoint']),
                            filter_payload(FilterConfig(), net))
     ckpt = save_checkpoint(out / 'with_filter.pth', initial)
+    # With the intake in a process of its own: the filter reads the IMU and T_base_imu that
+    # the intake process forwards (runtime/intake_link.py).
     params = {'initial_checkpoint': ckpt, 'checkpoint_dir': out / 'ckpt',
-              'training_enabled': False, 'filter.publish_rate': 'imu'}
+              'training_enabled': False, 'filter.publish_rate': 'imu', 'intake': 'process'}
     scans = online_world['scans']
     with online_session(out, 'node.log', **params) as (env, node, probe):
         play(env, online_world['bag'], 1.0)

@@ -61,14 +61,19 @@ class SynchronizerNode(Node):
         sync_cfg = declare_config(self, *self.PARAMETERS['sync'])
         self.sample_cfg = sample_cfg or declare_config(self, *self.PARAMETERS['sample'])
         self.standalone = sink is None
-        self.buffer = buffer if buffer is not None else open_buffer(
+        # With a sink the buffer is the trainer's (None in the intake process, where the
+        # prediction process holds it); alone the node keeps its own.
+        self.buffer = open_buffer(
             self.inputs.buffer_path, declare_config(self, *self.PARAMETERS['buffer']),
-            self.sample_cfg)
+            self.sample_cfg) if self.standalone else buffer
         self.calib = CalibrationTracker(self.frames.cfg, self.frames.transforms)
         self.sync = Synchronizer(self.sample_cfg,
                                  sync_cfg.for_supervision(getattr(sink, 'supervision', None)),
                                  calibration=self.calib.current)
-        self.imu_intake = ImuIntake(self.sync, self.frames)
+        forward = getattr(sink, 'forward_imu', None)   # the intake process's link
+        self.imu_intake = ImuIntake(self.sync, self.frames, forward=forward and (
+            lambda stamps, accel, gyro: forward(stamps, accel, gyro, self.frames.base_imu(),
+                                                self.sync.run)))
         self.faults, self.log_throttle = FaultLog(), LogThrottle(5.0)
         self.dispatcher = SampleDispatcher(
             self.sync, self.buffer.add if self.standalone else sink.on_sample,
@@ -83,9 +88,11 @@ class SynchronizerNode(Node):
         self.create_timer(1.0, self._on_timer, callback_group=MutuallyExclusiveCallbackGroup(),
                           clock=Clock(clock_type=ClockType.STEADY_TIME))   # not the bag's
         self.clock_jumps = ClockJumpsBack(self, sync_cfg.rewind_s)
+        held = 'buffer in the prediction process' if self.buffer is None else \
+            f'buffer {len(self.buffer)} samples'
         self.get_logger().info(f'synchronizing ({self.inputs.sensor_qos} QoS, ground truth '
-                               f'{self.sync.cfg.ground_truth}); buffer {len(self.buffer)} samples'
-                               f'; calibration {self.calib.known()}')
+                               f'{self.sync.cfg.ground_truth}); {held}; calibration '
+                               f'{self.calib.known()}')
 
     def start(self) -> None:
         self.worker.start()
@@ -166,7 +173,8 @@ class SynchronizerNode(Node):
     def _on_timer(self):
         self.dispatcher.check_idle()   # the end of a bag: release scans waiting for a timeout
         status = diagnostics.synchronizer_status(
-            self.get_name(), self.sync.stats, self.buffer.stats(), dict(self._rates),
+            self.get_name(), self.sync.stats,
+            None if self.buffer is None else self.buffer.stats(), dict(self._rates),
             self.dispatcher.emitted, self.dispatcher.failed_samples, self.faults.snapshot(),
             {'clock_jumps_back': str(self.clock_jumps.count),
              'imu_batches': str(self.imu_intake.batches), **self.calib.status()})

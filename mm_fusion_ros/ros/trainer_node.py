@@ -62,6 +62,8 @@ class TrainerNode(Node):
                                    overrides=dict(*defaults))
                for key, (cls, prefix, *defaults) in self.PARAMETERS.items()}
         self.supervision = cfg['train'].supervision   # the synchronizer reads it
+        self.online_cfg = cfg['online']
+        self.intake = None   # with intake: process, its link (use_intake)
         self.pub_cfg = cfg['publish']
         self.trainer = build_trainer(cfg['online'], cfg['train'], cfg['model'], cfg['sample'],
                                      cfg['buffer'], cfg['trajectory'], cfg['filter'])
@@ -92,10 +94,21 @@ class TrainerNode(Node):
                                f'{"on" if self.trainer.training_enabled else "off"}'
                                f'{"" if TFMessage else "; no tf2_msgs: no /tf"}')
 
+    def use_intake(self, link) -> None:
+        """Take samples, ground truth and the IMU from the intake process (runtime/
+        intake_link.py) instead of a synchronizer node in this process."""
+        self.intake = link
+        self.trainer.use_imu(link.imu.imu_between, link.rot_base_imu,
+                             imu_after=link.imu.imu_after, base_imu=link.base_imu)
+        self.intake_worker = Worker('intake_link', link.step, self.faults)
+
     def workers(self) -> list:
         return [w for w in (self.imu_worker, self.worker) if w is not None]
 
     def start(self) -> None:
+        if self.intake is not None:
+            self.intake.start()
+            self.intake_worker.start()
         for worker in self.workers():
             worker.start()
 
@@ -158,10 +171,19 @@ class TrainerNode(Node):
     # --- shutdown ------------------------------------------------------------------------
     def problems(self) -> list:
         out = [f'worker {w.name} ended' for w in self.workers() if w.failed]
+        if self.intake is not None:
+            out += self.intake.problems() + (
+                ['worker intake_link ended'] if self.intake_worker.failed else [])
         return out + self.trainer.problems()
 
     def shutdown(self) -> dict:
-        """Stop training, then write the final checkpoint, buffer and trajectories."""
+        """Stop the intake process after its last samples were handled (intake: process),
+        stop training, then write the final checkpoint, buffer and trajectories."""
+        if self.intake is not None:
+            self.intake_worker.stop(timeout=30.0)
+            if not self.intake.stop():   # handles the child's last samples in this thread
+                log.error('the intake process did not end cleanly (exit code %s)',
+                          self.intake.process and self.intake.process.exitcode)
         for worker in self.workers():
             if not worker.stop(timeout=30.0):
                 log.error('the %s thread did not stop within 30 s', worker.name)

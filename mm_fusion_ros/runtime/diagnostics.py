@@ -40,9 +40,10 @@ def synchronizer_status(node_name: str, stats: dict, buffer: dict, rates_hz: dic
     values.update({f'dropped_{k}': str(v) for k, v in stats['dropped'].items()})
     values.update({f'masked_{k}': str(v) for k, v in stats['masked'].items()})
     values.update({'emitted': str(emitted), 'dispatch_errors': str(failed_samples),
-                   'run': str(stats.get('run', 0)), 'rewinds': str(stats.get('rewinds', 0)),
-                   'buffer_size': str(buffer['size']), 'buffer_bytes': str(buffer['bytes']),
-                   'buffer_capacity': str(buffer['capacity'])})
+                   'run': str(stats.get('run', 0)), 'rewinds': str(stats.get('rewinds', 0))})
+    if buffer is not None:   # None: the buffer is the trainer's (its status has it)
+        values.update({'buffer_size': str(buffer['size']), 'buffer_bytes': str(buffer['bytes']),
+                       'buffer_capacity': str(buffer['capacity'])})
     fault_level, fault_message, fault_values = fault_part(faults_snapshot)
     values.update(fault_values)
     dropped = sum(stats['dropped'].values())

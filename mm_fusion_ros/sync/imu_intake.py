@@ -17,8 +17,11 @@ from mm_fusion_ros.sync.frames import FrameError, FrameGuard
 
 
 class ImuIntake:
-    def __init__(self, sync, frames: FrameGuard):
-        self.sync, self.frames = sync, frames
+    """forward(stamps, accel, gyro), if given, also gets every batch added (the intake
+    process's link to the prediction process)."""
+
+    def __init__(self, sync, frames: FrameGuard, forward=None):
+        self.sync, self.frames, self.forward = sync, frames, forward
         self.batches = 0   # add_raw calls: with messages received, how well they batch
 
     def add_raw(self, raws) -> tuple:
@@ -49,4 +52,6 @@ class ImuIntake:
             self.sync.reject('imu', reason)
         if keep.any():
             self.sync.add_imu_batch(stamps[keep], accel[keep], gyro[keep])
+            if self.forward is not None:
+                self.forward(stamps[keep], accel[keep], gyro[keep])
         return int(keep.sum()), skipped

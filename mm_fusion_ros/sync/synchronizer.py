@@ -72,7 +72,7 @@ class _Scan:
     frame: int = -1
 
 
-class _ImuRing:
+class ImuRing:
     """Stamp-sorted, fixed-capacity IMU store (int ns stamps, accel + gyro rows)."""
 
     def __init__(self, capacity: int):
@@ -118,6 +118,23 @@ class _ImuRing:
     def clear(self) -> None:
         self.n = 0
 
+    def between(self, t0_ns: int, t1_ns: int, margin_ns: int = IMU_MARGIN_NS):
+        """(stamps_ns, gyro (M, 3)) copies over [t0 - margin, t1 + margin], or None when
+        fewer than two samples lie there."""
+        stamps = self.stamps[:self.n]
+        lo = int(np.searchsorted(stamps, int(t0_ns) - margin_ns, side='left'))
+        hi = int(np.searchsorted(stamps, int(t1_ns) + margin_ns, side='right'))
+        if hi - lo < 2:
+            return None
+        return stamps[lo:hi].copy(), self.data[lo:hi, 3:].copy()
+
+    def after(self, stamp_ns: int):
+        """(stamps_ns, accel (M, 3), gyro (M, 3)) copies of the samples after stamp_ns."""
+        stamps = self.stamps[:self.n]
+        lo = int(np.searchsorted(stamps, int(stamp_ns), side='right'))
+        data = self.data[lo:self.n]
+        return stamps[lo:].copy(), data[:, :3].copy(), data[:, 3:].copy()
+
 
 class Synchronizer:
     """Pairs scans with camera frames, IMU and ground truth; emits samples via pop_ready().
@@ -160,7 +177,7 @@ class Synchronizer:
         self._nonfinite_points = 0
         self._origin = None if origin_ns is None else int(origin_ns)
         self._calibration = calibration
-        self._imu = _ImuRing(self.cfg.max_imu_samples)
+        self._imu = ImuRing(self.cfg.max_imu_samples)
         self._ready = deque()
         self._clear_streams()
 
@@ -277,22 +294,14 @@ class Synchronizer:
         """(stamps_ns, gyro (M, 3)) copies of the IMU held over [t0, t1] plus IMU_MARGIN_NS on
         either side, or None when fewer than two samples are held there."""
         with self._lock:
-            stamps = self._imu.stamps[:self._imu.n]
-            lo = int(np.searchsorted(stamps, int(t0_ns) - IMU_MARGIN_NS, side='left'))
-            hi = int(np.searchsorted(stamps, int(t1_ns) + IMU_MARGIN_NS, side='right'))
-            if hi - lo < 2:
-                return None
-            return stamps[lo:hi].copy(), self._imu.data[lo:hi, 3:].copy()
+            return self._imu.between(t0_ns, t1_ns)
 
     def imu_after(self, stamp_ns: int):
         """(stamps_ns, accel (M, 3), gyro (M, 3)) copies of the IMU held after stamp_ns, in
         stamp order (M may be 0): how the online filter (filter/online.py) reads the IMU without
         a path of its own into the intake."""
         with self._lock:
-            stamps = self._imu.stamps[:self._imu.n]
-            lo = int(np.searchsorted(stamps, int(stamp_ns), side='right'))
-            data = self._imu.data[lo:self._imu.n]
-            return stamps[lo:].copy(), data[:, :3].copy(), data[:, 3:].copy()
+            return self._imu.after(stamp_ns)
 
     @property
     def run(self) -> int:

@@ -143,10 +143,11 @@ class SampleRing:
             self._views = {k: v.numpy() for k, v in self.arrays.items()}
         return self._views
 
-    def write(self, sample: dict):
-        """Predictor: (slot, arrays of another shape, e.g. unpadded scans) or None if full."""
+    def write(self, sample: dict, timeout: float = None):
+        """Writer: (slot, arrays of another shape, e.g. unpadded scans), or None when no slot
+        is free (at once, or within timeout seconds)."""
         try:
-            slot = self.free.get_nowait()
+            slot = self.free.get_nowait() if timeout is None else self.free.get(timeout=timeout)
         except queue.Empty:
             return None
         views, other = self.views(), {}

@@ -135,6 +135,10 @@ class OnlineConfig(ConfigBase):
         'help': 'thread: gradient steps in a thread of the node process; process: in a learner '
                 'process of their own (training/learner.py), weights handed over in shared '
                 'memory'})
+    intake: str = field(default='thread', metadata={
+        'help': 'thread: the synchronizer (sensor intake, sample building) in this process; '
+                'process: in a process of its own (ros/intake_process.py), samples handed '
+                'over in shared memory, so intake and prediction each have a core'})
 
     def __post_init__(self):
         if self.guard_retreat < 0 or self.guard_retreat == 1:
@@ -160,8 +164,10 @@ class OnlineConfig(ConfigBase):
             raise ValueError('OnlineConfig needs autosave_interval_s >= 0 and log_every >= 1')
         if self.device not in ('cpu', 'cuda', 'auto'):
             raise ValueError(f'OnlineConfig.device={self.device!r}; choose cpu, cuda or auto')
-        if self.learner not in ('thread', 'process'):
-            raise ValueError(f'OnlineConfig.learner={self.learner!r}; choose thread or process')
+        for name in ('learner', 'intake'):
+            if getattr(self, name) not in ('thread', 'process'):
+                raise ValueError(f'OnlineConfig.{name}={getattr(self, name)!r}; choose thread '
+                                 'or process')
 
 
 def initial_payload(cfg: OnlineConfig):
