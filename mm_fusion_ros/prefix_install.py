@@ -31,6 +31,8 @@ ENTRY_POINTS = {
 
 # Both a POSIX shell script and Python: the shell line re-executes the file with the prefix's
 # python3 (a venv or /usr), else python3 on PATH (a colcon prefix has no interpreter of its own).
+# The __main__ guard matters: a process that multiprocessing spawns (the learner, the intake)
+# runs this file again as __mp_main__; without the guard it would start the node a second time.
 WRAPPER = """#!/bin/sh
 '''true'; py="$(dirname -- "$0")/../../bin/python3"
 [ -x "$py" ] || py=python3
@@ -38,7 +40,8 @@ exec "$py" "$0" "$@"
 ' '''
 import sys
 from {module} import {func}
-sys.exit({func}())
+if __name__ == '__main__':
+    sys.exit({func}())
 """
 
 SHARE_DIRS = ('launch', 'config')

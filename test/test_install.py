@@ -18,7 +18,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 import pytest
 
-from mm_fusion_ros.prefix_install import ENTRY_POINTS
+from mm_fusion_ros.prefix_install import ENTRY_POINTS, write_wrappers
 
 REPO = Path(__file__).resolve().parents[1]
 ROS_SCRIPTS = ('bag_player', 'online_finetune', 'synchronizer', 'mm_fusion_run')
@@ -46,6 +46,20 @@ def test_editable_install_has_lib_executables_and_share(tmp_path):
     # The venv that runs this suite was set up the same way by dev.sh.
     exe = Path(sys.prefix) / 'lib' / 'mm_fusion_ros' / 'check_kitti'
     assert 'usage: check_kitti' in _run_exe(exe, env={'PATH': '/usr/bin:/bin'})
+
+
+def test_lib_executables_do_not_start_again_in_a_spawned_process(tmp_path):
+    """multiprocessing's spawn runs the parent's main script again as __mp_main__ (the learner
+    and intake processes of online_finetune under `ros2 launch`, which starts the lib/
+    executable): the script must then only define, not call main. Each script runs here as
+    spawn runs it, with --help in argv, so a main that does run exits before 'defined only'."""
+    for path in write_wrappers(tmp_path):
+        code = ('import runpy, sys; sys.argv = [sys.argv[1], "--help"]; '
+                'runpy.run_path(sys.argv[0], run_name="__mp_main__"); print("defined only")')
+        out = subprocess.run([sys.executable, '-c', code, path], capture_output=True, text=True,
+                             timeout=120, cwd='/')
+        assert out.returncode == 0 and out.stdout.strip().endswith('defined only'), \
+            (path, out.stdout[-500:], out.stderr[-500:])
 
 
 def test_ament_index_finds_the_package():
