@@ -98,6 +98,26 @@ def test_samples_imu_frames_and_ground_truth_arrive_in_order_through_a_small_rin
     np.testing.assert_allclose(accel[:, 2], 9.81)
 
 
+def test_a_sample_whose_prediction_raises_is_counted_and_the_next_ones_arrive():
+    ctx = tmp.get_context('spawn')
+    link, got, backlog, _ = make_link(ctx, 5)
+
+    def predict(sample):
+        if sample['meta']['frame'] == 2:
+            raise ValueError('a bad sample')
+        got.append(sample)
+
+    link.on_sample = predict
+    link.start()
+    deadline = time.monotonic() + 60
+    while len(got) < 4 and time.monotonic() < deadline:
+        link.step(0.1)
+    assert link.stop(timeout=30)
+    assert [s['meta']['frame'] for s in got] == [0, 1, 3, 4]
+    assert link.failed_samples == 1 and backlog[-1] == 0 and link.backlog == 0
+    assert 'a bad sample' in str(link.faults.snapshot())
+
+
 def test_a_child_that_dies_is_reported_and_its_samples_kept():
     ctx = tmp.get_context('spawn')
     link, got, _, _ = make_link(ctx, 2, slots=4, crash=True)

@@ -63,7 +63,7 @@ def intake_link(trainer: TrainerNode, ros_args) -> IntakeLink:
     return IntakeLink(ctx, channels, imu, intake_main,
                       IntakeSpec(list(ros_args), trainer.sample_cfg, trainer.supervision),
                       on_sample=trainer.on_sample, on_backlog=trainer.on_backlog,
-                      on_ground_truth=trainer.on_ground_truth)
+                      on_ground_truth=trainer.on_ground_truth, faults=trainer.faults)
 
 
 def usage(program: str, what: str, sections) -> str:

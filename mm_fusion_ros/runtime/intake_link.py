@@ -19,6 +19,9 @@ it in one process, through one ordered channel:
 - ('gt', stamp, pose): the recorded ground truth, for scoring;
 - ('end',): the child's nodes have shut down and handed on their last samples.
 
+A sample whose prediction raises is counted (failed_samples) and recorded in the FaultLog, and
+the next one is handled, as the SampleDispatcher does in one process.
+
 The backlog the trainer gates its gradient steps on (samples waiting for their prediction) is
 the samples the child wrote and the parent has not yet handled (a shared counter). Stopping:
 the parent signals the child (SIGINT), keeps handling samples until 'end', then shuts its own
@@ -36,6 +39,7 @@ import time
 
 import numpy as np
 
+from mm_fusion_ros.runtime.workers import FaultLog
 from mm_fusion_ros.sync.config import SyncConfig
 from mm_fusion_ros.sync.synchronizer import IMU_MARGIN_NS, ImuRing, seconds_to_ns
 
@@ -168,14 +172,18 @@ class IntakeLink:
     handlers (on_sample, on_backlog, on_ground_truth) from the caller's thread (step), mirrors
     its IMU and T_base_imu."""
 
+    WORKER = 'intake_link'
+
     def __init__(self, ctx, channels: IntakeChannels, imu: ImuMirror, target, spec,
-                 on_sample, on_backlog=None, on_ground_truth=None):
+                 on_sample, on_backlog=None, on_ground_truth=None, faults: FaultLog = None):
         self.ctx, self.channels, self.imu = ctx, channels, imu
         self.target, self.spec = target, spec
         self.on_sample, self.on_backlog = on_sample, on_backlog
         self.on_ground_truth = on_ground_truth
+        self.faults = faults or FaultLog()
         self.process = None
         self.handled = 0
+        self.failed_samples = 0
         self.ended = False
         self._base_imu = None
         self._stopping = False
@@ -235,6 +243,9 @@ class IntakeLink:
             if self.on_backlog is not None:
                 self.on_backlog(max(self.backlog, 1))
             self.on_sample(sample)
+        except Exception as e:  # noqa: BLE001 - one bad sample must not hold the others back
+            self.failed_samples += 1
+            self.faults.record(self.WORKER, e, f'sample of frame {meta.get("frame")}')
         finally:
             self.handled += 1
             if self.on_backlog is not None and self.backlog == 0:
