@@ -46,7 +46,6 @@ from mm_fusion_ros.sync.synchronizer import IMU_MARGIN_NS, ImuRing, seconds_to_n
 log = logging.getLogger(__name__)
 
 RING_SLOTS = 8               # ~0.75 MB each at the default sample size
-START_TIMEOUT_S = 120.0      # spawn, imports, rclpy and the node's parameters
 STOP_TIMEOUT_S = 60.0        # the child's last samples and its shutdown
 SLOT_WAIT_S = 0.5            # a writer waiting for a free slot checks on its parent this often
 KEEP_SLACK_NS = 1_000_000_000
@@ -121,10 +120,9 @@ class RingSink:
 
     on_backlog = None        # the parent tracks the backlog (IntakeLink.backlog)
 
-    def __init__(self, channels: IntakeChannels, supervision: str, clock=time.monotonic):
+    def __init__(self, channels: IntakeChannels, supervision: str):
         self.channels, self.supervision = channels, supervision
         self._base_imu = None
-        self.clock = clock
 
     def configure(self, sync_cfg: SyncConfig) -> None:
         self.channels.queue.put(('sync_config', sync_cfg))
