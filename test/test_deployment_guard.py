@@ -19,6 +19,7 @@ from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.runtime.diagnostics import trainer_status
 from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.synthetic.writer import generate_sequence
+from mm_fusion_ros.training import online as online_mod
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.guard import DeploymentGuard
 from mm_fusion_ros.training.learner import build_trainer, ProcessOnlineTrainer
@@ -164,6 +165,54 @@ def test_better_adapted_weights_reach_the_predictions(tmp_path, samples):
     stats = trainer.metrics()
     assert not stats['guard_adapted'] and stats['guard_switches'] == 2
     assert torch.equal(head_bias(trainer.infer_model), head_bias(trainer.reference))
+
+
+def buffered_frames(trainer):
+    return sorted(int(s['meta']['frame']) for s in trainer.buffer._samples)
+
+
+def test_a_learner_behind_the_replay_scores_and_trains_on_the_newest_samples(
+        tmp_path, samples, monkeypatch):
+    """Samples arrive faster than the learner prepares them: the newest GUARD_QUEUE wait for
+    the guard, older ones are skipped and counted; each step first scores one waiting sample
+    and stores it, so steps draw (and solve) only scored samples."""
+    monkeypatch.setattr(online_mod, 'GUARD_QUEUE', 2)
+    trainer = guarded_trainer(tmp_path, samples)
+    for sample in samples:                              # 5 arrive before any step
+        trainer.on_sample(sample)
+    assert len(trainer.buffer) == 0 and trainer.metrics()['guard_skipped_samples'] == 3
+    newest = sorted(int(s['meta']['frame']) for s in samples)[-2:]
+    assert trainer.train_pending(max_steps=1) == 1
+    stats = trainer.metrics()
+    assert stats['guard_scored_samples'] == 1 and buffered_frames(trainer) == newest[:1]
+    assert trainer.train_pending() == 4                 # 5 owed; the second scored first
+    stats = trainer.metrics()
+    assert stats['guard_scored_samples'] == 2 and buffered_frames(trainer) == newest
+    assert trainer.core.selfsup.solved.solved == 2      # the skipped ones were never solved
+    assert stats['online_steps'] == 5 and stats['guard_skipped_samples'] == 3
+
+
+def test_each_scored_sample_gets_its_steps_before_the_next_is_scored(tmp_path, samples):
+    trainer = guarded_trainer(tmp_path, samples)
+    trainer.cfg = trainer.cfg.replace(updates_per_sample=2.0)
+    for sample in samples[:3]:
+        trainer.on_sample(sample)                       # 6 steps owed, 3 samples waiting
+    scored = []
+    for _ in range(6):
+        assert trainer.train_pending(max_steps=1) == 1
+        scored.append(trainer.metrics()['guard_scored_samples'])
+    assert scored == [1, 1, 2, 2, 3, 3]
+
+
+def test_waiting_samples_reach_the_buffer_when_training_stops(tmp_path, samples):
+    trainer = guarded_trainer(tmp_path, samples)
+    for sample in samples[:3]:
+        trainer.on_sample(sample)
+    assert len(trainer.buffer) == 0
+    trainer.set_training(False)                         # nothing trains on them now: stored
+    assert len(trainer.buffer) == 3 and trainer.metrics()['guard_scored_samples'] == 0
+    trainer.on_sample(samples[3])                       # and new ones go straight in
+    assert len(trainer.buffer) == 4
 
 
 def test_the_guard_needs_the_solved_geometric_term(tmp_path, caplog):

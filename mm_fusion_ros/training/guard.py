@@ -2,8 +2,10 @@
 
 Self-supervised adaptation can make a model worse where it was already good: at home, a few
 dozen noisy steps of the head move it away from what pretraining found (docs/selfsup.md). A
-robot cannot check that against ground truth, but it can check it against its LiDAR. Every new
-sample is scored before any gradient step has used it (prequentially), against the solved
+robot cannot check that against ground truth, but it can check it against its LiDAR. A new
+sample is scored before it enters the replay buffer, so before any gradient step has used it
+(prequentially; a learner behind the replay skips the older waiting samples, counted, and
+neither scores nor trains on them: training/online.py GUARD_QUEUE), against the solved
 geometric term's solution for it (model/selfsup.py SolvedGeometric: Gauss-Newton on the LiDAR's
 point-to-plane objective, a few millimetres from the true step): the mean squared displacement
 of the sample's scan points between the predicted step and the solution, once for the weights
@@ -45,6 +47,7 @@ class DeploymentGuard:
         self.pairs = deque(maxlen=window)       # (candidate, reference) per scored sample
         self.scored = 0
         self.unscorable = 0                     # no solution (too few correspondences, no LiDAR)
+        self.skipped = 0                        # neither scored nor trained on: learner behind
         self.candidate_score = self.reference_score = math.nan    # window means [m^2]
         self.switches = 0
         self.adapted = False                    # what the last decision chose
@@ -100,6 +103,7 @@ class DeploymentGuard:
         return {'guard_adapted': bool(self.adapted),
                 'guard_scored_samples': int(self.scored),
                 'guard_unscorable_samples': int(self.unscorable),
+                'guard_skipped_samples': int(self.skipped),
                 'guard_switches': int(self.switches),
                 'guard_retreats': int(self.retreats),
                 'guard_adapted_share': self.adapted_decisions / self.decisions

@@ -202,14 +202,13 @@ class LearnerTrainer(OnlineTrainer):
 
     def ingest(self, sample: dict) -> None:
         features = sample['meta'].pop(FEATURES_META_KEY, None)
-        self.buffer.add(sample)
         if features:
             try:                  # only a saving: the sample's first step computes them anyway
                 self._adopt_features(sample, features)
             except (RuntimeError, ValueError) as e:
                 log.warning('features from the predictor not adopted for a sample (%s); the '
                             'learner computes them itself', e)
-        self._queue_for_guard(sample)
+        self._arrive(sample)
         with self._state_lock:
             self.samples_seen += 1
             if self.training_enabled:

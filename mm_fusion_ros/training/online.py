@@ -61,6 +61,14 @@ ONLINE_TRAIN_DEFAULTS = {'supervision': 'self'}
 
 # Under supervision gt, samples without ground truth cannot train: warned once after this many.
 NO_TARGET_WARNING = 20
+# With the deployment guard, a new sample enters the replay buffer only once the guard has
+# scored it (which solves its LiDAR step, the dearest part of its preparation; the solution is
+# kept for its training steps).
+# A waiting sample is scored once updates_per_sample steps have run since the last one was (or
+# when no step is owed); of the waiting ones the newest GUARD_QUEUE are kept and older ones
+# skipped (counted). So a learner that falls behind the replay (5x on 2 cores) still gives each
+# sample it takes its steps, instead of spending its time on scoring.
+GUARD_QUEUE = 8
 # Columns of OnlineConfig.log_csv: one row per logged gradient step; loss_<part> is each part's
 # unweighted mean over the samples it was valid for (TrainerCore.combine), empty when the step
 # had none (a part the supervision does not use, a masked-off modality).
@@ -83,7 +91,10 @@ class OnlineConfig(ConfigBase):
     checkpoint_dir: str = field(default='checkpoints', metadata={
         'help': 'where save_checkpoint, autosave and the final checkpoint write'})
     updates_per_sample: float = field(default=1.0, metadata={
-        'help': 'gradient steps owed per new synchronized sample'})
+        'help': 'gradient steps owed per new synchronized sample. With the guard '
+                '(guard_window > 0) a learner behind the replay gives the samples it scores '
+                'these steps before it scores the next, and skips older waiting samples '
+                '(guard_skipped_samples)'})
     lr_warmup_steps: int = field(default=0, metadata={
         'help': 'the learning rate ramps up linearly over this many first gradient steps of the '
                 'session (0 = none): a fresh AdamW takes steps of the full learning rate from '
@@ -324,7 +335,8 @@ class OnlineTrainer:
     def _start_guard(self, cfg: OnlineConfig) -> None:
         """The deployment guard (training/guard.py) over a frozen copy of the initial weights,
         or None."""
-        self.guard, self.reference, self._unscored = None, None, deque(maxlen=64)
+        self.guard, self.reference, self._unscored = None, None, deque()
+        self._steps_since_admit = math.inf
         self._adapted_deployed, self._guard_warned = True, False
         if not cfg.guard_window:
             return
@@ -372,8 +384,7 @@ class OnlineTrainer:
         mean = mean[0].cpu().numpy().astype(np.float64)
         logvar = logvar[0].cpu().numpy().astype(np.float64)
         latency = time.perf_counter() - t0
-        self.buffer.add(sample)
-        self._queue_for_guard(sample)
+        self._arrive(sample)
         meta = sample['meta']
         mask = np.asarray(sample['modality_mask'], dtype=bool)
         # Without camera and LiDAR the filter takes no relative pose: it carries on on the IMU.
@@ -399,9 +410,29 @@ class OnlineTrainer:
             self._wakeup.notify_all()
         return pred
 
-    def _queue_for_guard(self, sample: dict) -> None:
-        if self.guard is not None and self.training_enabled:
+    def _arrive(self, sample: dict) -> None:
+        """A new sample goes into the buffer, or, while the guard scores samples before training
+        may use them, into the queue of those waiting for it (GUARD_QUEUE)."""
+        if self.guard is None or not self.training_enabled:
+            self.buffer.add(sample)
+            return
+        with self._state_lock:
+            if len(self._unscored) >= GUARD_QUEUE:
+                self._unscored.popleft()
+                self.guard.skipped += 1
             self._unscored.append(sample)
+
+    def _may_admit(self) -> bool:
+        """A sample waits for the guard and no prediction waits."""
+        return bool(self._unscored) and not self._backlog
+
+    def _store_unscored(self) -> None:
+        """Training off or shutting down: the waiting samples go into the buffer unscored."""
+        with self._state_lock:
+            waiting = list(self._unscored)
+            self._unscored.clear()
+        for sample in waiting:
+            self.buffer.add(sample)
 
     def _remember_features(self, batch, features) -> None:
         """The frozen encoders' features of the prediction, for the sample's first step."""
@@ -437,9 +468,17 @@ class OnlineTrainer:
         done = 0
         while max_steps is None or done < max_steps:
             with self._step_lock:
+                admitted = False
+                if self._may_admit() and (self._steps_since_admit >= self.cfg.updates_per_sample
+                                          or not self._step_ready()):
+                    admitted = self._admit_new_sample()
+                    if admitted:
+                        self._steps_since_admit = 0
                 if not self._take_step():
+                    if admitted:
+                        continue
                     break
-                self._score_new_samples()
+                self._steps_since_admit += 1
                 drawn = self.buffer.sample(self.core.train_cfg.batch_size, self.rng)
                 batch = collate_samples(drawn)
                 adopt_row_digests(batch, drawn)
@@ -465,16 +504,23 @@ class OnlineTrainer:
         return done
 
     @torch.no_grad()
-    def _score_new_samples(self) -> None:
-        """The guard's scores of the samples that arrived since the last step, before any step
-        trains on them: how far the trained weights' prediction (eval mode, as predictions run)
-        and the reference's move the sample's scan from where the LiDAR's solved step puts it
-        (mean squared displacement of its points). The solutions are kept for the steps."""
-        if self.guard is None or not self._unscored:
-            return
-        samples = []
-        while self._unscored:
-            samples.append(self._unscored.popleft())
+    def _admit_new_sample(self) -> bool:
+        """The guard's score of the oldest waiting sample, then the sample into the buffer, so
+        no step trains on a sample before it is scored: how far the trained weights' prediction
+        (eval mode, as predictions run) and the reference's move the sample's scan from where
+        the LiDAR's solved step puts it (mean squared displacement of its points). The solution
+        is kept for the steps. Returns whether a sample was taken."""
+        with self._state_lock:
+            if not self._unscored:
+                return False
+            samples = [self._unscored.popleft()]
+        try:
+            self._score(samples)
+        finally:
+            self.buffer.add(samples[0])
+        return True
+
+    def _score(self, samples: list) -> None:
         try:                                        # scoring must never stop training
             batch = collate_samples(samples)
             if is_empty(batch):
@@ -510,6 +556,10 @@ class OnlineTrainer:
             scores.append(point_displacement(d, points, mask).tolist())
         return scores[0], scores[1], valid.tolist()
 
+    def _step_ready(self) -> bool:
+        with self._state_lock:
+            return self._may_train() and self.step_debt >= 1.0
+
     def _take_step(self) -> bool:
         """Pay one owed step off if training may run now (called under _step_lock)."""
         with self._state_lock:
@@ -520,7 +570,7 @@ class OnlineTrainer:
 
     def wait_for_work(self, timeout: float) -> None:
         with self._wakeup:
-            if self.pending_steps() == 0:
+            if self.pending_steps() == 0 and not self._may_admit():
                 self._wakeup.wait(timeout)
 
     def wake(self) -> None:
@@ -537,6 +587,7 @@ class OnlineTrainer:
         if not enabled:
             with self._step_lock:
                 pass
+            self._store_unscored()
         self.wake()
 
     def set_learning_rate(self, lr: float) -> None:
@@ -693,6 +744,7 @@ class OnlineTrainer:
         A file that cannot be written is logged with its traceback and listed in
         write_failures; the others are still written."""
         written = {}
+        self._store_unscored()
         jobs = [('checkpoint', self.cfg.save_on_shutdown,
                  lambda: {'checkpoint': str(self.save_checkpoint(
                      self.checkpoint_path('final.pth')))}),
