@@ -300,6 +300,8 @@ def test_solved_geometric_term_reaches_the_truth_and_its_gradient_points_back(ba
     assert valid.tolist() == [False, True] and float(value[0].detach()) == 0.0
     grad, = torch.autograd.grad(value.sum(), start)
     assert not grad[0].any()
+    # each target scan's tree served its one solve: only the last few are kept
+    assert loss.cache.misses == 3 and len(loss.cache.entries) == selfsup.SOLVED_CACHE_SCANS
 
 
 def test_the_solve_takes_its_own_number_of_source_points(batch, monkeypatch):

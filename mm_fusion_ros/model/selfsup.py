@@ -89,7 +89,8 @@ class SelfSupParams:
     gyro_scale_rad: float = field(default=0.0005, metadata={
         'help': 'rotation residual [rad] at which the inertial Huber kernel turns linear'})
     cache_scans: int = field(default=128, metadata={
-        'help': 'scans whose kd-tree and normals are kept (about 1 MB each at 16384 points)'})
+        'help': 'scans whose kd-tree and normals are kept (about 1 MB each at 16384 points); '
+                'with the solved geometric term at most SOLVED_CACHE_SCANS'})
 
     def __post_init__(self):
         for f in fields(self):
@@ -280,6 +281,7 @@ def solve_geometric(pose6, target: _TargetScan, src, params: SelfSupParams, iter
 # solution, while a sample whose solution lies far from the prediction (a wrong minimum) pulls
 # with a gradient that stops growing once q passes SOLVED_SOFT.
 SOLVED_SOFT = 1.0
+SOLVED_CACHE_SCANS = 2
 
 
 class SolvedGeometric:
@@ -534,7 +536,12 @@ class SelfSupervisedLoss:
         keeping the solutions of up to solve_capacity samples, solved with solve_points source
         points each (None: params.geo_points)."""
         self.params = params or SelfSupParams()
-        self.cache = ScanCache(self.params.cache_scans)
+        # Solved, a target scan's tree serves the one solve of the sample whose first scan it
+        # is (the solution is kept), so a few trees do: keeping cache_scans of them (~1 MB
+        # each) grew the learner's memory long after its replay buffer was full.
+        scans = self.params.cache_scans if solve_iterations <= 0 else \
+            min(self.params.cache_scans, SOLVED_CACHE_SCANS)
+        self.cache = ScanCache(scans)
         self.solved = SolvedGeometric(solve_iterations, solve_capacity, solve_points) \
             if solve_iterations > 0 else None
 
