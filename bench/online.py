@@ -341,6 +341,7 @@ class Case:
     threads_s: dict = None     # node CPU seconds by thread over the same span
     imu_rate: bool = False     # odometry at IMU rate: the scans' poses came on the path
     imu_odom: tuple = None     # imu_odom_summary
+    guard: dict = None         # the deployment guard's scored / skipped samples in the replay
 
 
 def imu_odom_summary(odom_arrival: dict, scan_stamps, imu_published: dict, offset_ns=0):
@@ -440,6 +441,8 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
         case.poses = scan_poses()
         probe_end = probe.last_pose(scans)
         case.steps = metrics1['online_steps'] - metrics0['online_steps']
+        case.guard = {k: metrics1[f'guard_{k}_samples'] - metrics0.get(f'guard_{k}_samples', 0)
+                      for k in ('scored', 'skipped') if f'guard_{k}_samples' in metrics1}
         case.train_s = (probe_end or t1) - t0
         arrival = probe.scan_arrival(scans)
         case.latency_ms = np.array([(arrival[s] - published[s]) * 1e3 for s in arrival])
@@ -555,6 +558,8 @@ def print_verdict(cases):
                  if growth == growth else 'buffer full too late to judge the RSS']
         if masked:
             notes.append(f'masked {masked}')
+        if c.training and c.guard:
+            notes.append('guard ' + ', '.join(f'{k} {v}' for k, v in c.guard.items()))
         if c.imu_rate:
             notes.append(f'odometry at IMU rate, scan poses from {topics.PATH_TOPIC}')
         print(f'{c.rate:g}x training {"on" if c.training else "off"}: ' + '; '.join(notes) +

@@ -169,7 +169,9 @@ def report_window(k, t0, t1, rss, player, listener, prev):
            'steps_per_s': (steps - prev['steps']) / (t1 - t0),
            'p50_ms': float(np.percentile(lat, 50)) if len(lat) else float('nan'),
            'p95_ms': float(np.percentile(lat, 95)) if len(lat) else float('nan'),
-           'sync_drops': drops, 'buffer': int(sync.get('buffer_size', 0)),
+           # the trainer's buffer (with intake: process the synchronizer holds none)
+           'sync_drops': drops,
+           'buffer': int(trainer.get('buffer_size', sync.get('buffer_size', 0))),
            'segments': int(trainer.get('trajectory_segments', 0))}
     print(f'{k:>4d} {row["rss_mb"]:>8.0f} {row["poses_per_s"]:>7.2f} {row["steps_per_s"]:>7.2f} '
           f'{row["p50_ms"]:>7.1f} {row["p95_ms"]:>7.1f} {drops:>6d} {row["buffer"]:>7d} '
