@@ -7,6 +7,7 @@ so the solved geometric term has a solution), with the pose head's output set to
 step and then one copy (the one being trained, or the reference) moved 0.5 m off.
 """
 import dataclasses
+import multiprocessing
 import time
 
 import numpy as np
@@ -22,7 +23,7 @@ from mm_fusion_ros.synthetic.writer import generate_sequence
 from mm_fusion_ros.training import online as online_mod
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.guard import DeploymentGuard
-from mm_fusion_ros.training.learner import build_trainer, ProcessOnlineTrainer
+from mm_fusion_ros.training.learner import build_trainer, ProcessOnlineTrainer, SampleRing
 from mm_fusion_ros.training.online import OnlineConfig, OnlineTrainer
 from mm_fusion_ros.trajectory.chain import TrajectoryConfig
 
@@ -210,9 +211,36 @@ def test_waiting_samples_reach_the_buffer_when_training_stops(tmp_path, samples)
         trainer.on_sample(sample)
     assert len(trainer.buffer) == 0
     trainer.set_training(False)                         # nothing trains on them now: stored
-    assert len(trainer.buffer) == 3 and trainer.metrics()['guard_scored_samples'] == 0
+    stats = trainer.metrics()
+    assert len(trainer.buffer) == 3 and stats['guard_scored_samples'] == 0
+    assert stats['guard_unscored_stored_samples'] == 3
     trainer.on_sample(samples[3])                       # and new ones go straight in
-    assert len(trainer.buffer) == 4
+    assert len(trainer.buffer) == 4 and not trainer._may_admit()
+    trainer.set_training(True)                          # on again: new ones wait for the guard
+    trainer.on_sample(samples[4])
+    assert len(trainer.buffer) == 4 and trainer.train_pending() == 1
+    assert trainer.metrics()['guard_scored_samples'] == 1 and len(trainer.buffer) == 5
+
+
+def test_a_waiting_sample_survives_the_reuse_of_its_shared_memory_slot(tmp_path, samples):
+    """In the learner process a sample's arrays are views of a SampleRing slot, released
+    once ingested: the sample waiting for the guard must not change when the slot is
+    written again (it would be scored and stored with another sample's scans)."""
+    sample_cfg = SampleConfig(image_height=96, image_width=320, max_points=4096)
+    ring = SampleRing(multiprocessing.get_context('spawn'), sample_cfg, slots=1)
+    trainer = guarded_trainer(tmp_path, samples)
+    first, second = samples[1], samples[3]
+    slot, other = ring.write(first)
+    trainer.on_sample(ring.read(slot, other, dict(first['meta'])))
+    ring.release(slot)
+    slot_again, other = ring.write(second, timeout=10.0)   # the same memory, another sample
+    assert slot_again == slot
+    assert not np.array_equal(ring.views()['points'][slot], first['points'])
+    assert trainer.train_pending() == 1
+    stored = trainer.buffer._samples[0]
+    assert int(stored['meta']['frame']) == int(first['meta']['frame'])
+    for key in ('points', 'image', 'imu', 'target'):
+        assert np.array_equal(stored[key], first[key]), key
 
 
 def test_the_guard_needs_the_solved_geometric_term(tmp_path, caplog):

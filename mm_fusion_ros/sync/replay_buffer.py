@@ -88,6 +88,18 @@ class ReplayBuffer:
 
     def add(self, sample: dict) -> bool:
         """Store a private read-only copy of the sample; False if the reservoir passed it over."""
+        item = self.private_copy(sample)
+        size = sample_nbytes(item)
+        with self._lock:
+            self._offered += 1
+            if self.cfg.policy == 'fifo':
+                self._add_fifo(item, size)
+                return True
+            return self._add_reservoir(item, size)
+
+    def private_copy(self, sample: dict) -> dict:
+        """The read-only copy add() stores, after the checks add() makes (ValueError): for a
+        sample that waits before it is added and whose arrays the caller does not own."""
         missing = [k for k in SAMPLE_KEYS if k not in sample]
         if missing:
             raise ValueError(f'ReplayBuffer.add: sample lacks keys {missing}')
@@ -96,12 +108,7 @@ class ReplayBuffer:
         if size > self.cfg.max_bytes:
             raise ValueError(f'ReplayBuffer.add: one sample has {size} bytes, more than '
                              f'max_bytes={self.cfg.max_bytes}')
-        with self._lock:
-            self._offered += 1
-            if self.cfg.policy == 'fifo':
-                self._add_fifo(item, size)
-                return True
-            return self._add_reservoir(item, size)
+        return item
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> list:
         """batch_size samples: recent_fraction of them from the newest recent_window, the rest

@@ -48,6 +48,7 @@ class DeploymentGuard:
         self.scored = 0
         self.unscorable = 0                     # no solution (too few correspondences, no LiDAR)
         self.skipped = 0                        # neither scored nor trained on: learner behind
+        self.stored_unscored = 0                # waiting when training stopped: stored unscored
         self.candidate_score = self.reference_score = math.nan    # window means [m^2]
         self.switches = 0
         self.adapted = False                    # what the last decision chose
@@ -104,6 +105,7 @@ class DeploymentGuard:
                 'guard_scored_samples': int(self.scored),
                 'guard_unscorable_samples': int(self.unscorable),
                 'guard_skipped_samples': int(self.skipped),
+                'guard_unscored_stored_samples': int(self.stored_unscored),
                 'guard_switches': int(self.switches),
                 'guard_retreats': int(self.retreats),
                 'guard_adapted_share': self.adapted_decisions / self.decisions

@@ -412,25 +412,39 @@ class OnlineTrainer:
 
     def _arrive(self, sample: dict) -> None:
         """A new sample goes into the buffer, or, while the guard scores samples before training
-        may use them, into the queue of those waiting for it (GUARD_QUEUE)."""
-        if self.guard is None or not self.training_enabled:
-            self.buffer.add(sample)
-            return
+        may use them, into the queue of those waiting for it (GUARD_QUEUE).
+
+        A waiting sample is a private copy: the caller's arrays may not outlive the call (in
+        the learner process they are views of a shared-memory slot, reused once released).
+        Whether it waits is decided under the state lock, so a sample never waits while
+        training is off (set_training stores the waiting ones) nor skips the guard while it
+        is on."""
         with self._state_lock:
-            if len(self._unscored) >= GUARD_QUEUE:
-                self._unscored.popleft()
-                self.guard.skipped += 1
-            self._unscored.append(sample)
+            wait = self.guard is not None and self.training_enabled
+        if wait:
+            own = self.buffer.private_copy(sample)    # checked as add() checks it (ValueError)
+            with self._state_lock:
+                if self.training_enabled:
+                    if len(self._unscored) >= GUARD_QUEUE:
+                        self._unscored.popleft()
+                        self.guard.skipped += 1
+                    self._unscored.append(own)
+                    return
+        self.buffer.add(sample)
 
     def _may_admit(self) -> bool:
-        """A sample waits for the guard and no prediction waits."""
-        return bool(self._unscored) and not self._backlog
+        """A sample waits for the guard, training is on and no prediction waits."""
+        return bool(self._unscored) and self.training_enabled and not self._backlog
 
     def _store_unscored(self) -> None:
-        """Training off or shutting down: the waiting samples go into the buffer unscored."""
+        """Training off or shutting down (under _step_lock, so after an admission in
+        progress): the waiting samples go into the buffer unscored (counted in
+        guard_unscored_stored_samples)."""
         with self._state_lock:
             waiting = list(self._unscored)
             self._unscored.clear()
+            if self.guard is not None:
+                self.guard.stored_unscored += len(waiting)
         for sample in waiting:
             self.buffer.add(sample)
 
@@ -585,9 +599,8 @@ class OnlineTrainer:
             if not enabled:
                 self.step_debt = 0.0
         if not enabled:
-            with self._step_lock:
-                pass
-            self._store_unscored()
+            with self._step_lock:      # a step or an admission in progress finishes first
+                self._store_unscored()
         self.wake()
 
     def set_learning_rate(self, lr: float) -> None:
@@ -744,7 +757,8 @@ class OnlineTrainer:
         A file that cannot be written is logged with its traceback and listed in
         write_failures; the others are still written."""
         written = {}
-        self._store_unscored()
+        with self._step_lock:
+            self._store_unscored()
         jobs = [('checkpoint', self.cfg.save_on_shutdown,
                  lambda: {'checkpoint': str(self.save_checkpoint(
                      self.checkpoint_path('final.pth')))}),
