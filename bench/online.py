@@ -34,7 +34,10 @@ from the first scan published to the last pose, as cores and per pose. Player CP
 process (bag reading, publishing, the probe) while the player ran, in cores.
 Targets on 2 CPU cores: zero drops at 5x, p95 latency < 100 ms, RSS flat once the buffer is
 full: the median RSS over the second half of the time after the fill within 2% of the median
-over the first half (use a long --frames at 1x to judge it; a short replay says little).
+over the first half (use a long --frames at 1x to judge it; a short replay says little). The
+fill is when the trainer's status on /diagnostics first reports a full buffer: with the guard's
+admission a 5x replay admits only the samples the learner scored, so judge 5x with a small
+--buffer (e.g. 16).
 """
 import argparse
 from dataclasses import dataclass, field
@@ -241,6 +244,7 @@ class Probe:
         self.odom_arrival = {}
         self.path_arrival = {}
         self.diag = {}
+        self.buffer_sizes = []   # (arrival, the trainer's replay buffer size) from /diagnostics
         self.odom_sub = self.node.create_subscription(
             Odometry, topics.ODOM_OUT_TOPIC, self._on_odom,
             QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
@@ -268,10 +272,23 @@ class Probe:
                 self.path_arrival.setdefault(stamp, now)
 
     def _on_diag(self, msg):
+        now = time.monotonic()
         for status in msg.status:
-            if 'synchronizer' in status.name:
-                with self.lock:
-                    self.diag = {kv.key: kv.value for kv in status.values}
+            values = {kv.key: kv.value for kv in status.values}
+            with self.lock:
+                if 'synchronizer' in status.name:
+                    self.diag = values
+                elif 'trainer' in status.name and 'buffer_size' in values:
+                    self.buffer_sizes.append((now, int(values['buffer_size'])))
+
+    def buffer_full_at(self, capacity: int):
+        """Arrival of the first trainer status that reported a full replay buffer, or None."""
+        with self.lock:
+            return next((t for t, size in self.buffer_sizes if size >= capacity), None)
+
+    def buffer_size(self) -> int:
+        with self.lock:
+            return self.buffer_sizes[-1][1] if self.buffer_sizes else 0
 
     def imu_rate(self, scan_stamps) -> bool:
         """Odometry came at stamps that are not scans' (the filter at IMU rate)?"""
@@ -342,6 +359,8 @@ class Case:
     imu_rate: bool = False     # odometry at IMU rate: the scans' poses came on the path
     imu_odom: tuple = None     # imu_odom_summary
     guard: dict = None         # the deployment guard's scored / skipped samples in the replay
+    buffer_end: int = 0        # the trainer's replay buffer size last reported
+    capacity: int = 0          # its capacity (--buffer)
 
 
 def imu_odom_summary(odom_arrival: dict, scan_stamps, imu_published: dict, offset_ns=0):
@@ -451,10 +470,12 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
             case.imu_odom = imu_odom_summary(probe.odom_arrival, scans, imu_published,
                                              offset_ns)
         first_pub = min(published.values())
-        # The buffer is full once `buffer` samples were emitted: the scan buffer+1's pose.
-        stamps = sorted(published)
-        if len(stamps) > args.buffer and stamps[args.buffer] in arrival:
-            case.fill_time = arrival[stamps[args.buffer]] - first_pub
+        # The buffer is full when the trainer says so (its status, once a second), not after
+        # `buffer` samples: with the guard's admission (training on) a sample enters it only
+        # once scored, and at 5x the learner scores about one in twelve.
+        full_at = probe.buffer_full_at(args.buffer)
+        case.fill_time = None if full_at is None else full_at - first_pub
+        case.buffer_end, case.capacity = probe.buffer_size(), args.buffer
         proc.send_signal(signal.SIGINT)
         case.exit_code = proc.wait(timeout=120)
     finally:
@@ -555,7 +576,10 @@ def print_verdict(cases):
                  f'RSS after the fill: median {first:.0f} MB over its first half, '
                  f'{second:.0f} MB ({growth * 100:+.1f}%) over its second '
                  f'({"flat" if growth < TARGET_RSS_GROWTH else "NOT flat"})'
-                 if growth == growth else 'buffer full too late to judge the RSS']
+                 if growth == growth else
+                 f'RSS not judged: the buffer ({c.buffer_end} of {c.capacity} samples last '
+                 'reported) was not full long enough before the last pose (a smaller --buffer '
+                 'or more --frames)']
         if masked:
             notes.append(f'masked {masked}')
         if c.training and c.guard:

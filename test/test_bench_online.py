@@ -63,3 +63,25 @@ def test_the_filter_offset_comes_from_the_filter_checkpoint_given(bench, tmp_pat
                                   filter_payload(FilterConfig(imu_time_offset_s=-0.0609)))
     assert bench.filter_offset_ns(['training_enabled:=true']) == 0
     assert bench.filter_offset_ns([f'filter.checkpoint:={path}']) == -60_900_000
+
+
+def diagnostics(name, **values):
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+    msg = DiagnosticArray()
+    msg.status = [DiagnosticStatus(name=name, values=[KeyValue(key=k, value=str(v))
+                                                      for k, v in values.items()])]
+    return msg
+
+
+def test_the_buffer_is_full_when_the_trainer_reports_it_full(bench):
+    # With the guard's admission the buffer fills with scored samples only, long after
+    # `capacity` samples were emitted: the fill comes from the trainer's status.
+    p = probe(bench, odom={}, path={})
+    p.diag, p.buffer_sizes = {}, []
+    p._on_diag(diagnostics('online_finetune: synchronizer', emitted=120))
+    for size in (3, 9, 16, 16):
+        p._on_diag(diagnostics('online_finetune: trainer', buffer_size=size))
+    assert p.diag == {'emitted': '120'}
+    assert [s for _, s in p.buffer_sizes] == [3, 9, 16, 16]
+    assert p.buffer_full_at(16) == p.buffer_sizes[2][0]
+    assert p.buffer_full_at(40) is None and p.buffer_size() == 16
