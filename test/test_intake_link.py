@@ -182,3 +182,42 @@ def test_the_sink_waits_for_a_free_slot_and_gives_up_when_its_parent_is_gone():
     with pytest.raises(RuntimeError, match='prediction process is gone'):
         sink.on_sample(fake_sample(1))
     assert channels.written.value == 1
+
+
+def orphan_fills_its_queue_and_ends(_spec, _channels):
+    """A child whose parent is gone (parent_pid is not its parent): ~1 MB of IMU nobody reads,
+    more than the pipe holds, then the sink's end()."""
+    ctx = multiprocessing.get_context('spawn')
+    channels = IntakeChannels(ring=SampleRing(ctx, CFG, 1), queue=ctx.Queue(),
+                              written=ctx.Value('q', 0), parent_pid=-1)
+    sink = RingSink(channels, 'self')
+    for i in range(200):
+        sink.forward_imu(*imu_rows(i * 1_000_000_000, 100))
+    sink.end()
+
+
+def test_an_orphaned_sink_ends_although_nobody_reads_its_queue():
+    """end() waits for the queue's pipe to take everything only while the parent lives: an
+    orphan (its parent killed with -9 mid-replay) would otherwise hang on a full pipe, with its
+    DDS participant and shared memory, until SIGKILL."""
+    ctx = multiprocessing.get_context('spawn')
+    child = ctx.Process(target=orphan_fills_its_queue_and_ends, args=(None, None))
+    child.start()
+    child.join(60.0)
+    try:
+        assert child.exitcode == 0, 'the orphaned sink did not end'
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join(5.0)
+
+
+def test_a_sample_the_ring_cannot_take_gives_its_slot_back():
+    ctx = multiprocessing.get_context('spawn')
+    ring = SampleRing(ctx, CFG, 1)
+    bad = fake_sample(0)
+    bad['points'] = np.full(bad['points'].shape, 'not a number', dtype=object)
+    with pytest.raises(ValueError):
+        ring.write(bad, timeout=10.0)
+    slot, _ = ring.write(fake_sample(1), timeout=10.0)    # the one slot is free again
+    assert np.array_equal(ring.views()['points'][slot], fake_sample(1)['points'])

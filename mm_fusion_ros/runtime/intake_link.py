@@ -10,7 +10,7 @@ it in one process, through one ordered channel:
 - samples: the arrays in a ring of shared-memory slots (training/learner.py's SampleRing), then
   ('sample', slot, other arrays, meta) on the queue; the parent copies them out and frees the
   slot. With no free slot the child's dispatch worker waits, so the synchronizer's own queue
-  bounds the backlog and counts its drops (queue_full) as in one process.
+  bounds the backlog and counts its drops (link_queuefull) as in one process.
 - ('imu', stamps, accel, gyro, run): every IMU batch the synchronizer took, in its IMU frame, for
   the trajectory's bridge and the inertial filter (ImuMirror: the Synchronizer's imu_between /
   imu_after over the same window);
@@ -154,9 +154,15 @@ class RingSink:
                                  int(run)))
 
     def end(self) -> None:
-        self.channels.queue.put(('end',))
-        self.channels.queue.close()
-        self.channels.queue.join_thread()   # everything put is in the pipe before exit
+        link_queue = self.channels.queue
+        link_queue.put(('end',))
+        link_queue.close()
+        if os.getppid() == self.channels.parent_pid:
+            link_queue.join_thread()   # everything put is in the pipe before exit
+        else:
+            # Nobody reads the pipe any more, and this process holds its read end too, so a
+            # full pipe would block the feeder thread, and the join (here or at exit), for good.
+            link_queue.cancel_join_thread()
 
 
 def _same(a, b) -> bool:
@@ -231,13 +237,13 @@ class IntakeLink:
 
     def _sample(self, slot, other, meta) -> None:
         ring = self.channels.ring
-        try:   # copied out: the buffer and the learner keep the arrays after the slot is reused
-            sample = {k: np.array(v) for k, v in ring.read(slot, other, meta).items()
-                      if k != 'meta'}
-        finally:
-            ring.release(slot)
-        sample['meta'] = meta
         try:
+            try:   # copied out: the buffer and the learner keep the arrays after reuse
+                sample = {k: np.array(v) for k, v in ring.read(slot, other, meta).items()
+                          if k != 'meta'}
+            finally:
+                ring.release(slot)
+            sample['meta'] = meta
             if self.on_backlog is not None:
                 self.on_backlog(max(self.backlog, 1))
             self.on_sample(sample)
