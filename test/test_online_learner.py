@@ -3,8 +3,10 @@ torch.multiprocessing process trains on the samples the predictor hands it throu
 memory and hands its weights back; no mocks. Same tiny model and samples as test_online_core.
 """
 from dataclasses import replace
+import multiprocessing
 import os
 import signal
+import threading
 import time
 
 from conftest import make_tiny_kitti
@@ -19,7 +21,12 @@ from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
 from mm_fusion_ros.training.checkpoint import load_checkpoint
 from mm_fusion_ros.training.config import TrainConfig
-from mm_fusion_ros.training.learner import build_trainer, LearnerError, ProcessOnlineTrainer
+from mm_fusion_ros.training.learner import (
+    build_trainer,
+    LearnerClient,
+    LearnerError,
+    ProcessOnlineTrainer,
+)
 from mm_fusion_ros.training.online import OnlineConfig, sample_config_for
 from mm_fusion_ros.trajectory.chain import TrajectoryConfig
 
@@ -179,6 +186,38 @@ def test_set_training_false_stops_steps_and_the_learning_rate_reaches_the_learne
         trainer.on_sample(s)
     assert trainer.metrics()['online_steps'] == steps
     trainer.shutdown()
+
+
+def test_a_sample_the_learner_cannot_store_is_reported_and_the_next_ones_are_stored(make, data):
+    """Whatever a sample raises in the learner's intake thread is reported (the node's
+    FaultLog, via train_pending) and the thread goes on: before, anything but a ValueError
+    ended it, and from then on no slot was freed and no command answered."""
+    trainer = make(updates_per_sample=0.0)
+    samples = data['samples']
+    slot, other = trainer.client.ring.write(samples[0], timeout=10.0)
+    trainer.client.inbox.put(('sample', slot, other, 'not a meta dict'))   # AttributeError
+    for s in samples[1:4]:
+        trainer.on_sample(s)
+    wait_until(lambda: trainer.metrics()['buffer_size'] == 3, 'the next samples stored')
+    with pytest.raises(LearnerError, match='sample not stored: AttributeError'):
+        trainer.train_pending()
+    assert trainer.metrics()['learner_alive']
+    trainer.shutdown()
+    assert trainer.client.process.exitcode == 0
+
+
+def test_errors_in_an_answer_that_came_too_late_are_still_reported():
+    """A request that timed out (a learner busy with an autosave) gets its answer later; the
+    learner's errors in it are not dropped with it."""
+
+    client = LearnerClient.__new__(LearnerClient)
+    client._replies, child_end = multiprocessing.Pipe(duplex=False)
+    client._late_errors, client._late_lock = [], threading.Lock()
+    child_end.send((1, True, {'errors': ['step: RuntimeError: late']}))   # for request 1
+    child_end.send((2, True, {'errors': [], 'step': 7}))
+    assert client._wait(2, 5.0, 'metrics') == {'errors': [], 'step': 7}
+    assert client.take_late_errors() == ['step: RuntimeError: late']
+    assert client.take_late_errors() == []
 
 
 def test_a_killed_learner_is_detected_and_is_a_problem(make, data):

@@ -151,12 +151,16 @@ class SampleRing:
         except queue.Empty:
             return None
         views, other = self.views(), {}
-        for key in ARRAY_KEYS:
-            value = np.asarray(sample[key])
-            if key in views and value.shape == views[key].shape[1:]:
-                views[key][slot] = value
-            else:
-                other[key] = value
+        try:
+            for key in ARRAY_KEYS:
+                value = np.asarray(sample[key])
+                if key in views and value.shape == views[key].shape[1:]:
+                    views[key][slot] = value
+                else:
+                    other[key] = value
+        except BaseException:
+            self.free.put(slot)    # not taken: a slot lost here would shrink the ring for good
+            raise
         return slot, other
 
     def read(self, slot: int, other: dict, meta: dict) -> dict:
@@ -205,9 +209,9 @@ class LearnerTrainer(OnlineTrainer):
         if features:
             try:                  # only a saving: the sample's first step computes them anyway
                 self._adopt_features(sample, features)
-            except (RuntimeError, ValueError) as e:
-                log.warning('features from the predictor not adopted for a sample (%s); the '
-                            'learner computes them itself', e)
+            except Exception as e:  # noqa: BLE001 - only a saving, never a lost sample
+                log.warning('features from the predictor not adopted for a sample (%s: %s); '
+                            'the learner computes them itself', type(e).__name__, e)
         self._arrive(sample)
         with self._state_lock:
             self.samples_seen += 1
@@ -260,8 +264,8 @@ class Learner:
                 _, slot, other, meta = msg
                 try:
                     self.trainer.ingest(self.ring.read(slot, other, meta))
-                except ValueError as e:
-                    self._error(f'sample not stored: {e}')
+                except Exception as e:  # noqa: BLE001 - the intake thread must go on
+                    self._error(f'sample not stored: {type(e).__name__}: {e}')
                 finally:
                     self.ring.release(slot)
                 continue
@@ -368,6 +372,7 @@ class LearnerClient:
         self.missed = 0
         self.closed = False
         self.features = None     # the next sample's frozen-branch features (predictor thread)
+        self._late_errors, self._late_lock = [], threading.Lock()
         self.process.start()
         child_end.close()
         self.ready = self._wait(0, START_TIMEOUT_S, 'start')
@@ -416,8 +421,11 @@ class LearnerClient:
                 except (EOFError, OSError) as e:
                     raise LearnerError(f'learner {what}: the learner process is gone '
                                        f'(exit code {self.process.exitcode})') from e
-                if got != req_id:
-                    continue              # the late answer to a request that timed out
+                if got != req_id:         # the late answer to a request that timed out:
+                    if ok and isinstance(value, dict):   # the errors it carries still count
+                        with self._late_lock:
+                            self._late_errors.extend(value.get('errors', []))
+                    continue
                 if not ok:
                     raise LearnerError(f'learner {what}: {value}')
                 return value
@@ -426,6 +434,12 @@ class LearnerClient:
                                    f'{self.process.exitcode})')
             if left <= 0:
                 raise LearnerError(f'learner {what}: no answer within {timeout:.0f} s')
+
+    def take_late_errors(self) -> list:
+        """The learner's errors that came with answers nobody waited for any more."""
+        with self._late_lock:
+            errors, self._late_errors = self._late_errors, []
+        return errors
 
     def join(self, timeout: float = 10.0) -> None:
         self.closed = True
@@ -537,7 +551,7 @@ class ProcessOnlineTrainer(OnlineTrainer):
     def _apply(self, state: dict) -> None:
         """Take the learner's counters from a reply."""
         self._learner_metrics = state['metrics']
-        self._learner_errors += state.get('errors', [])
+        self._learner_errors += self.client.take_late_errors() + state.get('errors', [])
         self.core.step_count = int(state['step'])
         self.buffer._stats = dict(state['buffer'])
 
