@@ -1,6 +1,8 @@
 """The batched IMU intake (sync/imu_intake.py) against the one-message-at-a-time path the node
 had: the same synchronizer state from the same serialized messages, bad and foreign-frame
 messages counted alike; and the numpy CDR decoder against rosbags' decode_cdr."""
+import threading
+
 import numpy as np
 import pytest
 from test_synchronizer import CFG, image, MS, scan
@@ -125,3 +127,34 @@ def test_intake_reports_what_it_skipped():
     assert added == 1 and [reason for reason, _ in skipped] == ['bad_message', 'wrong_frame']
     assert "'camera'" in str(skipped[1][1])
     assert sync.stats['received']['imu'] == 3
+
+
+def test_forwarded_imu_is_out_before_a_sample_it_completes_can_be_popped():
+    """The intake process forwards each IMU batch to the prediction process; its dispatch
+    thread must not hand on a sample that the batch completed ahead of the batch itself, or
+    the filter and the bridge there would see the sample without its last IMU rows."""
+    sync = Synchronizer(CFG, origin_ns=0)
+    popped, order = [], []
+
+    def pop():
+        popped.extend(sync.pop_ready())
+        order.append('sample' if popped else 'nothing')
+
+    def forward(stamps, accel, gyro):
+        popper = threading.Thread(target=pop)     # the dispatch thread, woken meanwhile
+        popper.start()
+        popper.join(0.3)
+        order.append('imu')
+        threads.append(popper)
+
+    threads = []
+    intake = ImuIntake(sync, FrameGuard())
+    intake.add_raw([serialized_imu(t * MS, (0, 0, 0)) for t in range(0, 60, 10)])
+    for k in range(3):
+        sync.add_image(k * 100 * MS, image(k))
+        sync.add_cloud(k * 100 * MS, scan(k))
+    assert sync.pop_ready() == []                 # the scans wait for the IMU
+    intake.forward = forward
+    intake.add_raw([serialized_imu(t * MS, (0, 0, 0)) for t in range(60, 310, 10)])
+    threads[0].join(10.0)
+    assert popped and order == ['imu', 'sample']

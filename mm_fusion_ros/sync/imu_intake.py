@@ -18,7 +18,8 @@ from mm_fusion_ros.sync.frames import FrameError, FrameGuard
 
 class ImuIntake:
     """forward(stamps, accel, gyro), if given, also gets every batch added (the intake
-    process's link to the prediction process)."""
+    process's link to the prediction process), before any sample the batch completes can be
+    popped. It runs under the synchronizer's lock: it must not call its locking methods."""
 
     def __init__(self, sync, frames: FrameGuard, forward=None):
         self.sync, self.frames, self.forward = sync, frames, forward
@@ -51,7 +52,8 @@ class ImuIntake:
         for reason, _ in skipped:
             self.sync.reject('imu', reason)
         if keep.any():
-            self.sync.add_imu_batch(stamps[keep], accel[keep], gyro[keep])
-            if self.forward is not None:
-                self.forward(stamps[keep], accel[keep], gyro[keep])
+            rows, forward = (stamps[keep], accel[keep], gyro[keep]), self.forward
+            # Forwarded under the synchronizer's lock: no sample these rows complete can be
+            # handed on (by the dispatch thread) ahead of them.
+            self.sync.add_imu_batch(*rows, then=forward and (lambda: forward(*rows)))
         return int(keep.sum()), skipped

@@ -214,8 +214,12 @@ class Synchronizer:
         """One IMU sample: accel (3,) [m/s^2], gyro (3,) [rad/s] in imu_link."""
         self.add_imu_batch([stamp_ns], np.reshape(accel, (1, -1)), np.reshape(gyro, (1, -1)))
 
-    def add_imu_batch(self, stamps_ns, accel, gyro) -> None:
+    def add_imu_batch(self, stamps_ns, accel, gyro, then=None) -> None:
         """M IMU samples: stamps (M,) int ns, accel (M, 3), gyro (M, 3); any order.
+
+        then(), if given, runs under the lock once the rows are in: before pop_ready can hand
+        out a sample they complete (the intake process forwards the rows to the prediction
+        process there, so they reach it ahead of that sample).
 
         The result (samples, their IMU, every counter) is the one of M add_imu calls in this
         order: each row goes the same way, but the pending scans are re-examined only after a
@@ -241,6 +245,8 @@ class Synchronizer:
                          self._imu_latest >= self._scans[0].stamp):
                     self._advance()
             self._advance()
+            if then is not None:
+                then()
 
     def add_ground_truth(self, stamp_ns: int, pose) -> None:
         """Ground-truth T_odom_base (4, 4) at a scan's stamp (bags carry it; live robots don't)."""
