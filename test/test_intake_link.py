@@ -63,11 +63,22 @@ def child_writes(spec, channels):
 def make_link(ctx, samples, slots=3, crash=False):
     got, backlog, gt = [], [], []
     channels = IntakeChannels(ring=SampleRing(ctx, CFG, slots), queue=ctx.Queue(),
-                              written=ctx.Value('q', 0), parent_pid=os.getpid())
+                              written=ctx.Value('q', 0, lock=False), parent_pid=os.getpid())
     link = IntakeLink(ctx, channels, ImuMirror(SyncConfig(), CFG.imu_window_s), child_writes,
                       {'samples': samples, 'crash': crash}, on_sample=got.append,
                       on_backlog=backlog.append, on_ground_truth=lambda s, p: gt.append((s, p)))
     return link, got, backlog, gt
+
+
+def run_link(link, got, samples, pause_s=0.0) -> bool:
+    """Start the child, hand its items on until `samples` samples arrived, stop it: whether
+    it ended cleanly."""
+    link.start()
+    deadline = time.monotonic() + 60
+    while len(got) < samples and time.monotonic() < deadline:
+        link.step(0.1)
+        time.sleep(pause_s)
+    return link.stop(timeout=30)
 
 
 def test_samples_imu_frames_and_ground_truth_arrive_in_order_through_a_small_ring():
@@ -75,12 +86,7 @@ def test_samples_imu_frames_and_ground_truth_arrive_in_order_through_a_small_rin
     in order, copied out of its slot; the backlog is reported before each and 0 at the end."""
     ctx = tmp.get_context('spawn')
     link, got, backlog, gt = make_link(ctx, 12)
-    link.start()
-    deadline = time.monotonic() + 60
-    while len(got) < 12 and time.monotonic() < deadline:
-        link.step(0.1)
-        time.sleep(0.01)     # a slow predictor: the ring fills and the child waits
-    assert link.stop(timeout=30)
+    assert run_link(link, got, 12, pause_s=0.01)   # a slow predictor: the child waits for slots
     assert [s['meta']['frame'] for s in got] == list(range(12))
     for i, sample in enumerate(got):
         want = fake_sample(i)
@@ -108,14 +114,28 @@ def test_a_sample_whose_prediction_raises_is_counted_and_the_next_ones_arrive():
         got.append(sample)
 
     link.on_sample = predict
-    link.start()
-    deadline = time.monotonic() + 60
-    while len(got) < 4 and time.monotonic() < deadline:
-        link.step(0.1)
-    assert link.stop(timeout=30)
+    assert run_link(link, got, 4)
     assert [s['meta']['frame'] for s in got] == [0, 1, 3, 4]
     assert link.failed_samples == 1 and backlog[-1] == 0 and link.backlog == 0
     assert 'a bad sample' in str(link.faults.snapshot())
+
+
+def test_an_item_whose_handler_raises_is_recorded_and_the_link_goes_on():
+    """Ground truth (or IMU) the parent cannot take is recorded; the items behind it still
+    arrive, and stop() (the node's shutdown, which then writes the final files) completes."""
+    ctx = tmp.get_context('spawn')
+    link, got, _, gt = make_link(ctx, 4)
+
+    def take_ground_truth(stamp, pose):
+        if stamp == 100_000_000:
+            raise ValueError('a bad pose')
+        gt.append((stamp, pose))
+
+    link.on_ground_truth = take_ground_truth
+    assert run_link(link, got, 4)
+    assert [s['meta']['frame'] for s in got] == [0, 1, 2, 3]
+    assert [s for s, _ in gt] == [0, 200_000_000, 300_000_000]
+    assert 'a bad pose' in str(link.faults.snapshot())
 
 
 def test_a_child_that_dies_is_reported_and_its_samples_kept():
@@ -176,7 +196,8 @@ def test_the_imu_mirror_keeps_its_window_and_starts_afresh_on_a_rewind():
 def test_the_sink_waits_for_a_free_slot_and_gives_up_when_its_parent_is_gone():
     ctx = multiprocessing.get_context('spawn')
     channels = IntakeChannels(ring=SampleRing(ctx, CFG, 1), queue=ctx.Queue(),
-                              written=ctx.Value('q', 0), parent_pid=-1)   # not our parent
+                              written=ctx.Value('q', 0, lock=False),
+                              parent_pid=-1)                   # not our parent
     sink = RingSink(channels, 'self')
     sink.on_sample(fake_sample(0))                 # the one slot
     with pytest.raises(RuntimeError, match='prediction process is gone'):
@@ -189,7 +210,7 @@ def orphan_fills_its_queue_and_ends(_spec, _channels):
     more than the pipe holds, then the sink's end()."""
     ctx = multiprocessing.get_context('spawn')
     channels = IntakeChannels(ring=SampleRing(ctx, CFG, 1), queue=ctx.Queue(),
-                              written=ctx.Value('q', 0), parent_pid=-1)
+                              written=ctx.Value('q', 0, lock=False), parent_pid=-1)
     sink = RingSink(channels, 'self')
     for i in range(200):
         sink.forward_imu(*imu_rows(i * 1_000_000_000, 100))

@@ -56,7 +56,7 @@ def intake_link(trainer: TrainerNode, ros_args) -> IntakeLink:
     """The link to an intake process that runs this process's synchronizer node."""
     ctx = tmp.get_context('spawn')   # DDS threads run here already: fork is unsafe
     channels = IntakeChannels(ring=SampleRing(ctx, trainer.sample_cfg, RING_SLOTS),
-                              queue=ctx.Queue(), written=ctx.Value('q', 0),
+                              queue=ctx.Queue(), written=ctx.Value('q', 0, lock=False),
                               parent_pid=os.getpid())
     imu = ImuMirror(SyncConfig(), trainer.sample_cfg.imu_window_s,
                     min_keep_s=trainer.trainer.trajectory.cfg.max_bridge_s)

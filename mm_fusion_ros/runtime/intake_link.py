@@ -110,7 +110,8 @@ class IntakeChannels:
     """What both processes hold (picklable through multiprocessing's spawn)."""
     ring: object            # training.learner.SampleRing
     queue: object           # ctx.Queue, child -> parent, in order
-    written: object         # ctx.Value: samples the child wrote
+    written: object         # ctx.Value('q', lock=False): samples the child wrote. Without a
+    # lock: a child killed while holding one would block every read of the backlog for good.
     parent_pid: int
 
 
@@ -136,8 +137,7 @@ class RingSink:
             if os.getppid() != ch.parent_pid:
                 raise RuntimeError('the prediction process is gone; sample not handed on')
         slot, other = written
-        with ch.written.get_lock():
-            ch.written.value += 1
+        ch.written.value += 1     # one writer (the dispatch thread): no lock, see IntakeChannels
         ch.queue.put(('sample', slot, other, sample['meta']))
 
     def on_ground_truth(self, stamp_ns: int, pose) -> None:
@@ -221,18 +221,22 @@ class IntakeLink:
             return False
         kind = item[0]
         if kind == 'sample':
-            self._sample(*item[1:])
-        elif kind == 'imu':
-            self.imu.add(*item[1:])
-        elif kind == 'sync_config':
-            self.imu.configure(item[1])
-        elif kind == 'frames':
-            self._base_imu = item[1]
-        elif kind == 'gt':
-            if self.on_ground_truth is not None:
-                self.on_ground_truth(item[1], item[2])
-        elif kind == 'end':
-            self.ended = True
+            self._sample(*item[1:])     # counts and records its own failures
+            return True
+        try:
+            if kind == 'imu':
+                self.imu.add(*item[1:])
+            elif kind == 'sync_config':
+                self.imu.configure(item[1])
+            elif kind == 'frames':
+                self._base_imu = item[1]
+            elif kind == 'gt':
+                if self.on_ground_truth is not None:
+                    self.on_ground_truth(item[1], item[2])
+            elif kind == 'end':
+                self.ended = True
+        except Exception as e:  # noqa: BLE001 - the items behind it, and stop(), go on
+            self.faults.record(self.WORKER, e, f'{kind} from the intake process')
         return True
 
     def _sample(self, slot, other, meta) -> None:

@@ -448,6 +448,9 @@ class LearnerClient:
             log.error('the learner process did not end within %.0f s: terminating it', timeout)
             self.process.terminate()
             self.process.join(timeout)
+        # Nobody reads the inbox any more: samples still in its pipe must not hold this
+        # process's exit (the queue's feeder thread would block on a full pipe for good).
+        self.inbox.cancel_join_thread()
 
 
 class LearnerBuffer:
