@@ -10,7 +10,7 @@ import pytest
 
 from mm_fusion_ros.runtime import diagnostics
 from mm_fusion_ros.runtime.dispatch import SampleDispatcher
-from mm_fusion_ros.runtime.paths import PathThrottle, PoseTrail
+from mm_fusion_ros.runtime.paths import OdomOrder, PathThrottle, PoseTrail
 from mm_fusion_ros.runtime.process import MemoryTrimmer
 from mm_fusion_ros.runtime.workers import FaultLog, Pacer, Worker
 
@@ -161,6 +161,16 @@ def test_path_throttle_and_trail():
     assert list(trail.items) == ['new segment']
     with pytest.raises(ValueError, match='max_poses'):
         PoseTrail(0)
+
+
+def test_odometry_goes_forward_in_time_and_never_back_to_an_older_segment():
+    order = OdomOrder()
+    assert order.admit(0, 5_000) and order.admit(0, 5_010)
+    assert not order.admit(0, 5_005)              # a scan pose behind the IMU-rate poses
+    assert order.admit(1, 100)                    # a rewind: the new segment starts earlier
+    # IMU-rate poses of the old segment still on their way: later stamps, but not published
+    assert not order.admit(0, 5_020)
+    assert order.admit(1, 110)
 
 
 def test_memory_trimmer_period():

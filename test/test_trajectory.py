@@ -99,6 +99,23 @@ def test_steps_chain_by_stamps_and_holes_are_bridged_and_counted():
     assert not track.bridged[0] and track.bridged[5]
 
 
+def test_a_prediction_that_is_not_finite_is_left_out_and_bridged():
+    """Chained, one NaN would make the rest of the segment NaN (published and written)."""
+    stamps = [10**12 + k * DT_NS for k in range(10)]
+    traj = OnlineTrajectory(TrajectoryConfig(bridge='velocity'))
+    records = feed(traj, stamps[:6], keep=lambda k: True)
+    bad_cov = STEP_COV.copy()
+    bad_cov[0, 0] = np.nan
+    for mean, cov in ((np.full(6, np.nan), STEP_COV), (STEP, bad_cov)):
+        with pytest.raises(ValueError, match='not finite'):
+            traj.add_step(stamps[5], stamps[6], mean, cov)
+    records += traj.add_step(stamps[6], stamps[7], STEP, STEP_COV)
+    assert records[-2].bridged == 'velocity' and records[-2].stamp_ns == stamps[6]
+    assert all(np.isfinite(r.pose).all() and np.isfinite(r.cov).all() for r in records)
+    np.testing.assert_allclose(records[-1].pose, true_poses(8)[-1], atol=1e-9)
+    assert traj.stats()['segments'] == 1
+
+
 def test_without_bridging_a_hole_would_lose_the_motion():
     stamps = [k * DT_NS for k in range(1, 30)]
     traj = OnlineTrajectory(TrajectoryConfig(bridge='off'))

@@ -73,7 +73,11 @@ class OdomOrder:
         self.segment, self.stamp_ns = None, None
 
     def admit(self, segment: int, stamp_ns: int) -> bool:
-        if self.segment is None or segment > self.segment or stamp_ns > self.stamp_ns:
+        """Whether to publish this pose. A pose of an older segment never is: after a rewind
+        its stamps lie ahead of the new segment's, and IMU-rate poses of the old one may still
+        be on their way."""
+        if self.segment is None or segment > self.segment or \
+                (segment == self.segment and stamp_ns > self.stamp_ns):
             self.segment, self.stamp_ns = segment, stamp_ns
             return True
         return False

@@ -234,6 +234,11 @@ class OnlineTrajectory:
                              'forward in time')
         mean6 = np.asarray(mean6, dtype=np.float64).reshape(6)
         cov6 = np.asarray(cov6, dtype=np.float64).reshape(6, 6)
+        if not (np.isfinite(mean6).all() and np.isfinite(cov6).all()):
+            # Chained, one NaN would make every later pose of the segment NaN; left out, the
+            # step is a gap that the next one bridges.
+            raise ValueError(f'trajectory step {stamp_prev_ns} -> {stamp_cur_ns} ns: the '
+                             f'prediction is not finite (mean {mean6.tolist()}); not chained')
         out = []
         with self._lock:
             seg = self._segments[-1] if self._segments else None
