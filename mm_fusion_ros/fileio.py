@@ -44,6 +44,12 @@ def atomic_open(path, mode: str = 'wb', encoding: str = None):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual mode
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if str(path) in str(e):
+            raise
+        # A full disk says "[Errno 28] No space left on device" without naming the file.
+        raise OSError(e.errno, f'{path} not written: {e.strerror or e}') from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

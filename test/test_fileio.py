@@ -1,4 +1,5 @@
 """fileio: the one atomic-write helper (files and bag folders), including a writer killed by -9."""
+import errno
 import os
 from pathlib import Path
 import signal
@@ -27,6 +28,20 @@ def test_atomic_write_replaces_and_a_failed_write_keeps_the_old_file(tmp_path):
     with pytest.raises(ValueError, match='mode'):
         with fileio.atomic_open(path, 'a'):
             pass
+
+
+def test_a_write_error_names_the_file(tmp_path):
+    """A full disk says "[Errno 28] No space left on device", without naming the file."""
+    path = tmp_path / 'ckpt' / 'autosave.pth'
+    with pytest.raises(OSError, match='autosave.pth not written: No space left') as err:
+        with fileio.atomic_open(path) as f:
+            f.write(b'partly')
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert err.value.errno == errno.ENOSPC and str(path) in str(err.value)
+    assert not path.exists() and list(path.parent.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match='gone.txt'):   # the same kind of OSError
+        with fileio.atomic_open(tmp_path / 'gone.txt', 'w'):
+            raise FileNotFoundError(errno.ENOENT, 'No such file or directory')
 
 
 def test_replace_dir_keeps_the_old_folder_when_the_rename_fails(tmp_path, monkeypatch):

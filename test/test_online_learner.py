@@ -5,6 +5,7 @@ memory and hands its weights back; no mocks. Same tiny model and samples as test
 from dataclasses import replace
 import multiprocessing
 import os
+from pathlib import Path
 import signal
 import threading
 import time
@@ -218,6 +219,22 @@ def test_errors_in_an_answer_that_came_too_late_are_still_reported():
     assert client._wait(2, 5.0, 'metrics') == {'errors': [], 'step': 7}
     assert client.take_late_errors() == ['step: RuntimeError: late']
     assert client.take_late_errors() == []
+
+
+def test_ctrl_c_in_the_terminal_does_not_stop_the_learner_before_its_files(make, data,
+                                                                           tmp_path):
+    """Ctrl-C reaches the whole process group: the learner must wait for the predictor's
+    shutdown, or the final checkpoint and the buffer are lost."""
+    trainer = make(updates_per_sample=1.0, min_buffer=2, buffer_path=str(tmp_path / 'b.npz'))
+    for s in data['samples'][:4]:
+        trainer.on_sample(s)
+    wait_until(lambda: trainer.metrics()['buffer_size'] == 4, 'samples stored')
+    os.kill(trainer.client.process.pid, signal.SIGINT)
+    trainer.client.process.join(2.0)               # returns early if the signal ended it
+    assert trainer.client.alive
+    written = trainer.shutdown()
+    assert trainer.client.process.exitcode == 0
+    assert Path(written['checkpoint']).exists() and Path(written['buffer']).exists()
 
 
 def test_a_killed_learner_is_detected_and_is_a_problem(make, data):

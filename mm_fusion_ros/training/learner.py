@@ -27,6 +27,7 @@ import math
 import os
 from pathlib import Path
 import queue
+import signal
 import threading
 import time
 
@@ -344,6 +345,10 @@ def learner_main(spec, weights, ring, inbox, replies, backlog) -> None:
     logging.basicConfig(level=logging.INFO, format='[learner] %(levelname)s %(name)s: '
                                                    '%(message)s')
     lower_thread_priority()   # this thread and the ones it starts: prediction goes first
+    # Ctrl-C in a terminal reaches the whole process group: the predictor stops this process
+    # (a shutdown command, after which it writes its files), or it stops by itself when the
+    # predictor is gone. SIGTERM still ends it (LearnerClient.join's last resort).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         learner = Learner(spec, weights, ring, inbox, replies, backlog)
     except (OSError, ValueError, RuntimeError) as e:
