@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_filter import drive, noisy, true_relative
 
+from mm_fusion_ros.filter import online as online_filter
 from mm_fusion_ros.filter.config import FilterConfig
 from mm_fusion_ros.filter.odometry import InertialOdometry, run_filter
 from mm_fusion_ros.filter.online import build_filter_source, FilterPoseSource, OnlineFilterConfig
@@ -104,6 +105,16 @@ def test_scan_rate_poses_equal_the_offline_filter(world):
     np.testing.assert_allclose(last.cov, b @ off.scan_covs[-1] @ b.T, rtol=1e-6, atol=1e-12)
     assert np.all(np.diag(last.cov) > 0)
     assert rep.src.poll() == []          # scan rate: nothing between scans
+
+
+def test_the_filter_keeps_only_its_newest_scan_stamps(world, monkeypatch):
+    """A long drive must not grow the source's memory by a stamp per scan."""
+    monkeypatch.setattr(online_filter, 'SCANNED_KEPT', 4)
+    rep = Replay(world, 'scan')
+    assert len(rep.src._scanned) == 4
+    track = rep.traj.tracks()[0]
+    np.testing.assert_allclose(from_scan1(track.poses), from_scan1(rep.offline().scan_poses),
+                               atol=1e-9)
 
 
 def test_imu_rate_poses_between_scans(world):

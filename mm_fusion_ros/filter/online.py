@@ -63,6 +63,9 @@ PUBLISH_RATES = ('scan', 'imu')
 # so the filter can be initialised when the first step arrives.
 START_BACK_NS = 1_000_000_000
 FINISHED_KEPT = 64      # scan poses whose clone was let go, kept for look-ups
+# The newest scan stamps given to the filter (a scan comes back as the next sample's first
+# scan); not the whole drive's, which grew with every scan.
+SCANNED_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ class FilterPoseSource:
             self._pose, self._cov = np.eye(4), np.zeros((6, 6))   # the newest scan pose
             self._anchor = None          # segment frame <- filter odom, once poses come from it
             self._finished = OrderedDict()
-            self._scanned = set()
+            self._scanned = OrderedDict()   # as an ordered set, the newest SCANNED_KEPT
             self._imu_out = []           # IMU-rate records not yet handed out by poll
             self._imu_dt, self._gyro = 0.01, np.zeros(3)
             self._imu_cov_key, self._imu_covs = None, None   # see _imu_record
@@ -318,7 +321,9 @@ class FilterPoseSource:
         else:
             self._feed(self._imu_clock(stamp_ns) + self._tol_ns)
         if stamp_ns not in self._scanned:
-            self._scanned.add(stamp_ns)
+            self._scanned[stamp_ns] = None
+            if len(self._scanned) > SCANNED_KEPT:
+                self._scanned.popitem(last=False)
             self.odo.add_scan(self._sec(stamp_ns))
         if relative is not None:
             prev_ns, mean6, logvar = relative
