@@ -236,6 +236,12 @@ def test_bad_files_are_refused_naming_the_file(tmp_path):
     np.savez(no_meta, **{k: v for k, v in arrays.items() if k != '__meta__'})
     with pytest.raises(ValueError, match='no_meta.npz'):
         ReplayBuffer.load(no_meta)
+    for name, foreign in (('list_meta', [1, 2]), ('str_sample_meta', {**meta, 'meta': ['x'] * 3})):
+        path = tmp_path / f'{name}.npz'
+        np.savez(path, **{**arrays, '__meta__': np.frombuffer(json.dumps(foreign).encode(),
+                                                               np.uint8)})
+        with pytest.raises(ValueError, match=f'{name}.npz: '):
+            ReplayBuffer.load(path)
 
 
 def test_writer_and_sampler_threads(tmp_path):

@@ -185,8 +185,12 @@ class ReplayBuffer:
                 data = {k: npz[k] for k in npz.files}
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
             raise ValueError(f'{path}: not a readable replay buffer .npz ({e})') from e
-        meta = _read_meta(path, data)
-        samples = _unpack_samples(path, data, meta)
+        try:
+            meta = _read_meta(path, data)
+            samples = _unpack_samples(path, data, meta)
+        except (AttributeError, TypeError, KeyError, IndexError) as e:   # a foreign .npz
+            raise ValueError(f'{path}: not a replay buffer written by ReplayBuffer.save '
+                             f'({type(e).__name__}: {e})') from e
         if sample_cfg is not None:
             _check_shapes(path, samples, sample_cfg)
         try:
@@ -307,6 +311,8 @@ def _read_meta(path, data) -> dict:
                          f'{version})')
     if len(meta['meta']) != meta['count']:
         raise ValueError(f'{path}: {len(meta["meta"])} meta entries for {meta["count"]} samples')
+    if not all(isinstance(m, dict) for m in meta['meta']):
+        raise ValueError(f'{path}: the meta entry of a sample is not a JSON object')
     return meta
 
 
