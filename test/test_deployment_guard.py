@@ -243,6 +243,48 @@ def test_a_waiting_sample_survives_the_reuse_of_its_shared_memory_slot(tmp_path,
         assert np.array_equal(stored[key], first[key]), key
 
 
+def resume_guarded(tmp_path, learner='thread'):
+    return build_trainer(OnlineConfig(checkpoint_dir=str(tmp_path), updates_per_sample=1.0,
+                                      min_buffer=1, guard_window=4, guard_min_samples=2,
+                                      resume=True, learner=learner, num_threads=1),
+                         HEAD, MODEL, SampleConfig(image_height=96, image_width=320,
+                                                   max_points=4096),
+                         BufferConfig(capacity=50), TrajectoryConfig())
+
+
+def test_a_resumed_run_goes_on_with_the_reference_the_guard_compared_against(tmp_path,
+                                                                              samples):
+    """The checkpoint's trained weights are ones the guard rejected: a resumed run must not
+    deploy them, nor take them as its reference; it trains on from them."""
+    trainer = guarded_trainer(tmp_path, samples)
+    off_by_half_a_metre(trainer.core.model)
+    initial = head_bias(trainer.infer_model)
+    for sample in samples:
+        trainer.on_sample(sample)
+        trainer.train_pending()
+    assert not trainer.metrics()['guard_adapted']
+    trained = head_bias(trainer.core.model)
+    trainer.save_checkpoint(trainer.checkpoint_path('final.pth'))
+    resumed = resume_guarded(tmp_path)
+    assert torch.equal(head_bias(resumed.core.model), trained)      # training goes on
+    assert torch.equal(head_bias(resumed.reference), initial)       # the same reference
+    assert torch.equal(head_bias(resumed.infer_model), initial)     # and predictions
+    # an initial checkpoint that is not this run's own: its weights are the reference
+    fresh = OnlineTrainer(OnlineConfig(checkpoint_dir=str(tmp_path / 'new'), guard_window=4,
+                                       guard_min_samples=2,
+                                       initial_checkpoint=str(tmp_path / 'final.pth')),
+                          HEAD, MODEL)
+    assert torch.equal(head_bias(fresh.reference), trained)
+    # in the learner process: the predictor takes the reference with its first sample
+    resumed = resume_guarded(tmp_path, learner='process')
+    try:
+        assert not torch.equal(head_bias(resumed.infer_model), initial)   # the payload's
+        resumed.on_sample(samples[0])
+        assert torch.equal(head_bias(resumed.infer_model), initial)
+    finally:
+        resumed.shutdown()
+
+
 def test_the_guard_needs_the_solved_geometric_term(tmp_path, caplog):
     direct = dataclasses.replace(HEAD, self_geometric_solve=0)
     trainer = OnlineTrainer(OnlineConfig(checkpoint_dir=str(tmp_path), guard_window=4,

@@ -203,7 +203,11 @@ class LearnerTrainer(OnlineTrainer):
         self.filter_section = spec.filter_section
         self.weights = weights
         self.predictor_metrics = {}      # the predictor's counters, sent with each command
-        self.weights.publish(self.core.model.state_dict())   # the resumed optimiser's model
+        # What predictions start with: the loaded model, or a resumed guard's reference.
+        deployed = self.core.model.state_dict()
+        if self.guard is not None:
+            deployed = {**deployed, **self._reference_state}
+        self.weights.publish(deployed)
 
     def ingest(self, sample: dict) -> None:
         features = sample['meta'].pop(FEATURES_META_KEY, None)
@@ -503,7 +507,7 @@ class ProcessOnlineTrainer(OnlineTrainer):
         self.learner_problem = ''
         self.weight_swaps = 0
         self.client = LearnerClient(spec, self._infer_state)
-        self._version = self.client.weights.version.value
+        self._version = 0     # the learner's first weights (what it deploys) load at once
         self.buffer = LearnerBuffer(self.client, {})
         self._apply(self.client.ready)
         self.resumed_samples = len(self.buffer)

@@ -69,6 +69,10 @@ NO_TARGET_WARNING = 20
 # skipped (counted). So a learner that falls behind the replay (5x on 2 cores) still gives each
 # sample it takes its steps, instead of spending its time on scoring.
 GUARD_QUEUE = 8
+# Online checkpoints written with the guard on hold the weights it compares against (the
+# entries a step can change): a resumed run goes on with that reference, not with the trained
+# weights, which the guard may have rejected.
+GUARD_REFERENCE_KEY = 'guard_reference'
 # Columns of OnlineConfig.log_csv: one row per logged gradient step; loss_<part> is each part's
 # unweighted mean over the samples it was valid for (TrainerCore.combine), empty when the step
 # had none (a part the supervision does not use, a masked-off modality).
@@ -196,6 +200,16 @@ def initial_payload(cfg: OnlineConfig):
     return None, ''
 
 
+def is_resume(cfg: OnlineConfig, source: str) -> bool:
+    """Whether `source` (initial_payload's path) is this run's own final or autosave
+    checkpoint, i.e. the run goes on where it stopped."""
+    if not (cfg.resume and source):
+        return False
+    path = Path(source)
+    return path.name in ('final.pth', 'autosave.pth') and \
+        path.parent.resolve() == Path(cfg.checkpoint_dir).resolve()
+
+
 def sample_config_for(model_cfg: ModelConfig, base: SampleConfig,
                       checkpoint_window_s: float = None) -> SampleConfig:
     """The sample shape the model expects (image size and K come from the model). The IMU
@@ -294,7 +308,7 @@ class OnlineTrainer:
         # Consecutive samples share a scan: its half of the BEV encoder is computed once.
         self.scan_cache = ScanCache() if isinstance(self.infer_model.point, BevPointEncoder) \
             else None
-        self._start_guard(online_cfg)
+        self._start_guard(online_cfg, payload if is_resume(online_cfg, self.source) else None)
         self.training_enabled = online_cfg.training_enabled
         self.base_lr = train_cfg.learning_rate     # what lr_warmup_steps ramps up to
         self.step_debt = 0.0
@@ -332,9 +346,10 @@ class OnlineTrainer:
         log.info('fine-tuning from %s (step %d, optimizer %s)', source, self.core.step_count,
                  'restored' if self.optimizer_resumed else 'fresh')
 
-    def _start_guard(self, cfg: OnlineConfig) -> None:
+    def _start_guard(self, cfg: OnlineConfig, resumed: dict = None) -> None:
         """The deployment guard (training/guard.py) over a frozen copy of the initial weights,
-        or None."""
+        or None. resumed: the payload of this run's own checkpoint it resumes from, whose
+        GUARD_REFERENCE_KEY entry (if any) is the reference, and what predictions start with."""
         self.guard, self.reference, self._unscored = None, None, deque()
         self._steps_since_admit = math.inf
         self._adapted_deployed, self._guard_warned = True, False
@@ -354,6 +369,23 @@ class OnlineTrainer:
         state = self.reference.state_dict()
         self._reference_state = {k: state[k] for k in self._changing}
         self._adapted_deployed = False          # predictions start with the initial weights
+        kept = (resumed or {}).get(GUARD_REFERENCE_KEY)
+        if kept:
+            self._restore_reference(kept)
+
+    def _restore_reference(self, kept: dict) -> None:
+        """A resumed run's reference and first predictions: the run's reference as saved."""
+        ref = self._reference_state
+        if set(kept) != set(ref) or any(tuple(kept[k].shape) != tuple(ref[k].shape)
+                                        for k in ref):
+            log.warning('the guard reference in %s does not fit this model: the guard compares '
+                        "against the checkpoint's trained weights", self.source)
+            return
+        with torch.no_grad():
+            for k, v in kept.items():
+                ref[k].copy_(v)
+                self._infer_tensors[k].copy_(v)
+        log.info("resumed the guard's reference from %s: predictions start with it", self.source)
 
     def use_imu(self, imu, rot_base_imu=None, imu_after=None, base_imu=None) -> None:
         """Give the trajectory's bridge the IMU the synchronizer holds (imu_between) and
@@ -661,6 +693,8 @@ class OnlineTrainer:
             step = self.core.step_count
             payload = _clone_tensors(self.core.state_dict(metrics=self.metrics(),
                                                           sample_cfg=self.sample_cfg))
+            if self.guard is not None:
+                payload[GUARD_REFERENCE_KEY] = _clone_tensors(self._reference_state)
         if self.filter_section is not None:   # the filter's weights travel with the model
             payload = embed_filter(payload, self.filter_section)   # (DESIGN §10)
         path = Path(path) if path else self.checkpoint_path(f'online_step{step:07d}.pth')
