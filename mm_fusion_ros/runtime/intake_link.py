@@ -10,7 +10,7 @@ it in one process, through one ordered channel:
 - samples: the arrays in a ring of shared-memory slots (training/learner.py's SampleRing), then
   ('sample', slot, other arrays, meta) on the queue; the parent copies them out and frees the
   slot. With no free slot the child's dispatch worker waits, so the synchronizer's own queue
-  bounds the backlog and counts its drops (link_queuefull) as in one process.
+  bounds the backlog and counts its drops (queue_full) as in one process.
 - ('imu', stamps, accel, gyro, run): every IMU batch the synchronizer took, in its IMU frame, for
   the trajectory's bridge and the inertial filter (ImuMirror: the Synchronizer's imu_between /
   imu_after over the same window);

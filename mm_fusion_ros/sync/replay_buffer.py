@@ -88,7 +88,10 @@ class ReplayBuffer:
 
     def add(self, sample: dict) -> bool:
         """Store a private read-only copy of the sample; False if the reservoir passed it over."""
-        item = self.private_copy(sample)
+        return self.add_private_copy(self.private_copy(sample))
+
+    def add_private_copy(self, item: dict) -> bool:
+        """add() for a copy that private_copy made (stored as it is, not copied again)."""
         size = sample_nbytes(item)
         with self._lock:
             self._offered += 1

@@ -477,8 +477,8 @@ class OnlineTrainer:
             self._unscored.clear()
             if self.guard is not None:
                 self.guard.stored_unscored += len(waiting)
-        for sample in waiting:
-            self.buffer.add(sample)
+        for item in waiting:
+            self.buffer.add_private_copy(item)
 
     def _remember_features(self, batch, features) -> None:
         """The frozen encoders' features of the prediction, for the sample's first step."""
@@ -563,7 +563,7 @@ class OnlineTrainer:
         try:
             self._score(samples)
         finally:
-            self.buffer.add(samples[0])
+            self.buffer.add_private_copy(samples[0])
         return True
 
     def _score(self, samples: list) -> None:
