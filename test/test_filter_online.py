@@ -46,13 +46,15 @@ class Replay:
     to the trajectory LATENCY samples after their scan, and poll() at every IMU sample."""
 
     def __init__(self, world, rate='scan', measured=None, skip=(), imu_late_ns=0,
-                 latency=LATENCY):
+                 latency=LATENCY, imu_cut=(), **source_cfg):
         """imu_late_ns: the IMU stamped this late, and the filter told so (imu_time_offset_s);
-        latency: IMU samples (by their true time) that arrive before a step is handed over."""
+        latency: IMU samples (by their true time) that arrive before a step is handed over;
+        imu_cut: indices of IMU samples that never arrive; source_cfg: OnlineFilterConfig
+        fields."""
         self.w = world
         cfg = world['cfg'].replace(imu_time_offset_s=-imu_late_ns / 1e9)
-        self.src = FilterPoseSource(OnlineFilterConfig(publish_rate=rate), cfg, None,
-                                    section={}, fallback=ConstantVelocityBridge())
+        self.src = FilterPoseSource(OnlineFilterConfig(publish_rate=rate, **source_cfg), cfg,
+                                    None, section={}, fallback=ConstantVelocityBridge())
         self.sync = Synchronizer(sync_cfg=SyncConfig(imu_keep_s=5.0))
         self.src.connect(self.sync.imu_after)
         self.traj = OnlineTrajectory(TrajectoryConfig(), bridge=self.src, source=self.src)
@@ -60,9 +62,12 @@ class Replay:
         scans = world['scans']
         due = {int(scans[k]) + latency: k for k in range(1, len(scans)) if k not in skip}
         measured = measured or (lambda k: True)
+        self.queued = []     # scans and relative poses the filter holds, after each step
+        self.placed = []     # steps placed by the filter so far, after each step
         for i in range(len(world['t'])):
-            self.sync.add_imu(int(world['stamps_ns'][i]) + imu_late_ns, world['acc'][i],
-                              world['gyr'][i])
+            if i not in imu_cut:
+                self.sync.add_imu(int(world['stamps_ns'][i]) + imu_late_ns, world['acc'][i],
+                                  world['gyr'][i])
             if rate == 'imu':
                 self.imu_records += self.src.poll()
             if i in due:
@@ -71,6 +76,10 @@ class Replay:
                 self.records += self.traj.add_step(a, b, world['rel'][k - 1],
                                                    diag_covariance(LOGVAR),
                                                    measured=measured(k))
+                odo = self.src.odo
+                self.queued.append(len(odo._pending_scans) + len(odo._waiting_rel)
+                                   + sum(e[0] != 'imu' for e in odo._events))
+                self.placed.append(self.src.counts['filter_steps'])
 
     def offline(self, mask=None):
         """run_filter on the IMU the source was given, relative poses as the source gave them."""
@@ -241,6 +250,41 @@ def test_without_camera_and_lidar_the_imu_carries_the_pose_on(world):
     res = off.offline(mask=mask)
     np.testing.assert_allclose(from_scan1(off.traj.tracks()[0].poses),
                                from_scan1(res.scan_poses), atol=1e-9)
+
+
+@pytest.mark.parametrize('rate', ['scan', 'imu'])
+def test_an_imu_outage_is_chained_and_the_filter_restarts_after_it(world, rate):
+    """The IMU gone for 2 s while scans and steps go on. The filter queued every scan of an
+    outage until the IMU reached it (without bound), then integrated across the whole gap.
+    Now the steps of the outage are chained, and the filter starts again when the IMU is back."""
+    cut = range(300, 500)
+    rep = Replay(world, rate, imu_cut=cut, imu_outage_s=0.5)
+    stats = rep.src.stats()
+    assert stats['filter_restarts'] == 1
+    scan_t = world['t'][world['scans']]
+    in_outage = np.sum((scan_t > world['t'][300] + 0.5) & (scan_t < world['t'][500]))
+    assert stats['filter_scans_without_imu'] >= in_outage - 1 > 10
+    # At most the scans of imu_outage_s (0.5 s: 5) and their relative poses.
+    assert max(rep.queued) <= 12, rep.queued
+    # After the return the filter is ready again and places the steps (the last five).
+    assert rep.src.odo.initialised and rep.src._anchor is not None
+    placed = np.diff(rep.placed)
+    mid = int(np.searchsorted(scan_t, world['t'][400]))   # step mid-1 -> mid, chained
+    assert placed[-5:].all() and not placed[mid - 2]
+    track = rep.traj.tracks()[0]
+    assert len(track.poses) == len(world['scans']) and np.isfinite(track.poses).all()
+    steps = np.linalg.norm(np.diff(track.poses[:, :3, 3], axis=0), axis=1)
+    truth = np.linalg.norm(true_relative(world['rot'], world['pos'], world['scans'])[:, :3],
+                           axis=1)
+    assert np.abs(steps - truth).max() < 0.1, 'no jump where the filter stops or takes over'
+    assert rep.src.counts['filter_chained_steps'] >= in_outage - 1
+
+
+def test_the_imu_absent_from_the_start_queues_nothing(world):
+    rep = Replay(world, 'scan', imu_cut=range(len(world['t'])), imu_outage_s=0.5)
+    assert max(rep.queued) <= 12
+    assert rep.src.counts['filter_chained_steps'] == len(world['scans']) - 1
+    assert rep.src.stats()['filter_restarts'] == 0
 
 
 def test_until_the_filter_is_ready_the_steps_are_chained_then_continue(world):

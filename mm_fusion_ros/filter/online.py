@@ -87,6 +87,10 @@ class OnlineFilterConfig(RelativePoseNoise):
     poll_period_s: float = field(default=0.01, metadata={
         'help': 'with publish_rate imu: how often the node feeds the filter the new IMU '
                 'samples and publishes their poses [s]'})
+    imu_outage_s: float = field(default=1.0, metadata={
+        'help': 'the IMU silent for longer than this is an outage: the scans in it are '
+                'chained from the network steps and not queued in the filter, and the filter '
+                'restarts (re-initialises) when the IMU comes back [s]'})
 
     def __post_init__(self):
         super().__post_init__()
@@ -94,9 +98,10 @@ class OnlineFilterConfig(RelativePoseNoise):
             object.__setattr__(self, 'mode', 'on' if self.mode else 'off')
         check_choice(self, 'mode', FILTER_MODES)
         check_choice(self, 'publish_rate', PUBLISH_RATES)
-        if not self.poll_period_s > 0:
-            raise ValueError(f'OnlineFilterConfig.poll_period_s must be > 0, got '
-                             f'{self.poll_period_s}')
+        for name in ('poll_period_s', 'imu_outage_s'):
+            if not getattr(self, name) > 0:
+                raise ValueError(f'OnlineFilterConfig.{name} must be > 0, got '
+                                 f'{getattr(self, name)}')
 
 
 def _embeds_filter(payload) -> bool:
@@ -164,7 +169,9 @@ class FilterPoseSource:
         self._lock = threading.Lock()
         self.counts = {'filter_steps': 0, 'filter_forecast_steps': 0, 'filter_chained_steps': 0,
                        'filter_imu_only_steps': 0, 'filter_bridged': 0, 'filter_imu_poses': 0,
-                       'filter_segments': 0}
+                       'filter_segments': 0, 'filter_restarts': 0,
+                       'filter_scans_without_imu': 0}
+        self._retired = {}   # counts of the filters before the current one (segments, restarts)
         self.odo = None
         self._anchor = None
         self.segment = -1
@@ -184,12 +191,13 @@ class FilterPoseSource:
             self.imu_after, self.base_imu = imu_after, base_imu
 
     def stats(self) -> dict:
-        """Counters of the source and of the current segment's filter (filter.odometry's,
-        as filter_<name>), for checkpoint metrics and /diagnostics."""
+        """Counters of the source and of its filters over the run (filter.odometry's, as
+        filter_<name>), for checkpoint metrics and /diagnostics."""
         with self._lock:
             out = dict(self.counts)
-            if self.odo is not None:
-                out.update({f'filter_{k}': int(v) for k, v in self.odo.counts.items()})
+            odo = dict(self.odo.counts) if self.odo is not None else {}
+            for k in set(odo) | set(self._retired):
+                out[f'filter_{k}'] = int(odo.get(k, 0) + self._retired.get(k, 0))
             return out
 
     # --- PoseSource ----------------------------------------------------------------------
@@ -200,14 +208,11 @@ class FilterPoseSource:
             self.counts['filter_segments'] += 1
             self._origin = int(stamp_ns)
             self._fed_ns = self._imu_clock(self._origin) - START_BACK_NS
+            self._imu_fed = False        # no IMU sample fed in this segment yet
             self._pose, self._cov = np.eye(4), np.zeros((6, 6))   # the newest scan pose
-            self._anchor = None          # segment frame <- filter odom, once poses come from it
-            self._finished = OrderedDict()
-            self._scanned = OrderedDict()   # as an ordered set, the newest SCANNED_KEPT
             self._imu_out = []           # IMU-rate records not yet handed out by poll
             self._imu_dt, self._gyro = 0.01, np.zeros(3)
-            self._imu_cov_key, self._imu_covs = None, None   # see _imu_record
-            self.odo = InertialOdometry(self._segment_config(), self.noise_model)
+            self._new_filter()
             self._feed(self._imu_clock(self._origin) + self._tol_ns)
             self.odo.add_scan(self._sec(self._origin))
 
@@ -257,6 +262,22 @@ class FilterPoseSource:
             return out
 
     # --- internal (under the lock) ---------------------------------------------------------
+    def _new_filter(self):
+        """A fresh filter (a segment's start, or a restart after an IMU outage); its poses are
+        anchored afresh, continuous with the last published pose."""
+        if self.odo is not None:
+            for k, v in self.odo.counts.items():
+                self._retired[k] = self._retired.get(k, 0) + int(v)
+        self._anchor = None          # segment frame <- filter odom, once poses come from it
+        self._finished = OrderedDict()
+        self._scanned = OrderedDict()   # as an ordered set, the newest SCANNED_KEPT
+        self._imu_cov_key, self._imu_covs = None, None   # see _imu_record
+        self.odo = InertialOdometry(self._segment_config(), self.noise_model)
+
+    @property
+    def _outage_ns(self) -> int:
+        return round(self.cfg.imu_outage_s * NS_PER_S)
+
     @property
     def _tol_ns(self) -> int:
         return int(STAMP_TOL * NS_PER_S)
@@ -293,6 +314,15 @@ class FilterPoseSource:
         n = n if limit is None else min(n, limit)
         for i in range(n):
             stamp = int(stamps[i])
+            if self._imu_fed and stamp - self._fed_ns > self._outage_ns:
+                # Back after an outage: carrying the old state across it would integrate
+                # seconds without measurements (velocity off by bias x duration). The filter
+                # starts again from this sample; the steps are chained until it is ready.
+                log.warning('inertial filter: no IMU for %.2f s (over filter.imu_outage_s); '
+                            'restarting the filter', (stamp - self._fed_ns) / NS_PER_S)
+                self.counts['filter_restarts'] += 1
+                self._new_filter()
+            self._imu_fed = True
             self._imu_dt = (stamp - self._fed_ns) / NS_PER_S
             self._fed_ns, self._gyro = stamp, gyro[i]
             if self.odo.add_imu(self._sec(stamp), accel[i], gyro[i]) and self.imu_rate and \
@@ -320,6 +350,12 @@ class FilterPoseSource:
             self._feed(None)
         else:
             self._feed(self._imu_clock(stamp_ns) + self._tol_ns)
+        if self._imu_clock(stamp_ns) - self._fed_ns > self._outage_ns:
+            # The IMU is out: the filter could only queue the scan (and its relative pose)
+            # until the IMU reaches it, which over a long outage grows without bound. The
+            # step is chained instead (_place finds no filter pose).
+            self.counts['filter_scans_without_imu'] += 1
+            return
         if stamp_ns not in self._scanned:
             self._scanned[stamp_ns] = None
             if len(self._scanned) > SCANNED_KEPT:
