@@ -5,8 +5,10 @@ synchronizer also builds. The model is small (Dummy visual encoder, a 32-cell BE
 takes well under a second of training.
 """
 import dataclasses
+import os
 from pathlib import Path
 import threading
+import time
 
 from conftest import make_tiny_kitti
 import numpy as np
@@ -28,6 +30,7 @@ from mm_fusion_ros.training.checkpoint import load_checkpoint, save_checkpoint
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.online import (
     initial_payload,
+    is_resume,
     OnlineConfig,
     OnlineTrainer,
     sample_config_for,
@@ -403,6 +406,74 @@ def test_autosave_writes_checkpoint_and_buffer_and_resume_picks_the_newest(data,
                                                data['sample_cfg']))
     assert resumed.core.step_count == 4 and resumed.metrics()['resumed_buffer_samples'] == 4
     assert not list((tmp_path / 'ckpt').glob('*.tmp'))
+
+
+@pytest.mark.parametrize('order', [('autosave.pth', 'final.pth'), ('final.pth', 'autosave.pth')])
+def test_resume_takes_the_checkpoint_saved_last_whatever_the_file_times(tmp_path, caplog, order):
+    trainer = make_trainer(tmp_path, training_enabled=False)
+    earlier, later = (trainer.checkpoint_path(name) for name in order)
+    for step, path in enumerate((earlier, later), start=1):
+        trainer.core.step_count = step      # stands in for the training between the saves
+        trainer.save_checkpoint(path)
+    # a `cp -r` or a restored backup: the file times say the opposite of the save order
+    now = time.time()
+    os.utime(earlier, (now + 100, now + 100))
+    os.utime(later, (now - 100, now - 100))
+    online = OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'), resume=True)
+    with caplog.at_level('INFO'):
+        payload, source = initial_payload(online)
+    assert (source, payload['step']) == (str(later), 2) and is_resume(online, source)
+    assert f'resuming from {later}' in caplog.text
+    # checkpoints written before the save time was recorded: their file times decide
+    for path in (earlier, later):
+        legacy = load_checkpoint(path)
+        del legacy['saved_unix_s']
+        save_checkpoint(path, legacy)
+    os.utime(earlier, (now + 100, now + 100))
+    assert initial_payload(online)[1] == str(earlier)
+
+
+def test_resume_skips_a_checkpoint_that_cannot_be_loaded(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, training_enabled=False)
+    autosave, final = trainer.checkpoint_path('autosave.pth'), trainer.checkpoint_path('final.pth')
+    trainer.save_checkpoint(autosave)
+    trainer.core.step_count = 5
+    trainer.save_checkpoint(final)
+    with open(final, 'r+b') as f:       # the one saved last, truncated
+        f.truncate(final.stat().st_size // 2)
+    online = OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'), resume=True)
+    with caplog.at_level('WARNING'):
+        payload, source = initial_payload(online)
+    assert (source, payload['step']) == (str(autosave), 0)
+    assert f'{final} cannot be loaded' in caplog.text
+    autosave.write_bytes(b'garbage')
+    with pytest.raises(ValueError) as err:
+        initial_payload(online)
+    assert str(autosave) in str(err.value) and str(final) in str(err.value)
+
+
+def test_autosave_runs_when_steps_keep_failing(data, tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, updates_per_sample=1.0, min_buffer=1,
+                           autosave_interval_s=1e-6)
+
+    def failing_step(batch):
+        raise RuntimeError('step failed')
+    monkeypatch.setattr(trainer.core, 'step', failing_step)
+    trainer.on_sample(data['samples'][0])
+    with pytest.raises(RuntimeError, match='step failed'):
+        trainer.train_pending()
+    assert trainer.checkpoint_path('autosave.pth').is_file()
+    m = trainer.metrics()
+    assert (m['autosaves'], m['online_steps_failed']) == (1, 1)
+    # the autosave fails too: the step's error is raised, the autosave's counted
+    blocker = tmp_path / 'not_a_folder'
+    blocker.write_text('')
+    trainer.cfg = trainer.cfg.replace(checkpoint_dir=str(blocker / 'ckpt'))
+    trainer.on_sample(data['samples'][1])
+    with pytest.raises(RuntimeError, match='step failed'):
+        trainer.train_pending()
+    m = trainer.metrics()
+    assert (m['autosaves'], m['autosave_failures'], m['online_steps_failed']) == (1, 1, 2)
 
 
 def test_a_file_that_cannot_be_written_at_shutdown_does_not_stop_the_others(data, tmp_path):

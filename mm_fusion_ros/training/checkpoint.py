@@ -67,8 +67,9 @@ def load_checkpoint(path) -> dict:
                          f'({_unpickle_reason(e)}); weights_only loading rejects corrupt files '
                          'and pickled objects, which could run code') from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError,
-            UnicodeDecodeError) as e:
-        # IndexError: torch's unpickler on some random bytes (~5 % of 2 kB draws).
+            UnicodeDecodeError, OSError) as e:
+        # IndexError: torch's unpickler on some random bytes (~5 % of 2 kB draws); OSError
+        # (errno 22, no file name): a zip whose directory points past the end of the file.
         raise ValueError(f'{path}: not a readable checkpoint (corrupt or truncated: {e})') from e
     validate_payload(payload, path)
     return payload

@@ -5,8 +5,9 @@ inference copy of the model, so prediction latency never waits for a gradient st
 to the replay buffer. Its step goes to the online trajectory (trajectory/chain.py), which chains
 steps by stamps, bridges holes and starts segments. A training thread calls `train_pending()`,
 which runs the gradient steps owed at `updates_per_sample` per new sample on mini-batches from
-the buffer, then refreshes the inference copy. Checkpoints use the offline format (DESIGN §7);
-every file is written atomically (fileio).
+the buffer, then refreshes the inference copy. Checkpoints use the offline format (DESIGN §7),
+plus the wall-clock time they were saved (SAVED_AT_KEY), which orders them on resume; every file
+is written atomically (fileio).
 
 Construction is complete before anything runs: the initial checkpoint (initial_payload), the
 sample config it implies (sample_config_for), the replay buffer and the trajectory are made
@@ -15,6 +16,7 @@ first and handed to the constructor.
 from collections import deque
 import copy
 from dataclasses import dataclass, field
+from datetime import datetime
 import logging
 import math
 from pathlib import Path
@@ -73,6 +75,9 @@ GUARD_QUEUE = 8
 # entries a step can change): a resumed run goes on with that reference, not with the trained
 # weights, which the guard may have rejected.
 GUARD_REFERENCE_KEY = 'guard_reference'
+# Online checkpoints record when they were saved (time.time()): resume takes the one saved last.
+# File times are not the save order (`cp -r` of the folder or a restored backup resets them).
+SAVED_AT_KEY = 'saved_unix_s'
 # Columns of OnlineConfig.log_csv: one row per logged gradient step; loss_<part> is each part's
 # unweighted mean over the samples it was valid for (TrainerCore.combine), empty when the step
 # had none (a part the supervision does not use, a masked-off modality).
@@ -87,8 +92,8 @@ class OnlineConfig(ConfigBase):
     initial_checkpoint: str = field(default='', metadata={
         'help': 'checkpoint to fine-tune from; empty = a fresh model'})
     resume: bool = field(default=False, metadata={
-        'help': 'start from the newer of checkpoint_dir/final.pth and autosave.pth when one '
-                'exists (after a stop or a crash), else from initial_checkpoint'})
+        'help': 'start from the one saved last of checkpoint_dir/final.pth and autosave.pth '
+                'when one exists (after a stop or a crash), else from initial_checkpoint'})
     resume_optimizer: bool = field(default=True, metadata={
         'help': "restore initial_checkpoint's optimiser state (AdamW moments) when it covers "
                 'the same parameters; the learning rate is always train.learning_rate'})
@@ -186,18 +191,47 @@ class OnlineConfig(ConfigBase):
 
 
 def initial_payload(cfg: OnlineConfig):
-    """(checkpoint payload or None, its path or ''): with `resume`, the newer of
-    checkpoint_dir/final.pth and autosave.pth where one exists, else initial_checkpoint."""
+    """(checkpoint payload or None, its path or ''): with `resume`, the one saved last of
+    checkpoint_dir/final.pth and autosave.pth where one exists (_saved_last), else
+    initial_checkpoint."""
     if cfg.resume:
         saved = [p for p in (Path(cfg.checkpoint_dir) / n for n in ('final.pth', 'autosave.pth'))
                  if p.is_file()]
         if saved:
-            newest = max(saved, key=lambda p: p.stat().st_mtime)
-            log.info('resuming from %s', newest)
-            return load_checkpoint(newest), str(newest)
+            return _saved_last(saved)
     if cfg.initial_checkpoint:
         return load_checkpoint(cfg.initial_checkpoint), cfg.initial_checkpoint
     return None, ''
+
+
+def _saved_last(paths) -> tuple:
+    """(payload, path) of the checkpoint among `paths` saved last, by the SAVED_AT_KEY time
+    it records; by its file time only when it records none (written before the key was). One
+    that cannot be loaded is skipped with a warning (the other still holds the run); ValueError
+    naming them all when none can."""
+    candidates, errors = [], []
+    for path in paths:
+        try:
+            payload = load_checkpoint(path)
+        except (OSError, ValueError) as e:    # OSError: torch on some truncated files
+            log.warning('resume: %s cannot be loaded (%s: %s); not resuming from it', path,
+                        type(e).__name__, e)
+            errors.append((path, e))
+            continue
+        saved_at = payload.get(SAVED_AT_KEY)
+        if isinstance(saved_at, (int, float)) and not isinstance(saved_at, bool):
+            candidates.append((float(saved_at), 'saved', payload, path))
+        else:
+            candidates.append((path.stat().st_mtime, 'file time (no saved time recorded)',
+                               payload, path))
+    if not candidates:
+        raise ValueError('resume: no checkpoint can be loaded: ' + '; '.join(
+            f'{path}: {type(e).__name__}: {e}' for path, e in errors)) from errors[-1][1]
+    _, _, payload, path = max(candidates, key=lambda c: c[0])
+    log.info('resuming from %s, the checkpoint saved last (%s)', path, '; '.join(
+        f'{p.name}: {how} {datetime.fromtimestamp(t).isoformat(timespec="milliseconds")}'
+        for t, how, _, p in candidates))
+    return payload, str(path)
 
 
 def is_resume(cfg: OnlineConfig, source: str) -> bool:
@@ -509,8 +543,23 @@ class OnlineTrainer:
         """Run the owed gradient steps (at most max_steps); returns how many ran.
 
         A step that raises is still paid off (and counted in steps_failed), so one bad batch
-        cannot make the trainer retry it forever.
+        cannot make the trainer retry it forever. The autosave comes due however the steps
+        end, so steps that keep failing do not stop the run's progress from being saved.
         """
+        try:
+            done = self._train_steps(max_steps)
+        except Exception:
+            # The step's error is the one raised; an autosave failing as well is counted (in
+            # _maybe_autosave) and logged here.
+            try:
+                self._maybe_autosave()
+            except OSError:
+                log.exception('autosave after a failed training step failed too')
+            raise
+        self._maybe_autosave()
+        return done
+
+    def _train_steps(self, max_steps: int = None) -> int:
         done = 0
         while max_steps is None or done < max_steps:
             with self._step_lock:
@@ -546,7 +595,6 @@ class OnlineTrainer:
                 self.last_stats = stats
             self._log_step(stats, elapsed, batch)
             done += 1
-        self._maybe_autosave()
         return done
 
     @torch.no_grad()
@@ -693,6 +741,7 @@ class OnlineTrainer:
             step = self.core.step_count
             payload = _clone_tensors(self.core.state_dict(metrics=self.metrics(),
                                                           sample_cfg=self.sample_cfg))
+            payload[SAVED_AT_KEY] = time.time()
             if self.guard is not None:
                 payload[GUARD_REFERENCE_KEY] = _clone_tensors(self._reference_state)
         if self.filter_section is not None:   # the filter's weights travel with the model
