@@ -26,9 +26,9 @@ Topics and frames follow DESIGN §4 (see bag/topics.py). What the bag holds:
   so humble bags are v8 (humble ignores the newer keys) and jazzy/kilted bags v9 (what they write).
 
 The bag is written into a hidden temporary folder beside the output and put in place only after
-it is complete (fileio.replace_dir: fsynced, renamed; a bag it replaces is removed only once the
-new one is in place, and restored if that rename fails); an existing output is replaced only with
-overwrite=True.
+it is complete (fileio.replace_dir: fsynced, swapped in atomically where the OS can; a bag it
+replaces is removed only once the new one is in place, and one left aside by a killed replace is
+put back first); an existing output is replaced only with overwrite=True.
 """
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +57,7 @@ from rosbags.typesys import get_typestore, Stores
 from mm_fusion_ros.bag import topics
 from mm_fusion_ros.bag.lidar import lio_fields
 from mm_fusion_ros.bag.messages import MessageFactory
-from mm_fusion_ros.fileio import replace_dir
+from mm_fusion_ros.fileio import recover_replaced_dir, replace_dir
 from mm_fusion_ros.geometry import invert_pose, rot_to_quat, rpy_to_rot, so3_log
 from mm_fusion_ros.kitti.odometry import KittiSequence, read_velodyne
 from mm_fusion_ros.stamps import NS_PER_S
@@ -163,6 +163,9 @@ def convert_sequence(opts: ConvertOptions, progress=None) -> ConvertSummary:
     """Write the bag; progress(iterable, total) may wrap the frame loop (e.g. tqdm)."""
     began = time.perf_counter()
     output = Path(opts.output)
+    # Before the check: a bag left aside by a killed replace is back, so it is not overwritten
+    # without --overwrite.
+    recover_replaced_dir(output)
     _check_output(output, opts.overwrite)
     source = SequenceSource(opts)
     store, version = DISTROS[opts.distro]
