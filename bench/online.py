@@ -391,6 +391,17 @@ def filter_offset_ns(settings) -> int:
     return round(load_filter(paths[-1])[0].imu_time_offset_s * 1e9)
 
 
+def write_latencies(path: Path, published: dict, arrival: dict) -> None:
+    """Per scan: its stamp, when it was published (s after the first), and its pose's latency
+    (ms; empty without a pose), to see where in a replay the latency grew."""
+    first = min(published.values())
+    with open(path, 'w') as f:
+        f.write('scan_stamp_ns,published_s,latency_ms\n')
+        for stamp in sorted(published):
+            lat = f'{(arrival[stamp] - published[stamp]) * 1e3:.1f}' if stamp in arrival else ''
+            f.write(f'{stamp},{published[stamp] - first:.4f},{lat}\n')
+
+
 def node_command(args, case, out: Path):
     cmd = [sys.executable, '-m', 'mm_fusion_ros.ros.online', '--ros-args',
            '--params-file', str(DEFAULT_CONFIG)]
@@ -465,6 +476,7 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
         case.train_s = (probe_end or t1) - t0
         arrival = probe.scan_arrival(scans)
         case.latency_ms = np.array([(arrival[s] - published[s]) * 1e3 for s in arrival])
+        write_latencies(out / 'latency.csv', published, arrival)
         case.imu_rate = probe.imu_rate(scans)
         with probe.lock:
             case.imu_odom = imu_odom_summary(probe.odom_arrival, scans, imu_published,

@@ -34,6 +34,7 @@ from mm_fusion_ros.training.online import (
     OnlineConfig,
     OnlineTrainer,
     sample_config_for,
+    synthetic_sample,
 )
 
 FRAMES = 9
@@ -589,6 +590,38 @@ def test_frozen_features_of_a_prediction_serve_the_first_step(data, tmp_path):
     for key, row in cache.entries.items():
         torch.testing.assert_close(row, stored[key], atol=1e-5, rtol=1e-5)
     assert trainer.core.selfsup.solved.solved == 1 and trainer.core.selfsup.solved.reused == 3
+
+
+def test_the_warm_up_leaves_nothing_behind_and_the_predictions_alone(data, tmp_path):
+    """warm_up runs the prediction model on a synthetic sample of the run's shape before the
+    first real one: the predictions, the buffer, the trajectory, the counters and the scan
+    cache are those of a run without it."""
+    cold = make_trainer(tmp_path / 'a', training_enabled=False, warm_up=0)
+    warm = make_trainer(tmp_path / 'b', training_enabled=False, warm_up=2)
+    before = params(warm.infer_model)
+    assert cold.warm_up() == 0.0 and warm.warm_up() > 0.0
+    assert all(torch.equal(v, before[k]) for k, v in params(warm.infer_model).items())
+    assert (warm.samples_seen, len(warm.buffer), warm.scan_cache.hits,
+            warm.scan_cache.misses) == (0, 0, 0, 0)
+    assert warm.trajectory.stats() == cold.trajectory.stats()
+    for sample in data['samples'][:4]:
+        a, b = cold.on_sample(sample), warm.on_sample(sample)
+        np.testing.assert_array_equal(a.mean, b.mean)
+        np.testing.assert_array_equal(a.logvar, b.logvar)
+    assert warm.metrics()['scan_cache_hits'] == cold.metrics()['scan_cache_hits'] == 3
+    with pytest.raises(ValueError, match='warm_up'):
+        OnlineConfig(warm_up=-1)
+
+
+def test_synthetic_sample_has_the_shape_of_a_real_one(data):
+    real, fake = data['samples'][0], synthetic_sample(data['sample_cfg'])
+    assert set(fake) == set(real)
+    for key, value in real.items():
+        if key != 'meta':
+            assert np.shape(fake[key]) == np.shape(value) and \
+                np.asarray(fake[key]).dtype == np.asarray(value).dtype, key
+    assert fake['modality_mask'].all() and fake['calib_valid'].all()
+    assert fake['points_mask'].all()
 
 
 def test_learning_rate_warms_up_over_the_first_steps(data, tmp_path):

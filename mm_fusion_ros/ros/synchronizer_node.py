@@ -21,6 +21,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, Imu, PointCloud2
 
 from mm_fusion_ros.bag import topics
 from mm_fusion_ros.config import SampleConfig
+from mm_fusion_ros.kitti.sample import warm_up_preprocessing
 from mm_fusion_ros.ros import conversions
 from mm_fusion_ros.ros.clock import ClockJumpsBack
 from mm_fusion_ros.ros.imu_intake import subscribe_batched
@@ -83,6 +84,7 @@ class SynchronizerNode(Node):
         self.worker = Worker('dispatch', self.dispatcher.dispatch_step, self.faults)
         self._rates = dict.fromkeys(('image', 'cloud', 'imu'), 0)
         conversions.cdr_typestore()   # built now rather than in the first callback
+        warm_up_preprocessing(self.sample_cfg)   # likewise torch's first resize
         self._subscribe_inputs()
         self.diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self.create_timer(1.0, self._on_timer, callback_group=MutuallyExclusiveCallbackGroup(),

@@ -68,6 +68,8 @@ class TrainerNode(Node):
         self.trainer = build_trainer(cfg['online'], cfg['train'], cfg['model'], cfg['sample'],
                                      cfg['buffer'], cfg['trajectory'], cfg['filter'])
         self.filter = self.trainer.filter if cfg['filter'].publish_rate == 'imu' else None
+        # Before anything is subscribed or served: the first samples find the model warm.
+        warm_s = self.trainer.warm_up()
         self.sample_cfg, self.buffer = self.trainer.sample_cfg, self.trainer.buffer
         self.on_backlog = self.trainer.set_backlog
         self.on_ground_truth = self.trainer.trajectory.add_ground_truth
@@ -92,7 +94,8 @@ class TrainerNode(Node):
         self.get_logger().info(f'online fine-tuning from {self.trainer.source or "a fresh model"}'
                                f', {self.supervision} supervision; training '
                                f'{"on" if self.trainer.training_enabled else "off"}'
-                               f'{"" if TFMessage else "; no tf2_msgs: no /tf"}')
+                               f'{"" if TFMessage else "; no tf2_msgs: no /tf"}; model warmed '
+                               f'up in {warm_s:.2f} s')
 
     def use_intake(self, link) -> None:
         """Take samples, ground truth and the IMU from the intake process (runtime/
