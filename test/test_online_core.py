@@ -20,7 +20,7 @@ from mm_fusion_ros.eval.trajectory_io import read_kitti_poses, read_steps
 from mm_fusion_ros.filter.checkpoint import embed_filter, filter_payload, load_filter
 from mm_fusion_ros.filter.config import FilterConfig
 from mm_fusion_ros.geometry import chain_relative, invert_pose, vec6_to_pose
-from mm_fusion_ros.kitti.dataset import KITTIOdomPointDataset
+from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
 from mm_fusion_ros.kitti.odometry import KittiSequence
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.runtime.params import as_number, TrainerParameters
@@ -611,6 +611,31 @@ def test_the_warm_up_leaves_nothing_behind_and_the_predictions_alone(data, tmp_p
     assert warm.metrics()['scan_cache_hits'] == cold.metrics()['scan_cache_hits'] == 3
     with pytest.raises(ValueError, match='warm_up'):
         OnlineConfig(warm_up=-1)
+
+
+@pytest.mark.parametrize('frozen', [True, False])
+def test_new_weights_keep_the_scan_cache_where_the_encoders_are_frozen(data, tmp_path, frozen):
+    """Steps on the heads alone (finetune.yaml freezes the encoders) leave the cached scan
+    features valid: the next prediction reuses them and equals an uncached forward with the
+    new weights. Steps that reach the LiDAR encoder make it compute both scans again."""
+    train = dataclasses.replace(TRAIN, freeze_visual=frozen, freeze_point=frozen,
+                                freeze_imu=frozen)
+    trainer = OnlineTrainer(OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'),
+                                         updates_per_sample=1.0, min_buffer=1), train, MODEL)
+    samples = data['samples']
+    for sample in samples[:2]:
+        trainer.on_sample(sample)
+    before = params(trainer.infer_model)
+    assert trainer.train_pending() == 2
+    assert any(not torch.equal(v, before[k]) for k, v in params(trainer.infer_model).items())
+    cache = trainer.scan_cache
+    hits, misses = cache.hits, cache.misses
+    pred = trainer.on_sample(samples[2])
+    assert (cache.hits - hits, cache.misses - misses) == ((1, 0) if frozen else (0, 1))
+    with torch.inference_mode():
+        out = trainer.infer_model(trainer.core.to_device(collate_samples([samples[2]])))
+        mean, _ = trainer.infer_model.denormalize(out['mean'].float(), out['logvar'].float())
+    np.testing.assert_allclose(pred.mean, mean[0].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_synthetic_sample_has_the_shape_of_a_real_one(data):

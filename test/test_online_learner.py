@@ -121,6 +121,32 @@ def test_the_predictor_hands_the_frozen_encoders_features_to_the_learner(make, d
     trainer.shutdown()
 
 
+def test_heads_only_weights_reach_the_predictor_and_keep_its_scan_cache(make, data):
+    """Steps on the heads alone (encoders frozen, as config/finetune.yaml): the predictor
+    copies only what a step can change, holds exactly the learner's weights after the swap,
+    and its cached scan features stay valid (a hit, not both scans again)."""
+    train = replace(TRAIN, freeze_visual=True, freeze_point=True, freeze_imu=True)
+    trainer = make(updates_per_sample=1.0, min_buffer=2, train=train)
+    samples = data['samples']
+    for s in samples[:4]:
+        trainer.on_sample(s)
+    wait_until(lambda: trainer.metrics()['online_steps'] >= 3, 'steps')
+    trainer.set_training(False)          # no step may publish after the swap below
+    shared = trainer.client.weights
+    version, cache = shared.version.value, trainer.scan_cache
+    hits, misses = cache.hits, cache.misses
+    trainer.on_sample(samples[4])
+    assert trainer._version == version > 1
+    assert (cache.hits - hits, cache.misses - misses) == (1, 0)
+    held = trainer.infer_model.state_dict()
+    for key, dtype, offset, shape in shared.layout:
+        view = shared.flats[dtype][offset:offset + int(np.prod(shape))].view(shape)
+        assert torch.equal(held[key], view), key
+    assert trainer._changing and all(k.split('.')[0] not in ('visual', 'point', 'imu')
+                                     for k in trainer._changing)
+    trainer.shutdown()
+
+
 def test_the_learner_trains_beside_the_prediction_in_hand_and_waits_while_samples_queue(
         make, data):
     """The learner process runs at idle priority: it trains while the predictor works on one

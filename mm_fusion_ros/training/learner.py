@@ -95,9 +95,11 @@ class SharedWeights:
         self.version = ctx.Value('q', 0, lock=False)   # written under self.lock
         self._copy(state_dict, to_shared=True)
 
-    def _copy(self, state_dict: dict, to_shared: bool) -> None:
+    def _copy(self, state_dict: dict, to_shared: bool, keys=None) -> None:
         with torch.no_grad():
             for key, dtype, offset, shape in self.layout:
+                if keys is not None and key not in keys:
+                    continue
                 n = math.prod(shape)
                 view = self.flats[dtype][offset:offset + n].view(shape)
                 if to_shared:
@@ -114,13 +116,14 @@ class SharedWeights:
             self.version.value += 1
             return self.version.value
 
-    def load_into(self, state_dict: dict, known: int):
-        """Predictor: copy a newer version into state_dict's tensors unless the learner is
-        writing; returns the version loaded, or None (unchanged, or busy: try next time)."""
+    def load_into(self, state_dict: dict, known: int, keys=None):
+        """Predictor: copy a newer version into state_dict's tensors (only `keys`, if given)
+        unless the learner is writing; returns the version loaded, or None (unchanged, or busy:
+        try next time)."""
         if self.version.value == known or not self.lock.acquire(block=False):
             return None
         try:
-            self._copy(state_dict, to_shared=False)
+            self._copy(state_dict, to_shared=False, keys=keys)
             return self.version.value
         finally:
             self.lock.release()
@@ -501,6 +504,7 @@ class ProcessOnlineTrainer(OnlineTrainer):
         spec = LearnerSpec(online_cfg, train_cfg, self.core.model_cfg, sample_cfg, buffer_cfg,
                            self.source, os.getpid(), self.filter_section)
         self._infer_state = self.infer_model.state_dict()
+        self._changing_keys = frozenset(self._changing)
         self._closing = threading.Event()
         self._dead_reported = -math.inf
         self._learner_errors = []
@@ -515,12 +519,14 @@ class ProcessOnlineTrainer(OnlineTrainer):
     # --- prediction side ----------------------------------------------------------------
     def on_sample(self, sample: dict):
         with self._model_lock:
-            version = self.client.weights.load_into(self._infer_state, self._version)
+            # After the first (whole) state only what a step can change: the learner never
+            # writes the rest again (a 3-4 MB copy per swap against ~1 MB of heads).
+            keys = None if self._version == 0 else self._changing_keys
+            version = self.client.weights.load_into(self._infer_state, self._version, keys)
             if version is not None:
                 self._version = version
                 self.weight_swaps += 1
-                if self.scan_cache is not None:
-                    self.scan_cache.weights_changed()
+                self._weights_swapped()
         return super().on_sample(sample)
 
     def set_backlog(self, samples: int) -> None:

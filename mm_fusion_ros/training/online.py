@@ -76,6 +76,8 @@ GUARD_QUEUE = 8
 # entries a step can change): a resumed run goes on with that reference, not with the trained
 # weights, which the guard may have rejected.
 GUARD_REFERENCE_KEY = 'guard_reference'
+# The model's branches whose features ScanCache keeps (encoders.ScanCache).
+CACHED_BRANCHES = ('visual', 'point')
 # Online checkpoints record when they were saved (time.time()): resume takes the one saved last.
 # File times are not the save order (`cp -r` of the folder or a restored backup resets them).
 SAVED_AT_KEY = 'saved_unix_s'
@@ -370,6 +372,11 @@ class OnlineTrainer:
         # Consecutive samples share a scan: its half of the BEV encoder is computed once.
         self.scan_cache = ScanCache() if isinstance(self.infer_model.point, BevPointEncoder) \
             else None
+        # New weights make the cache's features stale only where they reach the encoders whose
+        # features it keeps: steps on the heads alone (encoders frozen, config/finetune.yaml)
+        # keep it, instead of costing the next prediction both scans and frames again.
+        self._weights_reach_cache = any(n.split('.')[0] in CACHED_BRANCHES
+                                        for n in self._changing)
         self._start_guard(online_cfg, payload if is_resume(online_cfg, self.source) else None)
         self.training_enabled = online_cfg.training_enabled
         self.base_lr = train_cfg.learning_rate     # what lr_warmup_steps ramps up to
@@ -770,8 +777,12 @@ class OnlineTrainer:
         with self._model_lock, torch.no_grad():
             for k, v in state.items():
                 self._infer_tensors[k].copy_(v)
-            if self.scan_cache is not None:
-                self.scan_cache.weights_changed()
+            self._weights_swapped()
+
+    def _weights_swapped(self) -> None:
+        """The inference copy took new weights (under _model_lock)."""
+        if self.scan_cache is not None and self._weights_reach_cache:
+            self.scan_cache.weights_changed()
 
     # --- checkpoints and files -----------------------------------------------------------
     def checkpoint_path(self, name: str) -> Path:
