@@ -101,8 +101,8 @@ def test_replace_dir_swaps_in_one_step_where_the_os_can(tmp_path, monkeypatch):
 
     def exchange(a, b):
         assert target.is_dir()      # target is never missing on this path
+        real_exchange(a, b)         # recorded only once it worked (a failure falls back)
         swaps.append((Path(a), Path(b)))
-        real_exchange(a, b)
         assert (target / 'metadata.yaml').read_text() == 'new'
 
     monkeypatch.setattr(fileio, '_exchange', exchange)

@@ -46,10 +46,11 @@ class Replay:
     to the trajectory LATENCY samples after their scan, and poll() at every IMU sample."""
 
     def __init__(self, world, rate='scan', measured=None, skip=(), imu_late_ns=0,
-                 latency=LATENCY, imu_cut=(), **source_cfg):
+                 latency=LATENCY, imu_cut=(), imu_spikes=(), **source_cfg):
         """imu_late_ns: the IMU stamped this late, and the filter told so (imu_time_offset_s);
         latency: IMU samples (by their true time) that arrive before a step is handed over;
-        imu_cut: indices of IMU samples that never arrive; source_cfg: OnlineFilterConfig
+        imu_cut: indices of IMU samples that never arrive; imu_spikes: indices of samples that
+        arrive with an accelerometer spike the filter rejects; source_cfg: OnlineFilterConfig
         fields."""
         self.w = world
         cfg = world['cfg'].replace(imu_time_offset_s=-imu_late_ns / 1e9)
@@ -66,7 +67,8 @@ class Replay:
         self.placed = []     # steps placed by the filter so far, after each step
         for i in range(len(world['t'])):
             if i not in imu_cut:
-                self.sync.add_imu(int(world['stamps_ns'][i]) + imu_late_ns, world['acc'][i],
+                accel = world['acc'][i] * (1e3 if i in imu_spikes else 1.0)
+                self.sync.add_imu(int(world['stamps_ns'][i]) + imu_late_ns, accel,
                                   world['gyr'][i])
             if rate == 'imu':
                 self.imu_records += self.src.poll()
@@ -278,6 +280,17 @@ def test_an_imu_outage_is_chained_and_the_filter_restarts_after_it(world, rate):
                            axis=1)
     assert np.abs(steps - truth).max() < 0.1, 'no jump where the filter stops or takes over'
     assert rep.src.counts['filter_chained_steps'] >= in_outage - 1
+
+
+def test_imu_samples_the_filter_rejects_for_seconds_are_an_outage_too(world):
+    """2 s of samples that arrive but fail the filter's screen (a spike on every one): the
+    outage counts from the last accepted sample, so the scans are not queued either."""
+    rep = Replay(world, 'scan', imu_spikes=range(300, 500), imu_outage_s=0.5)
+    stats = rep.src.stats()
+    assert stats['filter_imu_rejected_spike'] == 200
+    assert stats['filter_restarts'] == 1 and stats['filter_scans_without_imu'] > 10
+    assert max(rep.queued) <= 12, rep.queued
+    assert rep.src.odo.initialised and np.isfinite(rep.traj.tracks()[0].poses).all()
 
 
 def test_the_imu_absent_from_the_start_queues_nothing(world):

@@ -638,6 +638,18 @@ def test_new_weights_keep_the_scan_cache_where_the_encoders_are_frozen(data, tmp
     np.testing.assert_allclose(pred.mean, mean[0].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_failed_warm_up_is_a_warning_not_a_node_that_does_not_start(tmp_path, monkeypatch,
+                                                                       caplog):
+    import mm_fusion_ros.training.online as online
+
+    def broken(cfg):
+        raise ValueError('no such shape')
+    monkeypatch.setattr(online, 'synthetic_sample', broken)
+    trainer = make_trainer(tmp_path, training_enabled=False)
+    assert trainer.warm_up() >= 0.0
+    assert 'warm-up of the prediction model failed (ValueError: no such shape)' in caplog.text
+
+
 def test_synthetic_sample_has_the_shape_of_a_real_one(data):
     real, fake = data['samples'][0], synthetic_sample(data['sample_cfg'])
     assert set(fake) == set(real)

@@ -208,7 +208,10 @@ class FilterPoseSource:
             self.counts['filter_segments'] += 1
             self._origin = int(stamp_ns)
             self._fed_ns = self._imu_clock(self._origin) - START_BACK_NS
-            self._imu_fed = False        # no IMU sample fed in this segment yet
+            # The newest sample the filter accepted (its screen rejects spikes and NaN): an
+            # outage is counted from it, not from the newest one read.
+            self._good_ns = self._fed_ns
+            self._imu_fed = False        # no sample accepted by this filter yet
             self._pose, self._cov = np.eye(4), np.zeros((6, 6))   # the newest scan pose
             self._imu_out = []           # IMU-rate records not yet handed out by poll
             self._imu_dt, self._gyro = 0.01, np.zeros(3)
@@ -266,6 +269,7 @@ class FilterPoseSource:
         """A fresh filter (a segment's start, or a restart after an IMU outage); its poses are
         anchored afresh, continuous with the last published pose."""
         if self.odo is not None:
+            self.odo.close()     # counts the relative poses still waiting, which are lost
             for k, v in self.odo.counts.items():
                 self._retired[k] = self._retired.get(k, 0) + int(v)
         self._anchor = None          # segment frame <- filter odom, once poses come from it
@@ -314,19 +318,22 @@ class FilterPoseSource:
         n = n if limit is None else min(n, limit)
         for i in range(n):
             stamp = int(stamps[i])
-            if self._imu_fed and stamp - self._fed_ns > self._outage_ns:
+            if self._imu_fed and stamp - self._good_ns > self._outage_ns:
                 # Back after an outage: carrying the old state across it would integrate
                 # seconds without measurements (velocity off by bias x duration). The filter
                 # starts again from this sample; the steps are chained until it is ready.
-                log.warning('inertial filter: no IMU for %.2f s (over filter.imu_outage_s); '
-                            'restarting the filter', (stamp - self._fed_ns) / NS_PER_S)
+                log.warning('inertial filter: no usable IMU sample in the store for %.2f s '
+                            '(over filter.imu_outage_s); restarting the filter',
+                            (stamp - self._good_ns) / NS_PER_S)
                 self.counts['filter_restarts'] += 1
                 self._new_filter()
-            self._imu_fed = True
+                self._imu_fed = False
             self._imu_dt = (stamp - self._fed_ns) / NS_PER_S
             self._fed_ns, self._gyro = stamp, gyro[i]
-            if self.odo.add_imu(self._sec(stamp), accel[i], gyro[i]) and self.imu_rate and \
-                    self._anchor is not None and self.odo.initialised:
+            if not self.odo.add_imu(self._sec(stamp), accel[i], gyro[i]):
+                continue      # rejected and counted by the filter
+            self._imu_fed, self._good_ns = True, stamp
+            if self.imu_rate and self._anchor is not None and self.odo.initialised:
                 self._imu_out.append(self._imu_record(stamp + self._offset_ns))
 
     def _imu_record(self, stamp_ns: int) -> PoseRecord:
@@ -350,7 +357,7 @@ class FilterPoseSource:
             self._feed(None)
         else:
             self._feed(self._imu_clock(stamp_ns) + self._tol_ns)
-        if self._imu_clock(stamp_ns) - self._fed_ns > self._outage_ns:
+        if self._imu_clock(stamp_ns) - self._good_ns > self._outage_ns:
             # The IMU is out: the filter could only queue the scan (and its relative pose)
             # until the IMU reaches it, which over a long outage grows without bound. The
             # step is chained instead (_place finds no filter pose).

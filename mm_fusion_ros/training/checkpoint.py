@@ -7,6 +7,7 @@ Writes go to a temporary file in the same folder, are fsynced and renamed over t
 crash never leaves a half-written checkpoint. Reads use `torch.load(weights_only=True)`, which
 refuses pickles that would construct arbitrary objects or run code.
 """
+import errno
 import logging
 from pathlib import Path
 import pickle
@@ -67,9 +68,13 @@ def load_checkpoint(path) -> dict:
                          f'({_unpickle_reason(e)}); weights_only loading rejects corrupt files '
                          'and pickled objects, which could run code') from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, IndexError,
-            UnicodeDecodeError, OSError) as e:
-        # IndexError: torch's unpickler on some random bytes (~5 % of 2 kB draws); OSError
-        # (errno 22, no file name): a zip whose directory points past the end of the file.
+            UnicodeDecodeError) as e:
+        # IndexError: torch's unpickler on some random bytes (~5 % of 2 kB draws).
+        raise ValueError(f'{path}: not a readable checkpoint (corrupt or truncated: {e})') from e
+    except OSError as e:
+        if e.errno != errno.EINVAL or e.filename:
+            raise       # permissions, I/O errors: not the file's content, and they name it
+        # errno 22 without a file name: torch on a zip whose directory points past its end.
         raise ValueError(f'{path}: not a readable checkpoint (corrupt or truncated: {e})') from e
     validate_payload(payload, path)
     return payload

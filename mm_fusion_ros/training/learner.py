@@ -526,7 +526,7 @@ class ProcessOnlineTrainer(OnlineTrainer):
             if version is not None:
                 self._version = version
                 self.weight_swaps += 1
-                self._weights_swapped()
+                self._weights_swapped(whole=keys is None)
         return super().on_sample(sample)
 
     def set_backlog(self, samples: int) -> None:

@@ -222,13 +222,14 @@ def _saved_last(paths) -> tuple:
     for path in paths:
         try:
             payload = load_checkpoint(path)
-        except (OSError, ValueError) as e:    # OSError: torch on some truncated files
+        except ValueError as e:   # corrupt; an OSError (permissions, I/O) is raised, not skipped
             log.warning('resume: %s cannot be loaded (%s: %s); not resuming from it', path,
                         type(e).__name__, e)
             errors.append((path, e))
             continue
         saved_at = payload.get(SAVED_AT_KEY)
-        if isinstance(saved_at, (int, float)) and not isinstance(saved_at, bool):
+        if isinstance(saved_at, (int, float)) and not isinstance(saved_at, bool) and \
+                0 < saved_at < 1e11:    # a time the log line below can print
             candidates.append((float(saved_at), 'saved', payload, path))
         else:
             candidates.append((path.stat().st_mtime, 'file time (no saved time recorded)',
@@ -479,13 +480,17 @@ class OnlineTrainer:
         if self.cfg.warm_up == 0:
             return 0.0
         t0 = time.perf_counter()
-        shape = self.sample_cfg or sample_config_for(self.core.model_cfg, SampleConfig())
-        batch = collate_samples([synthetic_sample(shape)])
-        cache = ScanCache() if self.scan_cache is not None else None
-        with self._model_lock, torch.inference_mode():
-            dev = self.core.to_device(batch)
-            for _ in range(self.cfg.warm_up):
-                self.infer_model(dev, scan_cache=cache)
+        try:
+            shape = self.sample_cfg or sample_config_for(self.core.model_cfg, SampleConfig())
+            batch = collate_samples([synthetic_sample(shape)])
+            cache = ScanCache() if self.scan_cache is not None else None
+            with self._model_lock, torch.inference_mode():
+                dev = self.core.to_device(batch)
+                for _ in range(self.cfg.warm_up):
+                    self.infer_model(dev, scan_cache=cache)
+        except Exception as e:  # noqa: BLE001 - only a saving: the node starts without it
+            log.warning('warm-up of the prediction model failed (%s: %s); the first samples '
+                        'pay its first calls', type(e).__name__, e)
         return time.perf_counter() - t0
 
     def on_sample(self, sample: dict) -> Prediction:
@@ -779,9 +784,10 @@ class OnlineTrainer:
                 self._infer_tensors[k].copy_(v)
             self._weights_swapped()
 
-    def _weights_swapped(self) -> None:
-        """The inference copy took new weights (under _model_lock)."""
-        if self.scan_cache is not None and self._weights_reach_cache:
+    def _weights_swapped(self, whole: bool = False) -> None:
+        """The inference copy took new weights (under _model_lock); `whole`: every tensor,
+        frozen encoders included."""
+        if self.scan_cache is not None and (whole or self._weights_reach_cache):
             self.scan_cache.weights_changed()
 
     # --- checkpoints and files -----------------------------------------------------------
