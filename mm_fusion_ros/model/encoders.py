@@ -406,6 +406,10 @@ class ScanCache:
     `weights_changed()` after every weight update.
     """
 
+    # The model's branches (FusionOdometryNet attributes) whose features it keeps: new weights
+    # elsewhere (the fusion and pose heads) leave it valid.
+    BRANCHES = ('visual', 'point')
+
     def __init__(self):
         self.points = self.mask = self.grid = self.feats = self.quarters = None
         self.grid_spectrum = self.feats_spectrum = None

@@ -38,6 +38,7 @@ from mm_fusion_ros.model.encoders import BevPointEncoder, ScanCache
 from mm_fusion_ros.model.feature_cache import adopt_row_digests
 from mm_fusion_ros.model.selfsup import point_displacement
 from mm_fusion_ros.sync.replay_buffer import open_buffer, ReplayBuffer
+from mm_fusion_ros.synthetic.camera import kitti_calib
 from mm_fusion_ros.training.checkpoint import (
     checkpoint_imu_window,
     load_checkpoint,
@@ -76,8 +77,6 @@ GUARD_QUEUE = 8
 # entries a step can change): a resumed run goes on with that reference, not with the trained
 # weights, which the guard may have rejected.
 GUARD_REFERENCE_KEY = 'guard_reference'
-# The model's branches whose features ScanCache keeps (encoders.ScanCache).
-CACHED_BRANCHES = ('visual', 'point')
 # Online checkpoints record when they were saved (time.time()): resume takes the one saved last.
 # File times are not the save order (`cp -r` of the folder or a restored backup resets them).
 SAVED_AT_KEY = 'saved_unix_s'
@@ -265,10 +264,9 @@ def synthetic_sample(cfg: SampleConfig, seed: int = 0) -> dict:
     scan = np.column_stack([rng.uniform(-20, 20, (n, 2)), rng.uniform(-1.3, 2.5, n),
                             rng.uniform(0, 1, n)]).astype(np.float32)
     scans = [scan, scan - np.array([1.0, 0, 0, 0], np.float32)]
-    t_cam_lidar = np.array([[0, -1, 0, 0], [0, 0, -1, -0.08], [1, 0, 0, -0.27], [0, 0, 0, 1]],
-                           float)
-    calib = Calibration(intrinsics=[[w * 0.58, 0, w / 2], [0, w * 0.58, h / 2], [0, 0, 1]],
-                        image_size=(w, h), t_cam_lidar=t_cam_lidar, t_imu_lidar=np.eye(4))
+    kitti = kitti_calib(w, h)
+    calib = Calibration(intrinsics=kitti.K2, image_size=(w, h), t_cam_lidar=kitti.T_cam2_velo,
+                        t_imu_lidar=np.eye(4))
     sample = build_sample(cfg, stamps=(0.0, 0.1), images=images, scans=scans,
                           calibration=calib)
     sample['modality_mask'] = np.ones_like(sample['modality_mask'])   # the IMU branch too
@@ -376,7 +374,7 @@ class OnlineTrainer:
         # New weights make the cache's features stale only where they reach the encoders whose
         # features it keeps: steps on the heads alone (encoders frozen, config/finetune.yaml)
         # keep it, instead of costing the next prediction both scans and frames again.
-        self._weights_reach_cache = any(n.split('.')[0] in CACHED_BRANCHES
+        self._weights_reach_cache = any(n.split('.')[0] in ScanCache.BRANCHES
                                         for n in self._changing)
         self._start_guard(online_cfg, payload if is_resume(online_cfg, self.source) else None)
         self.training_enabled = online_cfg.training_enabled
