@@ -33,14 +33,18 @@ import torch
 from mm_fusion_ros.eval import baselines
 from mm_fusion_ros.eval.metrics import kitti_metrics
 from mm_fusion_ros.filter.checkpoint import load_filter
-from mm_fusion_ros.filter.kitti_data import load_imu_sequence, on_scan_clock, run_on_sequence
+from mm_fusion_ros.filter.kitti_data import (
+    gyro_attitudes,
+    load_imu_sequence,
+    on_scan_clock,
+    run_on_sequence,
+)
 from mm_fusion_ros.filter.odometry import InertialOdometry
 from mm_fusion_ros.geometry import (
     base_link_to_cam0,
     invert_pose,
     make_pose,
     pose_to_vec6,
-    so3_exp,
 )
 from mm_fusion_ros.kitti.ids import parse_sequences
 from mm_fusion_ros.kitti.sample import ImuData
@@ -52,21 +56,6 @@ if not DEFAULT_SAMPLE.is_dir():   # a worktree beside, not inside, the shared fo
 TRAIN = ('00', '02', '05', '06', '08')
 # docs/stage2_tracking.md, "Results on 01 and 07" (pretrain_models/imu_real.pth): cited, not rerun.
 LEARNED_IMU_ONLY = {'01': (52.68, 1.047), '07': (8.81, 3.063)}
-
-
-def gyro_attitudes(seq):
-    """Attitude at each scan from the gyro alone (no bias correction), from the GT first one."""
-    idx = seq.frame_samples()
-    dt = np.diff(seq.stamps)
-    inc = so3_exp(0.5 * (seq.gyro[:-1] + seq.gyro[1:]) * dt[:, None])
-    rots = np.empty((len(idx), 3, 3))
-    R = seq.gt_base[0, :3, :3].copy()
-    rots[0] = R
-    for k in range(1, len(idx)):
-        for j in range(idx[k - 1], idx[k]):
-            R = R @ inc[j]
-        rots[k] = R
-    return rots
 
 
 def gyro_with_true_translation(seq, forward_only):

@@ -67,18 +67,49 @@ def gt_kinematics(seq: ImuSequence):
     return v_b, w_b
 
 
+def _gyro_increments(seq: ImuSequence) -> np.ndarray:
+    """(M-1, 3, 3) rotation over each IMU interval, trapezoidal rate, no bias removed."""
+    dt = np.diff(seq.stamps)
+    return so3_exp(0.5 * (seq.gyro[:-1] + seq.gyro[1:]) * dt[:, None])
+
+
 def gyro_rotvecs(seq: ImuSequence) -> np.ndarray:
     """(K-1, 3) rotation vector of the gyro integral over each scan interval (imu axes)."""
     idx = seq.frame_samples()
     out = np.zeros((len(idx) - 1, 3))
-    dt = np.diff(seq.stamps)
-    inc = so3_exp(0.5 * (seq.gyro[:-1] + seq.gyro[1:]) * dt[:, None])
+    inc = _gyro_increments(seq)
     for k in range(len(idx) - 1):
         R = np.eye(3)
         for j in range(idx[k], idx[k + 1]):
             R = R @ inc[j]
         out[k] = so3_log(R)
     return out
+
+
+def gyro_attitudes(seq: ImuSequence) -> np.ndarray:
+    """(K, 3, 3) attitude at each scan from the plain gyro integral (no bias correction), from
+    the ground truth's first one: issue 13's rotation baseline."""
+    idx = seq.frame_samples()
+    inc = _gyro_increments(seq)
+    rots = np.empty((len(idx), 3, 3))
+    R = seq.gt_base[0, :3, :3].copy()
+    rots[0] = R
+    for k in range(1, len(idx)):
+        for j in range(idx[k - 1], idx[k]):
+            R = R @ inc[j]
+        rots[k] = R
+    return rots
+
+
+def gyro_r_rel(seq: ImuSequence, offset_s: float = 0.0) -> float:
+    """KITTI r_rel [deg/100 m] of the plain gyro integral with the IMU stamps moved by offset_s
+    (the filter's imu_time_offset_s: the gyro on the filter's own clock). r_rel compares
+    relative rotations only, so the positions are the ground truth's."""
+    shifted = on_scan_clock(seq, offset_s)
+    poses = seq.gt_base.copy()
+    poses[:, :3, :3] = gyro_attitudes(shifted)
+    return kitti_metrics(base_link_to_cam0(seq.gt_base, seq.tr),
+                         base_link_to_cam0(poses, seq.tr))['r_rel']
 
 
 def on_scan_clock(seq: ImuSequence, offset_s: float) -> ImuSequence:
