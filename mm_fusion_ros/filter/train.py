@@ -234,11 +234,14 @@ def train_noise_net(cfg: TrainFilterConfig, train_ws, val_ws):
 class TuneScore:
     """A filter over the tuning sequences, ordered best first by issue 13's two targets: the
     sequences whose r_rel exceeds the plain gyro integral's (the rotation target; always 0
-    without gyro baselines), then the mean t_rel. Selecting on t_rel alone let the choice of
-    seed move the test sequences' r_rel across the gyro's (docs/inertial_filter.md)."""
+    without gyro baselines), then the mean t_rel (the translation target). Before session 36
+    only t_rel chose (docs/inertial_filter.md, "Session 36")."""
 
     rotation_misses: int
     t_rel: float
+
+    def __str__(self):
+        return f'r_rel above the gyro on {self.rotation_misses}, mean t_rel {self.t_rel:.4f}'
 
 
 def score_filter(cfg: FilterConfig, model, seqs, gyro_r_rels=None) -> TuneScore:
@@ -328,9 +331,8 @@ def run(cfg: TrainFilterConfig) -> dict:
         if tune:
             filter_cfg, table = tune_filter(base_cfg, model, tune, scales, speed_scales, gyro)
             score = min(table.values())
-            log.info('seed %d: r_rel above the gyro on %s, mean t_rel %.4f', seed,
-                     'n/a' if gyro is None else f'{score.rotation_misses} of {len(tune)}',
-                     score.t_rel)
+            log.info('seed %d over %d tuning sequences: %s%s', seed, len(tune), score,
+                     '' if gyro else ' (select_rotation off)')
         else:
             score = min(h.get('val_loss', h['train_loss']) for h in history)
             log.info('seed %d: loss %.4f', seed, score)
@@ -339,7 +341,7 @@ def run(cfg: TrainFilterConfig) -> dict:
     score, seed, net, history, best_epoch, model, filter_cfg, table = min(
         candidates, key=lambda c: c[0])
     if cfg.seeds > 1:
-        log.info('kept seed %d (%s)', seed, ', '.join(f'seed {c[1]}: {c[0]}'
+        log.info('kept seed %d (%s)', seed, '; '.join(f'seed {c[1]}: {c[0]}'
                                                      for c in candidates))
     t_rel_of = (lambda s: s.t_rel) if tune else float
     metrics = {'history': history, 'best_epoch': best_epoch, 'train_seconds': train_s,
