@@ -44,6 +44,7 @@ class InvariantEKF:
         self.cov_every = max(1, int(cov_every))
         self.clones = {}            # key -> [R, p]; error block order = insertion order
         self.cov_version = 0        # +1 at every change of P
+        self.on_correction = None   # called with the 9-dim (xi_R, xi_v, xi_p) of each update
         self._pending_dt = 0.0
         self._pending_n = 0
         self._pending_state = None
@@ -142,6 +143,8 @@ class InvariantEKF:
         return nis
 
     def _retract(self, dx):
+        if self.on_correction is not None:
+            self.on_correction(dx[:9].copy())
         dR, dv, dp = se23_exp(dx[:9])
         self.R = dR @ self.R
         self.v = dR @ self.v + dv

@@ -22,6 +22,7 @@ import numpy as np
 
 from mm_fusion_ros.filter.config import CONSIDER_ATTITUDE, FilterConfig
 from mm_fusion_ros.filter.ekf import GYRO_BIAS_DIMS, InvariantEKF
+from mm_fusion_ros.filter.lie import se3_exp
 from mm_fusion_ros.geometry import (
     invert_pose,
     make_pose,
@@ -90,6 +91,7 @@ class InertialOdometry:
         self._window = deque(maxlen=max(self.window_n, 1))
         self._zupt_buf = deque(maxlen=1)
         self._history = deque()    # (t, R, p) after each propagation
+        self._corrections = deque()  # (t, 9-dim error) of each update since the history's start
         self._pending_scans = []   # scan stamps ahead of the filter, ascending
         self._waiting_rel = []     # relative poses whose end scan is still ahead
         self._open_scans = {}      # cloned scan stamp -> (T_odom_base, cov6), still improving
@@ -341,6 +343,7 @@ class InertialOdometry:
                                 gravity=cfg.gravity, gyro_noise=cfg.gyro_noise,
                                 accel_noise=cfg.accel_noise, gyro_bias_walk=cfg.gyro_bias_walk,
                                 accel_bias_walk=cfg.accel_bias_walk, cov_every=cfg.nhc_every or 10)
+        self.ekf.on_correction = self._record_correction
         self.t0 = t[0]
         self.T_world_odom = make_pose(R0, np.zeros(3)) @ self.T_imu_lidar
         self.T_world_odom_inv = invert_pose(self.T_world_odom)
@@ -395,7 +398,28 @@ class InertialOdometry:
         self._history.append((stamp, self.ekf.R, self.ekf.p))
         while self._history and self._history[0][0] < stamp - HISTORY_S:
             self._history.popleft()
+        while self._corrections and self._corrections[0][0] < stamp - HISTORY_S:
+            self._corrections.popleft()
         self._pseudo_updates()
+
+    def _record_correction(self, dx):
+        # At the newest sample: its history entry was appended before the update.
+        self._corrections.append((self._last[0], dx))
+
+    def _corrected(self, t_h, R, p):
+        """A history entry (t_h, R, p) with the updates made at or after t_h applied, each
+        carried back to t_h as add_clone's back-dated Jacobian carries the error: xi_R(t_h) =
+        xi_R, xi_p(t_h) = xi_p - s xi_v + s^2/2 [g]x xi_R with s = t - t_h. The history keeps
+        the nominal states as they were; without this a late scan's clone fell back to a pose
+        that later updates had already corrected."""
+        for t, dx in self._corrections:
+            if t < t_h - STAMP_TOL:
+                continue
+            s = t - t_h
+            xi_p = dx[6:9] - s * dx[3:6] + 0.5 * s * s * np.cross(self.ekf.g, dx[0:3])
+            cR, cp = se3_exp(np.concatenate([dx[0:3], xi_p]))
+            R, p = cR @ R, cR @ p + cp
+        return R, p
 
     def _noise_for(self, n, acc=None, gyr=None):
         """Noise-model output for the window ending at valid sample n (cached, precomputed)."""
@@ -524,17 +548,13 @@ class InertialOdometry:
         ts = np.array([h[0] for h in hist])
         i = int(np.searchsorted(ts, stamp))
         t1, R1, p1 = hist[i]
+        rot, pos = self._corrected(t1, R1, p1)
         if i > 0 and t1 > stamp:
             t0_, R0_, p0_ = hist[i - 1]
+            R0_, p0_ = self._corrected(t0_, R0_, p0_)
             u = (stamp - t0_) / (t1 - t0_)
-            R1 = R0_ @ so3_exp(u * so3_log(R0_.T @ R1))
-            p1 = p0_ + u * (p1 - p0_)
-        _, Rn, pn = hist[-1]
-        # T_s = T_now (T_hist_now^-1 T_hist_s): the relative motion comes from the history.
-        R_rel = Rn.T @ R1
-        p_rel = Rn.T @ (p1 - pn)
-        rot = self.ekf.R @ R_rel
-        pos = self.ekf.p + self.ekf.R @ p_rel
+            rot = R0_ @ so3_exp(u * so3_log(R0_.T @ rot))
+            pos = p0_ + u * (pos - p0_)
         self._clone(stamp, rot, pos, back_s=now - stamp)
 
     def _add_relative(self, t_from, t_to, vec6, cov):
