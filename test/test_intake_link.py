@@ -147,6 +147,10 @@ def test_a_child_that_dies_is_reported_and_its_samples_kept():
     assert link.problems() == ['the intake process ended (exit code 3)']
     assert not link.stop(timeout=5)     # no 'end': not a clean stop
     assert [s['meta']['frame'] for s in got] == [0, 1]
+    # The node's shutdown stops the link and then asks again: the death is still reported
+    # (it was not, and the node exited 0).
+    assert link.problems() == ['the intake process did not stop cleanly (exit code 3, no end '
+                               'message)']
 
 
 def test_the_imu_mirror_answers_as_the_synchronizer_does():

@@ -18,6 +18,7 @@ import torch
 from mm_fusion_ros.config import SampleConfig
 from mm_fusion_ros.kitti.dataset import KITTIOdomPointDataset
 from mm_fusion_ros.model.config import ModelConfig
+from mm_fusion_ros.runtime.params import TrainerParameters
 from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
 from mm_fusion_ros.training.checkpoint import load_checkpoint
@@ -275,6 +276,16 @@ def test_a_killed_learner_is_detected_and_is_a_problem(make, data):
     assert not trainer.metrics()['learner_alive']
     with pytest.raises(LearnerError, match='not running'):
         trainer.save_checkpoint()
+    # Run-time settings the learner cannot take are refused, and the predictor keeps its own
+    # (before, the flag flipped and the service callback's exception stopped the executor).
+    lr = trainer.core.optimizer.param_groups[0]['lr']
+    with pytest.raises(LearnerError, match='not running'):
+        trainer.set_training(False)
+    assert trainer.training_enabled
+    ok, reason = TrainerParameters(trainer).update({'train.learning_rate': 1e-5,
+                                                    'training_enabled': False})
+    assert not ok and reason.startswith('train.learning_rate not applied: ')
+    assert trainer.core.optimizer.param_groups[0]['lr'] == lr and trainer.training_enabled
     trainer.shutdown()
     assert any('died' in p for p in trainer.problems())
     assert any('checkpoint' in p or 'learner' in p for p in trainer.problems())

@@ -154,7 +154,12 @@ class TrainerNode(Node):
         return response
 
     def _on_set_training(self, request, response):
-        self.trainer.set_training(request.data)
+        try:
+            self.trainer.set_training(request.data)
+        except RuntimeError as e:     # the learner process did not take it (LearnerError)
+            response.success, response.message = False, f'training not changed: {e}'
+            self.get_logger().error(response.message)
+            return response
         response.success = True
         response.message = f'training {"enabled" if request.data else "disabled"} at step ' \
                            f'{self.trainer.core.step_count}'

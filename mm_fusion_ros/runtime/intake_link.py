@@ -282,6 +282,15 @@ class IntakeLink:
         return self.ended and self.process is not None and self.process.exitcode == 0
 
     def problems(self) -> list:
-        if self.process is None or self._stopping or self.alive():
+        """A child that died, or that did not end cleanly when stopped (no 'end', a non-zero
+        exit code, killed after the timeout): the node then exits 1. Also after stop(), which
+        the node's shutdown calls before it asks once more."""
+        if self.process is None or self.alive():
             return []
-        return [f'the intake process ended (exit code {self.process.exitcode})']
+        code = self.process.exitcode
+        if not self._stopping:
+            return [f'the intake process ended (exit code {code})']
+        if self.ended and code == 0:
+            return []
+        return [f'the intake process did not stop cleanly (exit code {code}'
+                f'{"" if self.ended else ", no end message"})']

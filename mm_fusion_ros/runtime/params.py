@@ -1,7 +1,9 @@
 """Run-time parameter updates of the trainer, validated as one request: all or nothing.
 
 `ros2 param set` (or a set_parameters call with several values) is checked whole before any of
-it is applied, so a request with one bad value changes nothing.
+it is applied, so a request with one bad value changes nothing. A value the learner process
+does not take (it is gone, or does not answer) fails the request; its reason names the values
+already applied before it.
 """
 import math
 
@@ -44,9 +46,15 @@ class TrainerParameters:
             reason = _check(name, value)
             if reason:
                 return False, reason
+        applied = []
         for name, value in changes.items():
-            if name == 'train.learning_rate':
-                self.trainer.set_learning_rate(value)
-            else:
-                self.trainer.set_training(value)
+            try:
+                if name == 'train.learning_rate':
+                    self.trainer.set_learning_rate(value)
+                else:
+                    self.trainer.set_training(value)
+            except RuntimeError as e:   # the learner process did not take it (LearnerError)
+                done = f' ({", ".join(applied)} already applied)' if applied else ''
+                return False, f'{name} not applied: {e}{done}'
+            applied.append(name)
         return True, ''

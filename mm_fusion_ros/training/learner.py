@@ -578,14 +578,23 @@ class ProcessOnlineTrainer(OnlineTrainer):
                 'learner_missed_samples': self.client.missed}
 
     def set_training(self, enabled: bool) -> None:
+        """LearnerError when the learner does not take it; the predictor's flag then stays as
+        it was, so predictor and learner do not disagree."""
         with self._state_lock:
-            self.training_enabled = bool(enabled)
-        self._apply(self.client.request('set_training', enabled=bool(enabled),
-                                        metrics=self._local_metrics()))
+            before, self.training_enabled = self.training_enabled, bool(enabled)
+        try:
+            self._apply(self.client.request('set_training', enabled=bool(enabled),
+                                            metrics=self._local_metrics()))
+        except LearnerError:
+            with self._state_lock:
+                self.training_enabled = before
+            raise
 
     def set_learning_rate(self, lr: float) -> None:
-        self.core.set_lr(lr)
+        """The learner first: when it does not take the rate (LearnerError), neither does the
+        predictor's copy of the optimiser settings."""
         self.client.request('set_lr', lr=float(lr))
+        self.core.set_lr(lr)
 
     def save_checkpoint(self, path=None) -> Path:
         return Path(self.client.request('save', path=str(path) if path else None,
