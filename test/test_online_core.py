@@ -107,6 +107,22 @@ def test_predictions_chain_into_trajectories(data, tmp_path):
         (FRAMES - 2, 2)
 
 
+def test_a_sample_the_buffer_refuses_is_still_predicted_and_counted(data, tmp_path, caplog):
+    """A replay buffer too small for one sample (buffer.max_bytes) loses the samples for
+    training only: every pose is still predicted and chained, and the refusals are counted
+    (before, on_sample raised after the prediction and no pose went out)."""
+    cfg = OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt'))
+    trainer = OnlineTrainer(cfg, TRAIN, MODEL, buffer=ReplayBuffer(BufferConfig(max_bytes=1000)))
+    preds = [trainer.on_sample(s) for s in data['samples']]
+    assert [p.frame for p in preds] == list(range(1, FRAMES))
+    m = trainer.metrics()
+    assert m['online_samples'] == FRAMES - 1 and m['buffer_size'] == 0
+    assert m['buffer_rejected_samples'] == FRAMES - 1
+    assert m['trajectory_poses'] == FRAMES
+    assert 'not stored for training' in caplog.text and 'max_bytes' in caplog.text
+    trainer.shutdown()
+
+
 def test_step_debt_honours_updates_per_sample_and_cap(data, tmp_path):
     trainer = make_trainer(tmp_path, updates_per_sample=1.5, max_step_debt=4, min_buffer=2)
     s = data['samples']
@@ -513,8 +529,15 @@ def test_self_supervised_training_needs_no_ground_truth_and_logs_each_term(data,
     assert metrics['samples_without_target'] == FRAMES - 1
     assert metrics['supervision'] == 'self'
     assert np.isnan(metrics['last_loss_gt']) and np.isfinite(metrics['last_loss_inertial'])
-    values = trainer_status('t', metrics, {}, {}).values
+    status = trainer_status('t', metrics, {}, {})
+    values = status.values
     assert values['supervision'] == 'self' and values['loss_gt'] == 'nan'
+    assert status.level == 0
+    # Samples the learner process missed, or whose prediction raised in the node: a warning.
+    lost = trainer_status('t', {**metrics, 'learner_missed_samples': 3,
+                                'intake_failed_samples': 0}, {}, {})
+    assert lost.level == 1 and '3 learner_missed_samples' in lost.message
+    assert lost.values['learner_missed_samples'] == '3'
     assert float(values['loss_inertial']) == pytest.approx(metrics['last_loss_inertial'],
                                                           rel=1e-5)
     trainer.shutdown()

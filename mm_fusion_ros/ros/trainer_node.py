@@ -171,7 +171,10 @@ class TrainerNode(Node):
         return SetParametersResult(successful=ok, reason=reason)
 
     def _on_diagnostics(self):
-        status = diagnostics.trainer_status(self.get_name(), self.trainer.metrics(),
+        metrics = self.trainer.metrics()
+        if self.intake is not None:
+            metrics['intake_failed_samples'] = self.intake.failed_samples
+        status = diagnostics.trainer_status(self.get_name(), metrics,
                                             self.trainer.trajectory.stats(),
                                             self.faults.snapshot())
         self.diag_pub.publish(conversions.status_to_msg(status, self.get_clock().now().to_msg()))

@@ -7,6 +7,11 @@ not zero; drops make the synchronizer WARN.
 from dataclasses import dataclass, field
 
 OK, WARN, ERROR = 0, 1, 2
+# Samples lost after the synchronizer: not handed to the learner process (its ring was full),
+# refused by the replay buffer (predicted, not trained on), and samples from the intake
+# process whose prediction raised (intake: process; in one process these are the
+# synchronizer's dispatch_errors).
+LOST_SAMPLE_KEYS = ('learner_missed_samples', 'buffer_rejected_samples', 'intake_failed_samples')
 ERROR_HOLD_S = 60.0
 HARDWARE_ID = 'mm_fusion_ros'
 
@@ -57,7 +62,7 @@ def synchronizer_status(node_name: str, stats: dict, buffer: dict, rates_hz: dic
 def trainer_status(node_name: str, metrics: dict, trajectory: dict,
                    faults_snapshot: dict) -> Status:
     keys = ('online_samples', 'online_steps', 'online_steps_failed', 'buffer_size',
-            'training_enabled', 'autosaves', 'autosave_failures')
+            'training_enabled', 'autosaves', 'autosave_failures', *LOST_SAMPLE_KEYS)
     values = {k: str(metrics[k]) for k in keys if k in metrics}
     # The last step's loss and each of its parts (gt, the self-supervised terms), for watching
     # what the online training learns from; nan: no step yet, or the part was not in it.
@@ -74,6 +79,10 @@ def trainer_status(node_name: str, metrics: dict, trajectory: dict,
     message = (f'{metrics.get("online_steps", 0)} steps on {metrics.get("online_samples", 0)} '
                f'samples; {trajectory.get("bridged", 0)} steps bridged, '
                f'{trajectory.get("segments", 0)} segment(s)')
+    lost = {k: metrics[k] for k in LOST_SAMPLE_KEYS if metrics.get(k)}
+    if lost:   # samples the learner or the predictor never got: drops, as the synchronizer's
+        level = max(level, WARN)
+        message += '; ' + ', '.join(f'{v} {k}' for k, v in lost.items())
     if fault_message:
         message += f'; {fault_message}'
     return Status(level=level, name=f'{node_name}: trainer', message=message, values=values)

@@ -73,6 +73,7 @@ NO_TARGET_WARNING = 20
 # skipped (counted). So a learner that falls behind the replay (5x on 2 cores) still gives each
 # sample it takes its steps, instead of spending its time on scoring.
 GUARD_QUEUE = 8
+BUFFER_REJECT_LOG_EVERY = 100   # a buffer that refuses every sample: one error per 100
 # Online checkpoints written with the guard on hold the weights it compares against (the
 # entries a step can change): a resumed run goes on with that reference, not with the trained
 # weights, which the guard may have rejected.
@@ -388,6 +389,7 @@ class OnlineTrainer:
         self.latencies = deque(maxlen=1000)
         self.autosaves = 0
         self.autosave_failures = 0
+        self.buffer_rejected = 0       # samples predicted but refused by the replay buffer
         self.write_failures = []     # (what, error) of files not written at shutdown
         self._last_autosave = time.monotonic()
         self.buffer = buffer if buffer is not None else ReplayBuffer()
@@ -506,7 +508,17 @@ class OnlineTrainer:
         mean = mean[0].cpu().numpy().astype(np.float64)
         logvar = logvar[0].cpu().numpy().astype(np.float64)
         latency = time.perf_counter() - t0
-        self._arrive(sample)
+        try:
+            self._arrive(sample)
+        except ValueError as e:
+            # The buffer refuses it (larger than buffer.max_bytes, keys missing): training
+            # loses the sample, the prediction still goes out. Counted, reported.
+            with self._state_lock:
+                self.buffer_rejected += 1
+                first = self.buffer_rejected == 1
+            if first or self.buffer_rejected % BUFFER_REJECT_LOG_EVERY == 0:
+                log.error('sample of frame %s not stored for training (%d so far): %s',
+                          sample['meta'].get('frame'), self.buffer_rejected, e)
         meta = sample['meta']
         mask = np.asarray(sample['modality_mask'], dtype=bool)
         # Without camera and LiDAR the filter takes no relative pose: it carries on on the IMU.
@@ -830,6 +842,7 @@ class OnlineTrainer:
                     'predict_latency_p50_s': _percentile(latencies, 50),
                     'autosaves': int(self.autosaves),
                     'autosave_failures': int(self.autosave_failures),
+                    'buffer_rejected_samples': int(self.buffer_rejected),
                     **{f'trajectory_{k}': int(v) for k, v in self.trajectory.stats().items()},
                     **(self.filter.stats() if self.filter is not None else {}),
                     'scan_cache_hits': self.scan_cache.hits if self.scan_cache else 0,
