@@ -321,10 +321,21 @@ def odometry_twist(msg) -> np.ndarray:
     return np.array([t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z])
 
 
+def transform_to_matrix(tf) -> np.ndarray:
+    """geometry_msgs/TransformStamped -> T_parent_child 4x4; ValueError naming both frames
+    when a value is not finite or the rotation is not a quaternion (a zero quaternion would
+    otherwise pass as the identity)."""
+    t, q = tf.transform.translation, tf.transform.rotation
+    values = [t.x, t.y, t.z, q.x, q.y, q.z, q.w]
+    if not np.isfinite(values).all() or not np.linalg.norm(values[3:]) > 1e-9:
+        raise ValueError(f'transform {tf.header.frame_id!r} -> {tf.child_frame_id!r}: '
+                         f'translation {values[:3]}, rotation {values[3:]} is not a pose')
+    return pose_to_matrix(t, q)
+
+
 def tf_to_dict(msg) -> dict:
     """tf2_msgs/TFMessage -> {(parent, child): T_parent_child 4x4}."""
-    return {(t.header.frame_id, t.child_frame_id):
-            pose_to_matrix(t.transform.translation, t.transform.rotation)
+    return {(t.header.frame_id, t.child_frame_id): transform_to_matrix(t)
             for t in msg.transforms}
 
 

@@ -292,6 +292,23 @@ def test_odometry_pose_round_trip_and_covariance():
         cv.pose_to_odometry_fields(pose, [0.0] * 5)
 
 
+def test_a_static_transform_that_is_not_a_pose_is_refused_naming_its_frames():
+    """/tf_static (and a bag's) entries: a zero quaternion is not read as the identity, nor a
+    NaN translation stored (it turned every transformed cloud into dropped points)."""
+    def tf(t, q):
+        return NS(header=NS(frame_id='base_link'), child_frame_id='velodyne',
+                  transform=NS(translation=NS(x=t[0], y=t[1], z=t[2]),
+                               rotation=NS(x=q[0], y=q[1], z=q[2], w=q[3])))
+    np.testing.assert_allclose(cv.transform_to_matrix(tf([1, 2, 3], [0, 0, 0, 1])),
+                               make_pose(np.eye(3), [1, 2, 3]))
+    for bad in (tf([0, 0, 0], [0, 0, 0, 0]), tf([np.nan, 0, 0], [0, 0, 0, 1]),
+                tf([0, 0, 0], [0, 0, np.inf, 1])):
+        with pytest.raises(ValueError, match="'base_link' -> 'velodyne'.*not a pose"):
+            cv.transform_to_matrix(bad)
+        with pytest.raises(ValueError, match='not a pose'):
+            messages.tf_to_dict(NS(transforms=[bad]))
+
+
 def test_full_size_kitti_cloud_round_trip():
     pts = points(120_000)
     msg = array_to_cloud(pts, 0, 'velodyne')

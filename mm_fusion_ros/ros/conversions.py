@@ -23,6 +23,7 @@ from mm_fusion_ros.messages import (  # noqa: F401  (re-exported decoders)
     odometry_to_pose,
     pose_to_matrix,
     stamp_to_ns,
+    transform_to_matrix,
 )
 
 # ------------------------------------------------------------------ IMU and poses

@@ -90,6 +90,7 @@ class SynchronizerNode(Node):
         self.create_timer(1.0, self._on_timer, callback_group=MutuallyExclusiveCallbackGroup(),
                           clock=Clock(clock_type=ClockType.STEADY_TIME))   # not the bag's
         self.clock_jumps = ClockJumpsBack(self, sync_cfg.rewind_s)
+        self.bad_static_transforms = 0   # /tf_static entries that are not poses (skipped)
         held = 'buffer in the prediction process' if self.buffer is None else \
             f'buffer {len(self.buffer)} samples'
         self.get_logger().info(f'synchronizing ({self.inputs.sensor_qos} QoS, ground truth '
@@ -162,9 +163,13 @@ class SynchronizerNode(Node):
 
     def _on_tf_static(self, msg):
         for tf in msg.transforms:
-            self.frames.add_static(tf.header.frame_id, tf.child_frame_id,
-                                   conversions.pose_to_matrix(tf.transform.translation,
-                                                              tf.transform.rotation))
+            try:
+                T = conversions.transform_to_matrix(tf)
+            except ValueError as e:
+                self.bad_static_transforms += 1
+                self._skipped(topics.TF_STATIC_TOPIC, 'bad_message', e)
+                continue
+            self.frames.add_static(tf.header.frame_id, tf.child_frame_id, T)
         self._calibrate(self.calib.refresh())
 
     def _calibrate(self, calibration):
@@ -179,6 +184,7 @@ class SynchronizerNode(Node):
             None if self.buffer is None else self.buffer.stats(), dict(self._rates),
             self.dispatcher.emitted, self.dispatcher.failed_samples, self.faults.snapshot(),
             {'clock_jumps_back': str(self.clock_jumps.count),
+             'bad_static_transforms': str(self.bad_static_transforms),
              'imu_batches': str(self.imu_intake.batches), **self.calib.status()})
         self._rates = dict.fromkeys(self._rates, 0)
         self.diag_pub.publish(conversions.status_to_msg(status, self.get_clock().now().to_msg()))

@@ -561,8 +561,9 @@ class ProcessOnlineTrainer(OnlineTrainer):
                                    f'{self.client.process.exitcode})'
             if time.monotonic() - self._dead_reported >= DEAD_REPORT_S:
                 self._dead_reported = time.monotonic()
-                raise LearnerError(f'{self.learner_problem}: predictions go on with the last '
-                                   f'weights, nothing is trained or saved')
+                raise LearnerError(f'{self.learner_problem}: nothing more is trained or saved; '
+                                   f'this trainer still predicts with the last weights, but '
+                                   f'the trainer node stops on it (a problem)')
         return 0
 
     # --- commands -------------------------------------------------------------------------
