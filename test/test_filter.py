@@ -10,6 +10,7 @@ from mm_fusion_ros.filter.checkpoint import build_filter
 from mm_fusion_ros.filter.config import CONSIDER_ATTITUDE, FilterConfig
 from mm_fusion_ros.filter.ekf import GYRO_BIAS_DIMS, InvariantEKF
 from mm_fusion_ros.filter.odometry import InertialOdometry, run_filter
+from mm_fusion_ros.filter.online import OnlineFilterConfig
 from mm_fusion_ros.geometry import invert_pose, make_pose, pose_to_vec6, so3_exp, so3_log
 from mm_fusion_ros.synthetic.imu import add_sensor_noise, imu_kinematics
 from mm_fusion_ros.synthetic.trajectory import synthesize_drive
@@ -647,5 +648,15 @@ def test_config_errors_name_the_field():
         FilterConfig(nhc_slip_sigma=-0.1)
     with pytest.raises(ValueError, match='nhc_slip_mean'):
         FilterConfig(nhc_slip_mean=float('nan'))
+    for bad in (float('nan'), float('inf')):    # it can come from any checkpoint's config
+        with pytest.raises(ValueError, match='imu_time_offset_s must be a finite number'):
+            FilterConfig(imu_time_offset_s=bad)
+    with pytest.raises(ValueError, match='imu_outage_s must be a finite number > 0'):
+        OnlineFilterConfig(imu_outage_s=float('inf'))
     with pytest.raises(ValueError, match='true_velocity'):
         InertialOdometry(FilterConfig(init_source='true_velocity'))
+    odo = InertialOdometry(FilterConfig())
+    for cov6 in (-np.eye(6), np.eye(6) + np.triu(np.ones((6, 6)), 1)):
+        with pytest.raises(ValueError, match='cov6 must be symmetric positive definite'):
+            odo.add_relative_pose(0.0, 0.1, np.zeros(6), cov6=cov6)
+    assert not odo._events                          # nothing queued for the filter

@@ -177,10 +177,10 @@ class FilterConfig(ConfigBase):
         _nonnegative(self, 'nhc_slip_sigma', 'nhc_slip_vertical_sigma', 'nhc_min_speed',
                      'zupt_sigma', 'zupt_max_speed', 'relpose_gate_chi2',
                      'speed_max')
-        slip = self.nhc_slip_mean
-        if not (isinstance(slip, (int, float)) and math.isfinite(slip)):
-            raise ValueError(f'FilterConfig.nhc_slip_mean must be a finite number, got '
-                             f'{self.nhc_slip_mean!r}')
+        for name in ('nhc_slip_mean', 'imu_time_offset_s'):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f'FilterConfig.{name} must be a finite number, got {value!r}')
         for name in ('nhc_every', 'speed_every', 'max_clones'):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -149,6 +149,12 @@ class InertialOdometry:
             cov = np.asarray(cov6, dtype=np.float64)
             if cov.shape != (6, 6) or not np.isfinite(cov).all():
                 raise ValueError(f'relative pose covariance must be finite 6x6, got {cov.shape}')
+            # Refused here, naming cov6: inside an update it failed half-way through a step
+            # (the scan already popped, the filter propagated to it).
+            if np.abs(cov - cov.T).max() > 1e-9 * max(np.abs(cov).max(), 1.0) or \
+                    np.linalg.eigvalsh(0.5 * (cov + cov.T)).min() <= 0:
+                raise ValueError('relative pose covariance cov6 must be symmetric positive '
+                                 f'definite, got eigenvalues {np.linalg.eigvalsh(cov).round(9)}')
         vec6 = np.asarray(vec6, dtype=np.float64)
         if vec6.shape != (6,) or not np.isfinite(vec6).all():
             raise ValueError(f'relative pose must be 6 finite numbers, got {vec6}')

@@ -30,6 +30,7 @@ covariances are those of the last propagation or update.
 from collections import OrderedDict
 from dataclasses import dataclass, field
 import logging
+import math
 import threading
 
 import numpy as np
@@ -47,6 +48,7 @@ from mm_fusion_ros.filter.config import (
     matrix_to_3x4,
     RelativePoseNoise,
 )
+from mm_fusion_ros.filter.ekf import STATE_DIM
 from mm_fusion_ros.filter.odometry import InertialOdometry, STAMP_TOL
 from mm_fusion_ros.geometry import invert_pose, pose_to_vec6, skew, vec6_to_pose
 from mm_fusion_ros.stamps import NS_PER_S
@@ -99,8 +101,8 @@ class OnlineFilterConfig(RelativePoseNoise):
         check_choice(self, 'mode', FILTER_MODES)
         check_choice(self, 'publish_rate', PUBLISH_RATES)
         for name in ('poll_period_s', 'imu_outage_s'):
-            if not getattr(self, name) > 0:
-                raise ValueError(f'OnlineFilterConfig.{name} must be > 0, got '
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f'OnlineFilterConfig.{name} must be a finite number > 0, got '
                                  f'{getattr(self, name)}')
 
 
@@ -219,15 +221,18 @@ class FilterPoseSource:
             self._feed(self._imu_clock(self._origin) + self._tol_ns)
             self.odo.add_scan(self._sec(self._origin))
 
-    def add(self, stamp_prev_ns: int, stamp_cur_ns: int, mean6, cov6, measured=True):
-        """Step prev -> cur: -> (pose 4x4 in the segment, covariance 6x6 in base_link)."""
+    def add(self, stamp_prev_ns: int, stamp_cur_ns: int, mean6, cov6, measured=True,
+            bridged=False):
+        """Step prev -> cur: -> (pose 4x4 in the segment, covariance 6x6 in base_link).
+        bridged: a hole's step (from bridge(), counted there as filter_bridged), not an
+        IMU-only step."""
         with self._lock:
             if measured:
                 logvar = self.cfg.relpose_logvar(np.log(np.diag(np.asarray(cov6, float))))
                 self._scan_event(stamp_cur_ns, (stamp_prev_ns, mean6, logvar))
             else:
                 self._scan_event(stamp_cur_ns, None)
-                self.counts['filter_imu_only_steps'] += 1
+                self.counts['filter_imu_only_steps'] += int(not bridged)
             pose, cov = self._place(stamp_prev_ns, stamp_cur_ns, mean6, cov6)
             self._pose, self._cov = pose, cov
             return pose.copy(), _block_rot(pose[:3, :3].T, cov)
@@ -442,13 +447,19 @@ class FilterPoseSource:
         return (np.stack([v_imu, omega]) @ T_il[:3, :3]).reshape(6)
 
     def _twist_covariance(self):
-        """Covariance of _twist() from the filter's covariance (as last propagated)."""
-        ekf, r_il = self.odo.ekf, self.odo.T_imu_lidar[:3, :3]
-        # World velocity error of the right-invariant state: xi_v - [v]x xi_R.
-        J = np.hstack([-skew(ekf.v), np.eye(3)])
-        rot = (ekf.R @ r_il).T
-        cov = np.zeros((6, 6))
-        cov[:3, :3] = rot @ J @ ekf.P[:6, :6] @ J.T @ rot.T
+        """Covariance of _twist() from the filter's covariance (as last propagated).
+
+        With the right-invariant error (v = dR v_hat + xi_v, R = dR R_hat) the body velocity
+        R^T v has the error R_hat^T xi_v: the attitude's cancels, so an uncertain yaw does not
+        make the twist uncertain. The rate omega = gyro - b_g has the error -db_g, and the lever
+        arm's term -[t]x omega the error [t]x db_g; then both into base_link axes."""
+        ekf, T_il = self.odo.ekf, self.odo.T_imu_lidar
+        J = np.zeros((6, STATE_DIM))
+        J[:3, 3:6] = ekf.R.T
+        J[:3, 9:12] = skew(T_il[:3, 3])
+        J[3:, 9:12] = -np.eye(3)
+        rot = np.kron(np.eye(2), T_il[:3, :3].T)
+        cov = rot @ J @ ekf.P[:STATE_DIM, :STATE_DIM] @ J.T @ rot.T
         gyro_var = self.filter_cfg.gyro_noise ** 2 / max(self._imu_dt, 1e-3)
-        cov[3:, 3:] = r_il.T @ ekf.P[9:12, 9:12] @ r_il + np.eye(3) * gyro_var
+        cov[3:, 3:] += np.eye(3) * gyro_var
         return cov

@@ -2,7 +2,10 @@
 
   train_imu_filter --kitti_sample /work/shared/kitti_sample --out pretrain_models/imu_filter.pth
 
-Steps, all on the training sequences (the validation sequence only scores):
+The IMU clock offset and steps 1-2 fit on the training sequences only; the validation sequence
+gives the network's early stopping, and step 3 chooses on `tune_sequences`, which by default
+include the validation sequence 04 (the training sequences see an in-sample network), so 04's
+figures are not held out. No test sequence (01, 07) is used by default:
 1. vehicle calibration: the IMU's rotation in base_link (hand-eye, gyro vs GT rotations) and the
    direction the vehicle moves in, in IMU axes (the pseudo-measurements' frame);
 2. the noise network: Gaussian negative log-likelihood of the GT lateral and vertical velocity
@@ -63,7 +66,8 @@ class TrainFilterConfig(ConfigBase):
     train_sequences: str = field(default='00,02,05,06,08', metadata={
         'help': 'comma-separated training sequences'})
     val_sequences: str = field(default='04', metadata={
-        'help': 'comma-separated validation sequences (scored, never fitted)'})
+        'help': 'comma-separated validation sequences (early stopping of the network, scored; '
+                'never fitted, but chosen on where also in tune_sequences, as 04 by default)'})
     time_offset_search_s: float = field(default=0.2, metadata={
         'help': "the IMU clock's offset to the scans is fitted on the training sequences within "
                 '+- this (FilterConfig imu_time_offset_s) before anything else; 0: taken as '
@@ -360,8 +364,9 @@ def run(cfg: TrainFilterConfig) -> dict:
     for s in val:
         metrics[f'val_{s.name}'] = {k: v for k, v in run_on_sequence(
             s, filter_cfg, model)[2].items() if k in ('t_rel', 'r_rel')}
-        log.info('validation %s: t_rel %.2f %% r_rel %.3f deg/100m', s.name,
-                 metrics[f'val_{s.name}']['t_rel'], metrics[f'val_{s.name}']['r_rel'])
+        log.info('validation %s%s: t_rel %.2f %% r_rel %.3f deg/100m', s.name,
+                 ' (also a tuning sequence: not held out)' if s.name in [t.name for t in tune]
+                 else '', metrics[f'val_{s.name}']['t_rel'], metrics[f'val_{s.name}']['r_rel'])
     payload = filter_payload(filter_cfg, net, cfg, metrics, step=0, epoch=best_epoch)
     path = save_filter_checkpoint(cfg.out, payload)
     log.info('wrote %s (%s)', path, ', '.join(f'{k} {getattr(filter_cfg, k)}' for k in TUNED))

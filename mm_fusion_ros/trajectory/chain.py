@@ -75,7 +75,10 @@ class ChainPoseSource:
     def start(self, stamp_ns: int) -> None:
         self.pose, self.cov = np.eye(4), np.zeros((6, 6))
 
-    def add(self, stamp_prev_ns: int, stamp_cur_ns: int, mean6, cov6, measured=True):
+    def add(self, stamp_prev_ns: int, stamp_cur_ns: int, mean6, cov6, measured=True,
+            bridged=False):
+        """measured: the step came from camera or LiDAR; bridged: it spans a hole (a
+        StepBridge's). Both only matter to a source that keeps state (the inertial filter)."""
         step = vec6_to_pose(mean6)
         self.cov = covariance.compose(self.cov, step, covariance.step_covariance(mean6, cov6))
         self.pose = self.pose @ step
@@ -293,7 +296,7 @@ class OnlineTrajectory:
     def _add(self, seg, stamp_prev_ns, stamp_cur_ns, mean6, cov6, bridged,
              measured=True) -> PoseRecord:
         pose, cov = self.source.add(stamp_prev_ns, stamp_cur_ns, mean6, cov6,
-                                    measured and not bridged)
+                                    measured and not bridged, bridged=bool(bridged))
         row = seg.append(stamp_cur_ns, pose, bool(bridged))
         self._lookup_gt(seg, row, stamp_cur_ns)
         self.counts['poses'] += 1
