@@ -369,6 +369,26 @@ def test_a_late_scan_keeps_the_corrections_made_since_its_stamp(nhc):
     np.testing.assert_allclose(late, on_time, atol=1e-3)
 
 
+def test_an_update_that_fails_is_counted_and_the_filter_goes_on():
+    """A relative-pose update whose innovation covariance is not positive definite (here a
+    covariance broken on purpose) is lost and counted; it does not escape from the IMU step
+    that applies it and leave the filter half-advanced."""
+    odo = InertialOdometry(FilterConfig(zupt_sigma=0.0, nhc_every=0, speed_mode='off'),
+                           initial_state=(np.eye(3), np.array([10.0, 0.0, 0.0])))
+    for i in range(21):
+        odo.add_imu(i * 0.01, [0.0, 0.0, 9.81], [0.0, 0.0, 0.0])
+    odo.add_scan(0.1)
+    odo.add_scan(0.25)                       # ahead: the relative pose waits for the IMU
+    odo.add_relative_pose(0.1, 0.25, np.array([1.5, 0, 0, 0, 0, 0]),
+                          logvar6=np.log([1e-4] * 3 + [1e-6] * 3))
+    odo.ekf.P = -np.eye(odo.ekf.P.shape[0])
+    for i in range(21, 31):                  # the step that reaches 0.25 s applies it
+        odo.add_imu(i * 0.01, [0.0, 0.0, 9.81], [0.0, 0.0, 0.0])
+    assert odo.counts['relpose_failed'] == 1 and odo.counts['relpose_applied'] == 0
+    assert odo.counts['imu_accepted'] == 31 and odo.stamp == pytest.approx(0.3)
+    assert odo.ekf.p[0] == pytest.approx(3.0)          # 0.3 s at 10 m/s, integrated once
+
+
 def test_online_object_equals_offline_run():
     t, rot, pos, vel, force, rate = drive(seed=10, duration=6.0)
     cfg = FilterConfig(speed_mode='off')

@@ -39,7 +39,7 @@ HISTORY_S = 1.0           # [s] of nominal states kept to back-date a late scan
 COUNT_KEYS = ('imu_accepted', 'imu_rejected_nonfinite', 'imu_rejected_spike',
               'imu_rejected_stamp', 'imu_gaps', 'zupt_updates', 'nhc_updates', 'speed_updates',
               'scans', 'scans_late', 'scans_too_old', 'clones_evicted', 'relpose_applied',
-              'relpose_gated', 'relpose_no_clone', 'relpose_waiting_dropped')
+              'relpose_gated', 'relpose_no_clone', 'relpose_waiting_dropped', 'relpose_failed')
 
 
 def _logvar_to_cov(logvar):
@@ -574,8 +574,15 @@ class InertialOdometry:
             else:
                 self.counts['relpose_no_clone'] += 1
             return
-        nis = self.ekf.update_relative_pose(key_from, key_to, vec6, cov, self.T_imu_lidar,
-                                            self.cfg.relpose_gate_chi2)
+        try:
+            nis = self.ekf.update_relative_pose(key_from, key_to, vec6, cov, self.T_imu_lidar,
+                                                self.cfg.relpose_gate_chi2)
+        except ValueError as e:
+            # A covariance that is not positive definite (numerically): this update is lost,
+            # counted, and the step it may be called from goes on (no half-advanced state).
+            self.counts['relpose_failed'] += 1
+            log.warning('relative pose %.3f -> %.3f s not applied: %s', t_from, t_to, e)
+            return
         if self.cfg.relpose_gate_chi2 > 0 and nis > self.cfg.relpose_gate_chi2:
             self.counts['relpose_gated'] += 1
         else:
