@@ -183,14 +183,55 @@ def test_the_imu_mirror_keeps_its_window_and_starts_afresh_on_a_rewind():
     mirror.add(*imu_rows(0, 1000))                 # 10 s
     stamps, _, _ = mirror.imu_after(-1)
     assert (stamps[-1] - stamps[0]) / 1e9 == pytest.approx(keep_s, abs=0.011)
-    late = imu_rows(8_000_000_000, 3)               # late rows of the same run are kept
+    late = imu_rows(9_500_000_000, 3)     # late rows of the same run (within rewind_s) are kept
     mirror.add(*late)
-    assert mirror.imu_after(7_999_000_000)[0].tolist()[:3] == late[0].tolist()
+    assert mirror.imu_after(9_499_000_000)[0].tolist()[:3] == late[0].tolist()
     looped = [np.concatenate([a, b]) for a, b in zip(imu_rows(10_000_000_000, 2),
                                                      imu_rows(2_000_000_000, 5))]
     mirror.add(*looped, run=1)                     # back by 8 s within the batch: a looped bag
     stamps, _, _ = mirror.imu_after(-1)
     assert stamps.tolist() == imu_rows(2_000_000_000, 5)[0].tolist()
+    # An IMU that leads the next pass still carries the old run's number (the synchronizer's
+    # run changes with the scans): its rows are held, and are the new run's first ones.
+    mirror.add(*imu_rows(0, 10), run=1)
+    assert mirror.imu_after(-1)[0].tolist() == imu_rows(2_000_000_000, 5)[0].tolist()
+    mirror.add(*imu_rows(100_000_000, 10), run=2)
+    assert mirror.imu_after(-1)[0].tolist() == imu_rows(0, 20)[0].tolist()
+
+
+def test_the_imu_mirror_keeps_the_imu_that_leads_a_looped_bag_as_the_synchronizer_does():
+    """The second pass of a bag whose IMU leads its scans by 0.3 s: the IMU's rows come with
+    the old run's number. The mirror answers as the Synchronizer over the new run's start
+    (before, it dropped the 0.3 s the IMU led by)."""
+    sync_cfg = SyncConfig(ground_truth='ignore')
+    cfg = CFG.replace(modalities=('lidar', 'imu'))
+    sync = Synchronizer(cfg, sync_cfg)
+    mirror = ImuMirror(sync_cfg, cfg.imu_window_s, min_keep_s=2.0)
+    rng = np.random.default_rng(0)
+    base = 100_000_000_000
+
+    def imu(t0):
+        stamps, accel, gyro = imu_rows(t0, 10)
+        sync.add_imu_batch(stamps, accel, gyro,
+                           then=lambda: mirror.add(stamps, accel, gyro, run=sync.run))
+
+    for k in range(100):                            # the first pass, 10 s
+        imu(base + k * 100_000_000)
+        sync.add_cloud(base + k * 100_000_000 + 50_000_000,
+                       rng.normal(size=(64, 4)).astype(np.float32))
+    for k in range(3):                              # the second pass: the IMU leads
+        imu(base + k * 100_000_000)
+    for k in range(3, 6):
+        imu(base + k * 100_000_000)
+        sync.add_cloud(base + (k - 3) * 100_000_000 + 50_000_000,
+                       rng.normal(size=(64, 4)).astype(np.float32))
+    assert sync.run == 1
+    for a, b in zip(sync.imu_after(base - 1), mirror.imu_after(base - 1)):
+        np.testing.assert_array_equal(a, b)
+    assert mirror.imu_after(base - 1)[0][0] == base
+    for a, b in zip(sync.imu_between(base, base + 300_000_000),
+                    mirror.imu_between(base, base + 300_000_000)):
+        np.testing.assert_array_equal(a, b)
     longer = ImuMirror(sync_cfg, imu_window_s=0.5, min_keep_s=4.0)   # the longest bridge
     longer.add(*imu_rows(0, 1000))
     stamps, _, _ = longer.imu_after(-1)

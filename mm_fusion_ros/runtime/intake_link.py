@@ -29,6 +29,7 @@ node down; a child that dies is reported in problems() (the node exits 1); a chi
 died stops by itself. Plain Python: the child's entry point is injected (tests use one without
 ROS).
 """
+from collections import deque
 from dataclasses import dataclass
 import logging
 import os
@@ -56,8 +57,10 @@ class ImuMirror:
     the last `keep_ns` (behind the newest sample). Non-finite rows and duplicate stamps are
     left out, as the Synchronizer leaves them out; a batch of a new run (the synchronizer's
     run number: a looped bag) starts afresh from the batch's jump back in time, as the
-    Synchronizer's new run clears its IMU. configure() takes the intake's own settings (its
-    first message)."""
+    Synchronizer's new run clears its IMU. Rows more than rewind_s behind the newest one are
+    the next run's: held, as the Synchronizer holds them, and the first rows of that run when
+    it starts (an IMU that leads a looped bag comes with the old run's number). configure()
+    takes the intake's own settings (its first message)."""
 
     def __init__(self, sync_cfg: SyncConfig, imu_window_s: float, min_keep_s: float = 0.0):
         self.imu_window_s, self.min_keep_s = imu_window_s, min_keep_s
@@ -74,6 +77,7 @@ class ImuMirror:
             self.keep_ns = max(history + KEEP_SLACK_NS, seconds_to_ns(self.min_keep_s))
             self.rewind_ns = seconds_to_ns(sync_cfg.rewind_s)
             self._ring = ImuRing(sync_cfg.max_imu_samples)
+            self._held = deque(maxlen=sync_cfg.max_imu_samples)   # the next run's first rows
             self.run = 0
 
     def add(self, stamps_ns, accel, gyro, run: int = 0) -> None:
@@ -87,8 +91,15 @@ class ImuMirror:
                 back = np.flatnonzero(np.diff(stamps) < -self.rewind_ns)
                 if len(back):   # rows of the old run ahead of the jump back
                     stamps, rows = stamps[back[-1] + 1:], rows[back[-1] + 1:]
+                held, self._held = list(self._held), deque(maxlen=self._held.maxlen)
+                for stamp, row in held:
+                    ring.insert(stamp, row)
             for stamp, row in zip(stamps.tolist(), rows):
-                if np.isfinite(row).all():
+                if not np.isfinite(row).all():
+                    continue
+                if self._held or (ring.n and stamp < ring.stamps[ring.n - 1] - self.rewind_ns):
+                    self._held.append((stamp, row))
+                else:
                     ring.insert(stamp, row)
             if ring.n:
                 ring.prune_before(int(ring.stamps[ring.n - 1]) - self.keep_ns)
