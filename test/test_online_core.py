@@ -221,7 +221,9 @@ def test_set_training_false_waits_for_the_step_in_flight(data, tmp_path):
     assert trainer.train_pending() == 0
 
 
-def test_a_failing_step_is_paid_off_not_retried_forever(data, tmp_path):
+@pytest.mark.parametrize('error', [RuntimeError, TypeError])
+def test_a_failing_step_is_paid_off_not_retried_forever(data, tmp_path, error):
+    """Any exception (not only RuntimeError and ValueError) is a failed step, counted."""
     trainer = make_trainer(tmp_path, updates_per_sample=2.0, min_buffer=1)
     trainer.on_sample(data['samples'][0])
     step = trainer.core.step
@@ -230,11 +232,11 @@ def test_a_failing_step_is_paid_off_not_retried_forever(data, tmp_path):
     def fail_once(batch):
         calls.append(1)
         if len(calls) == 1:
-            raise RuntimeError('simulated failure')
+            raise error('simulated failure')
         return step(batch)
 
     trainer.core.step = fail_once
-    with pytest.raises(RuntimeError, match='simulated'):
+    with pytest.raises(error, match='simulated'):
         trainer.train_pending()
     assert trainer.steps_failed == 1 and trainer.pending_steps() == 1
     assert trainer.train_pending() == 1 and trainer.pending_steps() == 0

@@ -307,7 +307,8 @@ class Learner:
             try:
                 if not self.trainer.train_pending(max_steps=1):
                     self.trainer.wait_for_work(0.1)
-            except (RuntimeError, ValueError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - as the thread learner's Worker: a failed
+                # step is reported, and the learner lives on to write its final files
                 log.exception('learner step')
                 self._error(f'{type(e).__name__}: {e}')
         log.error('the predictor process (pid %d) is gone: the learner stops without writing',

@@ -642,16 +642,16 @@ class OnlineTrainer:
                         continue
                     break
                 self._steps_since_admit += 1
-                drawn = self.buffer.sample(self.core.train_cfg.batch_size, self.rng)
-                batch = collate_samples(drawn)
-                adopt_row_digests(batch, drawn)
-                if self.steps_done < self.cfg.lr_warmup_steps:
-                    self.core.set_lr(self.base_lr * (self.steps_done + 1)
-                                     / self.cfg.lr_warmup_steps)
-                t0 = time.perf_counter()
-                try:
+                try:   # whatever fails, the step was paid for (_take_step): counted
+                    drawn = self.buffer.sample(self.core.train_cfg.batch_size, self.rng)
+                    batch = collate_samples(drawn)
+                    adopt_row_digests(batch, drawn)
+                    if self.steps_done < self.cfg.lr_warmup_steps:
+                        self.core.set_lr(self.base_lr * (self.steps_done + 1)
+                                         / self.cfg.lr_warmup_steps)
+                    t0 = time.perf_counter()
                     stats = self.core.step(batch)
-                except (RuntimeError, ValueError):
+                except Exception:
                     with self._state_lock:
                         self.steps_failed += 1
                     raise
