@@ -244,6 +244,30 @@ def test_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
         synth_kitti.main(['--out', str(tmp_path), '--sequences', 'x1'])
 
 
+def test_a_run_that_fails_half_way_leaves_a_sequence_every_reader_refuses(tmp_path,
+                                                                          monkeypatch):
+    """times.txt and the poses are written last: a run that stops at frame 3 of 6 (here an
+    exception; a kill is the same) does not leave a sequence that looks whole with frames
+    missing, which check_sequence would pass with frame-level problems only."""
+    kwargs = dict(frames=6, image_size=(64, 24), azimuth_steps=100, beams=8, workers=1)
+    scan, calls = Lidar.scan, []
+
+    def fail_at_frame_3(self, *args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError('simulated crash at frame 3')
+        return scan(self, *args)
+
+    monkeypatch.setattr(Lidar, 'scan', fail_at_frame_3)
+    with pytest.raises(RuntimeError, match='simulated crash'):
+        generate_sequence(tmp_path, '00', **kwargs)
+    assert (tmp_path / 'sequences' / '00' / 'calib.txt').is_file()
+    assert not (tmp_path / 'sequences' / '00' / 'times.txt').exists()
+    assert not (tmp_path / 'poses' / '00.txt').exists()
+    with pytest.raises(FileNotFoundError, match='times.txt'):
+        KittiSequence(tmp_path, '00')
+
+
 @pytest.mark.parametrize('kwargs, message', [
     (dict(frames=1), 'frames'),
     (dict(frames=4, imu_source='imus/00.mat'), 'imu_source'),

@@ -182,8 +182,6 @@ def generate_sequence(out_dir, sequence, frames: int, seed: int = 0, *,
                                                  domain.T_vehicle_lidar())
     poses_base = invert_pose(world_poses[0]) @ world_poses
     write_calib(paths.seq_dir / 'calib.txt', calib)
-    write_times(paths.seq_dir / 'times.txt', times)
-    write_poses(paths.poses, base_link_to_cam0(poses_base, calib.Tr))
     write_calib_imu_to_velo(paths.seq_dir / 'calib_imu_to_velo.txt', T_velo_imu)
     # The IMU rides on the vehicle, whatever the LiDAR's mount: its data follow the vehicle.
     if real_imu is None:
@@ -207,6 +205,11 @@ def generate_sequence(out_dir, sequence, frames: int, seed: int = 0, *,
                         seed=seed, seq_int=int(seq), images=images, scans=scans)
     workers = _choose_workers(workers, frames, image_size, beams * azimuth_steps)
     results = _render_all(ctx, world_poses, workers)
+    # times.txt and the poses last: a run that fails or is killed before here leaves a
+    # sequence without them, which every reader refuses (not one that looks whole with frames
+    # missing or a scan cut short).
+    write_poses(paths.poses, base_link_to_cam0(poses_base, calib.Tr))
+    write_times(paths.seq_dir / 'times.txt', times)
     for name in ('lidar', 'camera', 'png', 'bin'):
         cpu[name] = sum(r[name] for r in results)
     counts = np.array([r['points'] for r in results])
