@@ -4,6 +4,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import threading
 import time
 
 from conftest import make_tiny_kitti
@@ -113,6 +114,47 @@ def test_cli_errors_name_the_problem(bag, tmp_path, capsys):
     assert 'no metadata.yaml' in capsys.readouterr().err
     assert bag_player.main([str(bag), '--topics', '/kitti/nope']) == 1
     assert '/kitti/nope' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args, option, message', [
+    (['--rate', 'nan'], '--rate', 'finite'), (['--duration', 'inf'], '--duration', 'finite'),
+    (['--start_offset', 'inf'], '--start_offset', 'finite'),
+    (['--loop', '--loops', '-3'], '--loops', '>= 0')])
+def test_cli_refuses_options_out_of_range_naming_them(bag, capsys, args, option, message):
+    with pytest.raises(SystemExit):
+        bag_player.main([str(bag), *args])
+    err = capsys.readouterr().err
+    assert option in err and message in err, err
+
+
+def test_a_loop_over_an_empty_window_ends_and_latched_topics_need_no_wait(bag, ros_env,
+                                                                          monkeypatch):
+    """--loop over a window without a message of the played topics ends after one pass
+    (it spun forever, deaf to Ctrl-C); playing only latched topics does not wait for
+    subscribers that transient-local delivery does not need."""
+    for key in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_LOCALHOST_ONLY'):
+        monkeypatch.setenv(key, ros_env[key])
+    rclpy.init()
+    try:
+        with BagSource(bag) as src:
+            player = bag_player.BagPlayer(src, [topics.CLOUD_TOPIC])
+            start = src.start_ns + 10_000_000          # between two scans 0.1 s apart
+            done = []
+            # In a thread: a regression spins forever instead of hanging the suite.
+            playing = threading.Thread(target=lambda: done.append(player.play(
+                start, start + 50_000_000, rate=1.0, loop=True)), daemon=True)
+            playing.start()
+            playing.join(10.0)
+            assert done, 'the loop over an empty window did not end'
+            assert done[0].loops == 1 and done[0].published == {topics.CLOUD_TOPIC: 0}
+            player.destroy_node()
+            latched = bag_player.BagPlayer(src, [topics.TF_STATIC_TOPIC])
+            began = time.monotonic()
+            assert latched.wait_for_subscribers(5.0) == []
+            assert time.monotonic() - began < 1.0
+            latched.destroy_node()
+    finally:
+        rclpy.shutdown()
 
 
 def test_player_plays_the_requested_window_and_topics(bag, ros_env, monkeypatch, capsys):

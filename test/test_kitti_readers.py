@@ -1,7 +1,9 @@
 """KITTI readers, integrity checks, the DESIGN §5 sample and collate (issue 3), on real and
 hand-made data."""
+import logging
 import shutil
 
+from conftest import make_tiny_kitti
 import numpy as np
 import pytest
 import torch
@@ -224,7 +226,7 @@ def test_modalities_mask_inputs(tiny_kitti):
     assert not s['image'].any()
 
 
-def test_skip_bad_frames_and_collate(tiny_kitti):
+def test_skip_bad_frames_and_collate(tiny_kitti, caplog):
     path = tiny_kitti / 'pointclouds/sequences/00/velodyne/000005.bin'
     path.write_bytes(b'\x00' * 10)
     cfg = SampleConfig(image_height=16, image_width=48, max_points=128)
@@ -232,6 +234,13 @@ def test_skip_bad_frames_and_collate(tiny_kitti):
         KITTIOdomPointDataset(tiny_kitti, '00', sample_cfg=cfg)
     ds = KITTIOdomPointDataset(tiny_kitti, '00', sample_cfg=cfg, on_bad_frame='skip')
     assert len(ds) == 4 and ds.skipped['bad_frame'] == 1
+    # A second sequence's log line counts its own skipped samples, not the running total.
+    make_tiny_kitti(tiny_kitti, '01')
+    (tiny_kitti / 'pointclouds/sequences/01/velodyne/000002.bin').write_bytes(b'\x00' * 10)
+    with caplog.at_level(logging.WARNING):
+        both = KITTIOdomPointDataset(tiny_kitti, '00,01', sample_cfg=cfg, on_bad_frame='skip')
+    assert both.skipped['bad_frame'] == 1 + 2
+    assert 'sequence 01: skipping 2 samples touching 1 bad frames' in caplog.text
     nan_scan = tiny_kitti / 'pointclouds/sequences/00/velodyne/000001.bin'
     data = np.fromfile(nan_scan, dtype='<f4')
     data[7] = np.nan

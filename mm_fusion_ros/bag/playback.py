@@ -6,6 +6,7 @@ ros/bag_player.py wires this to rclpy publishers.
 """
 import argparse
 from dataclasses import dataclass, field
+import math
 from pathlib import Path
 
 from rosbags.highlevel import AnyReader, AnyReaderError
@@ -207,11 +208,20 @@ class PlayReport:
 def _number(minimum, strict):
     def parse(text):
         value = float(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'must be a finite number, got {text}')
         if value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f'must be {">" if strict else ">="} {minimum}, '
                                              f'got {text}')
         return value
     return parse
+
+
+def _count(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 0, got {text}')
+    return value
 
 
 def build_parser(description: str = '') -> argparse.ArgumentParser:
@@ -221,7 +231,7 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
     p.add_argument('--rate', type=_number(0, True), default=1.0,
                    help='playback speed factor (default 1.0 = recorded speed)')
     p.add_argument('--loop', action='store_true', help='play again from the start until stopped')
-    p.add_argument('--loops', type=int, default=0,
+    p.add_argument('--loops', type=_count, default=0,
                    help='with --loop: stop after this many passes (default 0: never)')
     p.add_argument('--clock', action='store_true',
                    help='publish /clock with the bag time (for use_sim_time nodes)')

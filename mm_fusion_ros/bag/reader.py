@@ -1,6 +1,6 @@
 """Read a rosbag2 folder back to numpy (rosbags AnyReader; no rclpy).
 
-    for m in read_numpy('bags/kitti_00', topics=[CLOUD_TOPIC, IMU_TOPIC]):
+    for m in read_numpy('bags/kitti_00', topic_names=[CLOUD_TOPIC, IMU_TOPIC]):
         m.data   # cloud: (N, 4) float32; image: (H, W, 3) uint8; imu: ImuSample; ...
 
 Messages come in record-time order (the header stamps, for bags from kitti_to_bag).

@@ -97,14 +97,16 @@ class KITTIOdomPointDataset(Dataset):
             self.sequences.append(seq)
             self.calibrations.append(sequence_calibration(seq))
             self.has_ground_truth.append(use_gt)
+            skipped = 0
             for k in range(1, len(seq)):
                 if k in bad or k - 1 in bad:
-                    self.skipped['bad_frame'] += 1
+                    skipped += 1
                 else:
                     self.index.append((seq_idx, k))
+            self.skipped['bad_frame'] += skipped
             if bad:
                 log.warning('sequence %s: skipping %d samples touching %d bad frames',
-                            seq.sequence, self.skipped['bad_frame'], len(bad))
+                            seq.sequence, skipped, len(bad))
 
     def __len__(self):
         return len(self.index)

@@ -72,6 +72,9 @@ class BagPlayer(Node):
         executor = SingleThreadedExecutor(context=self.context)
         executor.add_node(self)
         pubs = {t: p for t, p in self.publishers_by_topic.items() if t not in self.latched}
+        if not pubs:   # only latched topics: transient local, a late reader still gets them
+            self.report.unmatched = []
+            return []
         wait, deadline = MatchWait(), time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline and not self.stop.is_set() and not wait.ready(
@@ -92,16 +95,21 @@ class BagPlayer(Node):
         names = list(self.publishers_by_topic) + list(self.report.skipped_topics)
         began, passes = time.monotonic(), 0
         try:
-            while not passes or (loop and passes != loops):
+            while (not passes or (loop and passes != loops)) and not self.stop.is_set():
                 self.last_clock_ns = None     # a new pass: /clock goes back with the stamps
-                self._play_once(names, start_ns, stop_ns, Pacer(rate))
+                sent = self._play_once(names, start_ns, stop_ns, Pacer(rate))
                 passes, self.report.loops = passes + 1, self.report.loops + 1
+                if loop and not sent:
+                    self.get_logger().warning('no message of the played topics in the window: '
+                                              'not looping over nothing')
+                    break
         finally:
             self.report.wall_s += time.monotonic() - began
         return self.report
 
-    def _play_once(self, names, start_ns, stop_ns, pacer):
-        first_ns = None
+    def _play_once(self, names, start_ns, stop_ns, pacer) -> int:
+        """One pass over the window; -> messages taken from the bag."""
+        first_ns, taken = None, 0
         for topic, stamp_ns, raw in self.source.messages(names, start_ns, stop_ns):
             if pacer.start_wall is None:
                 # The clock starts with the first message in hand: opening the bag's indexes
@@ -110,6 +118,7 @@ class BagPlayer(Node):
             if not self._sleep_until(pacer.due(stamp_ns)):
                 raise ExternalShutdownException()
             first_ns = stamp_ns if first_ns is None else first_ns
+            taken += 1
             publisher = self.publishers_by_topic.get(topic)
             if publisher is None:
                 self.report.not_published[topic] += 1
@@ -120,6 +129,7 @@ class BagPlayer(Node):
                 self.report.published[topic] += 1
             self.report.bag_s = self._bag_s_done + (stamp_ns - first_ns) / NS_PER_S
         self._bag_s_done = self.report.bag_s
+        return taken
 
     def _sleep_until(self, wall_target: float) -> bool:
         """Pace to the recorded time; False when stopped or shut down meanwhile."""
