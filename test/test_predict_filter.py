@@ -186,7 +186,9 @@ def test_bad_inputs_give_clear_errors(tree, tmp_path, capsys):
     assert 'holds no inertial filter' in capsys.readouterr().err
     for flags, message in ((('--outage', '5'), 'START_S:DURATION_S'),
                            (('--filter', 'yes'), 'must be on or off'),
-                           (('--relpose_var_scale', '0'), 'relpose_var_scale must be a positive')):
+                           (('--relpose_var_scale', '0'), 'relpose_var_scale must be a positive'),
+                           (('--max_points', '0'), 'use --batch_size 1'),
+                           (('--batch_size', '0'), '--batch_size must be >= 1')):
         with pytest.raises(SystemExit):
             predict(tree, out, *flags)
         assert message in capsys.readouterr().err, flags

@@ -16,11 +16,13 @@ from mm_fusion_ros.geometry import pose_to_vec6, relative_pose
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
 from mm_fusion_ros.kitti.odometry import KittiSequence, read_velodyne, write_velodyne
 from mm_fusion_ros.model.config import ModelConfig
-from mm_fusion_ros.model.normalization import sequence_statistics
+from mm_fusion_ros.model.normalization import sequence_statistics, target_statistics
 from mm_fusion_ros.synthetic.writer import generate_sequence
-from mm_fusion_ros.training.checkpoint import load_checkpoint
+from mm_fusion_ros.training.checkpoint import load_checkpoint, save_checkpoint
 from mm_fusion_ros.training.config import TrainConfig
 from mm_fusion_ros.training.core import TrainerCore
+from mm_fusion_ros.training.distributed import DistInfo
+from mm_fusion_ros.training.offline import build_core, build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'train_multimodal.py'
@@ -188,6 +190,48 @@ def mean_step(root, sequences):
     steps = [pose_to_vec6(relative_pose(s.poses_base[:-1], s.poses_base[1:]))
              for s in (KittiSequence(root, q) for q in sequences)]
     return np.concatenate(steps).mean(axis=0)
+
+
+def test_the_validation_baseline_is_the_training_sets_mean_step_also_when_self_supervised(
+        plan_root):
+    """Under supervision self the model's target_mean is the zero prior: the mean-motion
+    baseline was then 'no motion' (about 12x too easy in a review's run). It is the training
+    sequences' mean step from their ground truth, wherever they have one."""
+    args = build_parser().parse_args([
+        '--data_path', str(plan_root / 'data'), '--train_sequences', '00,01',
+        '--val_sequences', '03', '--supervision', 'self', *TINY_MODEL, *SMALL_SCANS])
+    core, _, train_set, val_set = build_core(args, DistInfo())
+    assert not core.model.target_mean.any()
+    expected = target_statistics(s.poses_base for s in train_set.sequences)[0]
+    np.testing.assert_allclose(core.baseline_step, expected)
+    assert expected[0] > 0.3
+    batch = collate_samples([val_set[i] for i in range(2)])
+    t = batch['target'].float()
+    metrics = core.evaluate([batch])
+    want = float(np.linalg.norm(t[:, :3].numpy() - expected[:3], axis=1).mean())
+    assert metrics['mean_motion_trans_err'] == pytest.approx(want, rel=1e-5)
+
+
+def test_resume_flags_that_would_silently_change_the_run_are_refused_or_named(plan_root, caplog):
+    """--resume_optimizer without a checkpoint started a fresh model over the output and the
+    log; a resume with other training flags, and validation on a trained-on sequence, are
+    named in the log."""
+    base = ['--data_path', str(plan_root / 'data'), '--train_sequences', '00,01',
+            *TINY_MODEL, *SMALL_SCANS]
+    with pytest.raises(ValueError, match='--resume_optimizer resumes the checkpoint'):
+        build_core(build_parser().parse_args(base + ['--resume_optimizer']), DistInfo())
+    core, sample_cfg, *_ = build_core(
+        build_parser().parse_args(base + ['--learning_rate', '1e-3']), DistInfo())
+    ckpt = plan_root / 'resume_flags.pth'
+    save_checkpoint(ckpt, core.state_dict(sample_cfg=sample_cfg))
+    finetune = ['--data_path', str(plan_root / 'data'), '--train_sequences', '00,01',
+                '--val_sequences', '01,02', *SMALL_SCANS]
+    with caplog.at_level(logging.WARNING):
+        build_core(build_parser().parse_args(finetune + [
+            '--finetune_checkpoint', str(ckpt), '--resume_optimizer',
+            '--learning_rate', '1e-4']), DistInfo())
+    assert 'learning_rate 0.001 -> 0.0001' in caplog.text
+    assert 'sequences 01 are both trained on and validated on' in caplog.text
 
 
 def test_lidar_imu_model_beats_mean_motion_on_a_held_out_sequence(tmp_path):

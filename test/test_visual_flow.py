@@ -25,6 +25,8 @@ from mm_fusion_ros.synthetic.camera import Camera, camera_pose, CameraModel, kit
 from mm_fusion_ros.synthetic.lidar import Lidar, LidarConfig
 from mm_fusion_ros.synthetic.trajectory import synthesize_drive
 from mm_fusion_ros.synthetic.writer import generate_sequence, sequence_world
+from mm_fusion_ros.training.config import TrainConfig
+from mm_fusion_ros.training.core import TrainerCore
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 320, 96
@@ -201,6 +203,18 @@ def test_camera_head_has_its_own_loss_on_samples_with_a_camera(scene):
         [False, False]
     assert 'aux' not in build_model(ModelConfig(visual_encoder='flow',
                                                 camera_head_hidden=0))(batch)
+    # The validation loss is the training loss: with the camera head's part (it was left out,
+    # so val_loss read lower than the training loss for the same weights).
+    core = TrainerCore(ModelConfig(visual_encoder='flow'), TrainConfig(), 'cpu')
+    core.model.load_state_dict(model.state_dict())
+    core.model.eval()
+    with torch.no_grad():
+        parts = core.loss_parts(core.model(batch), batch, ('gt',))
+    assert set(parts) == {'gt', 'aux_camera'}
+    training_loss = float(core.combine(parts)[0])
+    gt_only = float(core.combine({'gt': parts['gt']})[0])
+    assert core.evaluate([batch])['loss'] == pytest.approx(training_loss, rel=1e-5)
+    assert abs(training_loss - gt_only) > 1e-3 * abs(training_loss)
 
 
 def test_batch_calibration_is_used_where_known(scene):

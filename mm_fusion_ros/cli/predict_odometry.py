@@ -184,6 +184,11 @@ def main(argv=None) -> int:
         sequences = parse_sequences(args.sequences)
         core, sample_cfg = load_predictor(args.checkpoint, device)
         sample_cfg = sample_cfg.replace(**SAMPLE_FLAGS.values(args))
+        if args.batch_size < 1:
+            raise ValueError(f'--batch_size must be >= 1, got {args.batch_size}')
+        if sample_cfg.max_points == 0 and args.batch_size > 1:
+            raise ValueError('--max_points 0 keeps every point, so scans differ in size: use '
+                             '--batch_size 1')
         run_cfg = FILTER_FLAGS.build(args)
         inertial = None
         if run_cfg.enabled:

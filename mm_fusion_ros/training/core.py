@@ -78,6 +78,10 @@ class TrainerCore:
         self.optimizer = torch.optim.AdamW(params, lr=train_cfg.learning_rate,
                                            weight_decay=train_cfg.weight_decay)
         self.amp = bool(train_cfg.amp and self.device.type == 'cuda')
+        # evaluate()'s mean-motion baseline: the training set's mean step (6,), set by the
+        # caller where its ground truth is known (NaN: unknown); None: the model's target_mean,
+        # which is that mean only for a model fitted with supervision gt on this training set.
+        self.baseline_step = None
         if train_cfg.amp and not self.amp:
             log.warning('amp requested on %s: mixed precision is CUDA-only, ignored', self.device)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp)
@@ -267,13 +271,19 @@ class TrainerCore:
     # --- inference -----------------------------------------------------------------------
     @torch.no_grad()
     def infer(self, batch: dict) -> dict:
-        """Eval-mode forward of a device batch: normalised mean/logvar and gates."""
+        """Eval-mode forward of a device batch: normalised mean/logvar, gates and the
+        auxiliary heads' outputs ('aux', which the loss of evaluate() includes as step()'s
+        does)."""
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 out = self.model(batch)
-            return {k: v.float() for k, v in out.items() if torch.is_tensor(v)}
+            res = {k: v.float() for k, v in out.items() if torch.is_tensor(v)}
+            if 'aux' in out:
+                res['aux'] = {name: (mean.float(), logvar.float(), present)
+                              for name, (mean, logvar, present) in out['aux'].items()}
+            return res
         finally:
             self.model.train(was_training)
 
@@ -319,7 +329,9 @@ class TrainerCore:
             if has_gt.any():
                 mean = self.model.denormalize(out['mean'], out['logvar'])[0][has_gt]
                 t = batch['target'].float()[has_gt]
-                base = self.model.target_mean.expand_as(t)
+                step = self.model.target_mean if self.baseline_step is None else \
+                    torch.as_tensor(self.baseline_step, dtype=t.dtype, device=t.device)
+                base = step.expand_as(t)
                 sums['trans_err'] += float(translation_error(mean[:, :3], t[:, :3]).sum())
                 sums['rot_err'] += float(rotation_angle_error(mean[:, 3:], t[:, 3:]).sum())
                 sums['mm_trans'] += float(translation_error(base[:, :3], t[:, :3]).sum())

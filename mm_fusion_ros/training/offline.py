@@ -23,7 +23,7 @@ from mm_fusion_ros.config import ConfigFlags, SampleConfig
 from mm_fusion_ros.kitti.dataset import collate_samples, KITTIOdomPointDataset
 from mm_fusion_ros.kitti.ids import parse_sequences
 from mm_fusion_ros.model.config import ModelConfig, REAL_ENCODER
-from mm_fusion_ros.model.normalization import sequence_statistics
+from mm_fusion_ros.model.normalization import sequence_statistics, target_statistics
 from mm_fusion_ros.training.checkpoint import (
     checkpoint_imu_window,
     epoch_checkpoint_path,
@@ -301,9 +301,20 @@ def thread_count(requested: int, world_size: int) -> int:
 
 def build_core(args, dist_info: DistInfo):
     """Configs, datasets and the TrainerCore (weights/optimiser from a checkpoint if given)."""
+    if args.resume_optimizer and not args.finetune_checkpoint:
+        raise ValueError('--resume_optimizer resumes the checkpoint given by '
+                         '--finetune_checkpoint; none was given (a fresh run would overwrite '
+                         '--output_checkpoint and append to --log_csv)')
     ckpt = load_checkpoint(args.finetune_checkpoint) if args.finetune_checkpoint else None
     model_cfg = resolve_model_config(args, ckpt, args.finetune_checkpoint)
     train_cfg = TRAIN_FLAGS.build(args)
+    if ckpt is not None and args.resume_optimizer:
+        _warn_changed_training(ckpt, train_cfg, args.finetune_checkpoint)
+    overlap = sorted(set(parse_sequences(args.train_sequences))
+                     & set(parse_sequences(args.val_sequences))) if args.val_sequences else []
+    if overlap:
+        log.warning('sequences %s are both trained on and validated on: the validation figures '
+                    'are not held out', ','.join(overlap))
     sample_cfg = sample_config(args, model_cfg, train_cfg, ckpt)
     # Self-supervised training never reads poses/; validation scores against them if present.
     with_gt = train_cfg.supervision != 'self'
@@ -323,6 +334,11 @@ def build_core(args, dist_info: DistInfo):
     if ckpt is not None:
         core.load_state_dict(ckpt, source=args.finetune_checkpoint,
                              load_optimizer=args.resume_optimizer)
+    # The validation's mean-motion baseline is this training set's mean step (its ground
+    # truth, also under supervision self), not the model's target_mean (zero under self, the
+    # original training set's when fine-tuning); NaN where no training sequence has poses.
+    posed = [s.poses_base for s in train_set.sequences if s.has_poses]
+    core.baseline_step = target_statistics(posed)[0] if posed else np.full(6, np.nan)
     log.info('training %d samples (%s), validating %d; %d processes on %s, %d threads each; '
              'frozen: %s; supervision %s (%s); starting at epoch %d', len(train_set),
              ','.join(s.sequence for s in train_set.sequences), len(val_set) if val_set else 0,
@@ -330,6 +346,19 @@ def build_core(args, dist_info: DistInfo):
              list(train_cfg.frozen) or 'none', train_cfg.supervision,
              ', '.join(train_cfg.loss_terms), core.epoch)
     return core, sample_cfg, train_set, val_set
+
+
+def _warn_changed_training(ckpt, train_cfg: TrainConfig, source) -> None:
+    """A resumed run trains with the flags given now; say which differ from the run it
+    resumes (the checkpoint then records the new ones)."""
+    saved = (ckpt.get('config') or {}).get('train') or {}
+    now = train_cfg.to_dict()
+    changed = [f'{k} {saved[k]!r} -> {now[k]!r}' for k in sorted(saved)
+               if k in now and saved[k] != now[k] and not (
+                   isinstance(saved[k], (list, tuple)) and list(saved[k]) == list(now[k]))]
+    if changed:
+        log.warning('%s: resuming with training settings other than the run it resumes: %s',
+                    source, '; '.join(changed))
 
 
 def run_epoch(core, epoch, loaders, dist_info, tb) -> dict:
