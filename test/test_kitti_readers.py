@@ -157,6 +157,17 @@ def test_check_kitti_cli(tiny_kitti, capsys):
     assert 'image_2/000004.png (frame 4): missing' in out
     assert 'would skip frames [4]' in out
     assert check_kitti.main(['--data_path', str(tiny_kitti), '--sequences', '05']) == 1
+    # A sequence without ground truth (KITTI 11-21): checked with --no_poses, and a pose file
+    # that is there is still checked.
+    poses = tiny_kitti / 'poses/00.txt'
+    text = poses.read_text()
+    poses.unlink()
+    ok = args + ['--on_bad_frame', 'skip']
+    assert check_kitti.main(ok) == 1 and 'pose file missing' in capsys.readouterr().out
+    assert check_kitti.main(ok + ['--no_poses']) == 0
+    poses.write_text(text.splitlines()[0] + '\n')
+    assert check_kitti.main(ok + ['--no_poses']) == 1
+    assert '1 poses but times.txt has 6 frames' in capsys.readouterr().out
 
 
 def test_sample_shapes_and_target(tiny_kitti):

@@ -23,6 +23,10 @@ def build_parser():
                    help='fail: any bad file fails the check; skip: list bad frames as skipped')
     p.add_argument('--no_images', action='store_true', help='do not require image_2/')
     p.add_argument('--no_scans', action='store_true', help='do not require Velodyne scans')
+    p.add_argument('--no_poses', action='store_true',
+                   help="do not require poses/NN.txt (KITTI 11-21, a robot's own data: what "
+                        'predict_odometry and --supervision self use); poses present are still '
+                        'checked')
     return p
 
 
@@ -43,7 +47,8 @@ def main(argv=None) -> int:
             status = 1
             continue
         report = check_sequence(seq, need_images=not args.no_images,
-                                need_scans=not args.no_scans, need_imu=args.imu_path is not None)
+                                need_scans=not args.no_scans, need_imu=args.imu_path is not None,
+                                need_poses=not args.no_poses or seq.poses_path.is_file())
         imu_text = _imu_summary(seq)
         if report.ok:
             print(f'[{seq_id}] OK   {report.frames} frames, {imu_text}')
