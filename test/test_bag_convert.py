@@ -295,12 +295,17 @@ def test_bad_frames_fail_or_are_skipped(kitti, tmp_path):
     with pytest.raises(ValueError, match=f'{seq.image_path(9)}: image not found'):
         convert_sequence(ConvertOptions(data_path=root, sequence='00', output=out, start=7))
     assert not out.exists()
+    # An image that cannot be read (here a folder in its place; permissions, I/O errors) is a
+    # bad frame too: skipped with --skip_bad, not a traceback.
+    seq.image_path(8).unlink()
+    seq.image_path(8).mkdir()
     summary = convert_sequence(ConvertOptions(data_path=root, sequence='00', output=out,
                                               skip_bad=True))
-    assert [k for k, _ in summary.skipped] == [3, 6, 9]
+    assert [k for k, _ in summary.skipped] == [3, 6, 8, 9]
     assert 'NaN' in summary.skipped[0][1] and str(bad_scan) in summary.skipped[1][1]
-    assert str(seq.image_path(9)) in summary.skipped[2][1]
-    kept = [k for k in range(FRAMES) if k not in (3, 6, 9)]
+    assert f'{seq.image_path(8)}: image not readable' in summary.skipped[2][1]
+    assert str(seq.image_path(9)) in summary.skipped[3][1]
+    kept = [k for k in range(FRAMES) if k not in (3, 6, 8, 9)]
     frame_ns = (T0_NS + np.round(seq.times * 1e9).astype(np.int64))[kept].tolist()
     msgs = _by_topic(out)
     for topic in (topics.IMAGE_TOPIC, topics.CAMERA_INFO_TOPIC, topics.CLOUD_TOPIC,

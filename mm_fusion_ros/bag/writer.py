@@ -313,6 +313,8 @@ def _load_png(path: Path, k: int, decode: bool):
         data = path.read_bytes()
     except FileNotFoundError as e:
         raise FrameError(k, f'{path}: image not found (frame {k})') from e
+    except OSError as e:    # unreadable (permissions, I/O): a bad frame, skippable as one
+        raise FrameError(k, f'{path}: image not readable (frame {k}): {e}') from e
     if not data.startswith(PNG_SIGNATURE):
         raise FrameError(k, f'{path}: not a PNG file (frame {k})')
     try:
