@@ -284,7 +284,7 @@ def test_a_killed_learner_is_detected_and_is_a_problem(make, data):
     assert trainer.training_enabled
     ok, reason = TrainerParameters(trainer).update({'train.learning_rate': 1e-5,
                                                     'training_enabled': False})
-    assert not ok and reason.startswith('train.learning_rate not applied: ')
+    assert not ok and reason.startswith('train.learning_rate not confirmed by the learner: ')
     assert trainer.core.optimizer.param_groups[0]['lr'] == lr and trainer.training_enabled
     trainer.shutdown()
     assert any('died' in p for p in trainer.problems())

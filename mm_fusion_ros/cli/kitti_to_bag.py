@@ -2,8 +2,8 @@
 
 Written with rosbags, so no ROS 2 install is needed; `ros2 bag info/play` of the chosen distro
 and Foxglove read the result. Topics, frames, stamps and QoS: see mm_fusion_ros/bag/writer.py.
-Exit status: 0 on success, 1 on bad input (the message names the file or flag), 2 on a
-malformed command line (argparse).
+Exit status: 0 on success, 1 on bad input data (the message names the file), 2 on a
+malformed command line or a bad flag value (argparse; the message names the flag).
 """
 import argparse
 import logging

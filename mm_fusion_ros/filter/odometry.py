@@ -409,7 +409,9 @@ class InertialOdometry:
         self._pseudo_updates()
 
     def _record_correction(self, dx):
-        # At the newest sample: its history entry was appended before the update.
+        # At the newest accepted sample's time (its history entry was appended before the
+        # update). An update inside _step's pending-scan loop is at most one IMU interval
+        # later than that: carried back slightly short, a first-order error.
         self._corrections.append((self._last[0], dx))
 
     def _corrected(self, t_h, R, p):

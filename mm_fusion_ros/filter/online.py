@@ -224,8 +224,8 @@ class FilterPoseSource:
     def add(self, stamp_prev_ns: int, stamp_cur_ns: int, mean6, cov6, measured=True,
             bridged=False):
         """Step prev -> cur: -> (pose 4x4 in the segment, covariance 6x6 in base_link).
-        bridged: a hole's step (from bridge(), counted there as filter_bridged), not an
-        IMU-only step."""
+        bridged: a hole's step (bridge()'s: filter_bridged when the filter bridged it, the
+        fallback's otherwise), not an IMU-only step."""
         with self._lock:
             if measured:
                 logvar = self.cfg.relpose_logvar(np.log(np.diag(np.asarray(cov6, float))))

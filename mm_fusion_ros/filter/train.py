@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 import logging
+import math
 from pathlib import Path
 import sys
 import time
@@ -252,6 +253,7 @@ def score_filter(cfg: FilterConfig, model, seqs, gyro_r_rels=None) -> TuneScore:
     """gyro_r_rels: each sequence's plain gyro integral r_rel, or None (t_rel alone)."""
     metrics = [run_on_sequence(s, cfg, model)[2] for s in seqs]
     t_rel = float(np.nanmean([m['t_rel'] for m in metrics]))
+    t_rel = t_rel if math.isfinite(t_rel) else math.inf   # no segment scored: never preferred
     misses = 0 if gyro_r_rels is None else sum(
         not m['r_rel'] <= g for m, g in zip(metrics, gyro_r_rels))
     log.info('%s: mean t_rel %.3f %%, r_rel above the gyro on %s (%s)',

@@ -69,12 +69,12 @@ class BagPlayer(Node):
 
     def wait_for_subscribers(self, timeout_s: float) -> list:
         """Spin until MatchWait is satisfied or the deadline; -> topics left without a reader."""
-        executor = SingleThreadedExecutor(context=self.context)
-        executor.add_node(self)
         pubs = {t: p for t, p in self.publishers_by_topic.items() if t not in self.latched}
         if not pubs:   # only latched topics: transient local, a late reader still gets them
             self.report.unmatched = []
             return []
+        executor = SingleThreadedExecutor(context=self.context)
+        executor.add_node(self)
         wait, deadline = MatchWait(), time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline and not self.stop.is_set() and not wait.ready(

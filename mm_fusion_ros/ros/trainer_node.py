@@ -156,8 +156,9 @@ class TrainerNode(Node):
     def _on_set_training(self, request, response):
         try:
             self.trainer.set_training(request.data)
-        except RuntimeError as e:     # the learner process did not take it (LearnerError)
-            response.success, response.message = False, f'training not changed: {e}'
+        except RuntimeError as e:     # the learner process did not confirm it (LearnerError)
+            response.success = False
+            response.message = f'training change not confirmed by the learner: {e}'
             self.get_logger().error(response.message)
             return response
         response.success = True

@@ -2,8 +2,8 @@
 
 `ros2 param set` (or a set_parameters call with several values) is checked whole before any of
 it is applied, so a request with one bad value changes nothing. A value the learner process
-does not take (it is gone, or does not answer) fails the request; its reason names the values
-already applied before it.
+does not confirm (it is gone, or does not answer in time: then it takes it later) fails the
+request; its reason names the values already applied before it.
 """
 import math
 
@@ -53,8 +53,8 @@ class TrainerParameters:
                     self.trainer.set_learning_rate(value)
                 else:
                     self.trainer.set_training(value)
-            except RuntimeError as e:   # the learner process did not take it (LearnerError)
+            except RuntimeError as e:   # the learner process did not confirm it (LearnerError)
                 done = f' ({", ".join(applied)} already applied)' if applied else ''
-                return False, f'{name} not applied: {e}{done}'
+                return False, f'{name} not confirmed by the learner: {e}{done}'
             applied.append(name)
         return True, ''

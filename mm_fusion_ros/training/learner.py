@@ -580,22 +580,30 @@ class ProcessOnlineTrainer(OnlineTrainer):
                 'learner_missed_samples': self.client.missed}
 
     def set_training(self, enabled: bool) -> None:
-        """LearnerError when the learner does not take it; the predictor's flag then stays as
-        it was, so predictor and learner do not disagree."""
+        """LearnerError when the learner did not confirm it. A learner that is gone never
+        takes it: the predictor's flag then stays as it was. One that did not answer in time
+        still has the command queued and takes it later: the predictor keeps the new flag, so
+        the two agree either way."""
         with self._state_lock:
             before, self.training_enabled = self.training_enabled, bool(enabled)
         try:
             self._apply(self.client.request('set_training', enabled=bool(enabled),
                                             metrics=self._local_metrics()))
         except LearnerError:
-            with self._state_lock:
-                self.training_enabled = before
+            if not self.client.alive:
+                with self._state_lock:
+                    self.training_enabled = before
             raise
 
     def set_learning_rate(self, lr: float) -> None:
-        """The learner first: when it does not take the rate (LearnerError), neither does the
-        predictor's copy of the optimiser settings."""
-        self.client.request('set_lr', lr=float(lr))
+        """As set_training: the predictor's copy of the rate follows what the learner will
+        have (not taken when it is gone, taken when the command is only unconfirmed)."""
+        try:
+            self.client.request('set_lr', lr=float(lr))
+        except LearnerError:
+            if self.client.alive:
+                self.core.set_lr(lr)
+            raise
         self.core.set_lr(lr)
 
     def save_checkpoint(self, path=None) -> Path:

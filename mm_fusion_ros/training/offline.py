@@ -316,7 +316,8 @@ def build_core(args, dist_info: DistInfo):
         log.warning('sequences %s are both trained on and validated on: the validation figures '
                     'are not held out', ','.join(overlap))
     sample_cfg = sample_config(args, model_cfg, train_cfg, ckpt)
-    # Self-supervised training never reads poses/; validation scores against them if present.
+    # Self-supervised training does not train on poses/ (the validation's baseline and scores
+    # use them where they are usable).
     with_gt = train_cfg.supervision != 'self'
     train_set = make_dataset(args, args.train_sequences, sample_cfg,
                              ground_truth='require' if with_gt else 'ignore')
@@ -337,7 +338,14 @@ def build_core(args, dist_info: DistInfo):
     # The validation's mean-motion baseline is this training set's mean step (its ground
     # truth, also under supervision self), not the model's target_mean (zero under self, the
     # original training set's when fine-tuning); NaN where no training sequence has poses.
-    posed = [s.poses_base for s in train_set.sequences if s.has_poses]
+    posed = []
+    for seq in train_set.sequences:
+        try:
+            if seq.has_poses:
+                posed.append(seq.poses_base)
+        except ValueError as e:    # under supervision self a pose file need not be usable
+            log.warning('sequence %s: no mean-motion baseline from its poses (%s)',
+                        seq.sequence, e)
     core.baseline_step = target_statistics(posed)[0] if posed else np.full(6, np.nan)
     log.info('training %d samples (%s), validating %d; %d processes on %s, %d threads each; '
              'frozen: %s; supervision %s (%s); starting at epoch %d', len(train_set),
