@@ -71,6 +71,7 @@ def test_single_sequence_json_and_plot(tmp_path, data_tree, capsys):
     assert f'{report["t_rel"]:.4f}' in table
 
     assert out_png.stat().st_size > 30_000
+    assert sorted(p.name for p in out_png.parent.iterdir()) == ['m.json', 'm.png']  # no temps
     image = np.asarray(Image.open(out_png).convert('RGB'))
     assert image.shape[0] > 300 and image.shape[1] > 1000
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50   # drawn, not a blank canvas

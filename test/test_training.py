@@ -123,6 +123,19 @@ def test_finetune_refuses_conflicting_model_flags(plan_root, initial_ckpt):
     assert not (plan_root / 'x.pth').exists()
 
 
+def test_a_finished_checkpoint_run_again_keeps_its_figures(plan_root, initial_ckpt, tmp_path):
+    """--num_epochs already reached: nothing is trained, and the written checkpoint keeps the
+    loss and epoch figures of the run that made it (they were replaced by the epoch alone)."""
+    out = tmp_path / 'again.pth'
+    run_cli(['--data_path', 'data', '--pointcloud_path', 'data/pointclouds',
+             '--train_sequences', '00', '--finetune_checkpoint', initial_ckpt,
+             '--resume_optimizer', '--num_epochs', '1', '--output_checkpoint', out,
+             *SMALL_SCANS], plan_root)
+    before = load_checkpoint(initial_ckpt)['metrics']
+    after = load_checkpoint(out)['metrics']
+    assert 'loss' in before and after == before
+
+
 def test_resume_reproduces_an_uninterrupted_run(plan_root, tmp_path):
     # A constant learning rate makes a 1-epoch run the first half of a 2-epoch run.
     common = ['--data_path', plan_root / 'data', '--train_sequences', '0,1', '--batch_size', '2',

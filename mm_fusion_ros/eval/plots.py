@@ -8,6 +8,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
+from mm_fusion_ros.fileio import atomic_open
+
 log = logging.getLogger(__name__)
 
 
@@ -86,7 +88,7 @@ def plot_report(path, entries) -> Path:
         _per_length(row[2], entry, 'r_rel', 'rotation error [deg/100 m]')
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_open(path) as f:     # a reader never sees a half-written figure
+        fig.savefig(f, format=path.suffix[1:] or 'png')
     log.info('wrote %s', path)
     return path
