@@ -158,6 +158,8 @@ def test_missing_prediction_file(tmp_path, data_tree, capsys):
     (['--gt', 'a', '--pred', 'b', '--baseline', 'imu'], 'need --data_path and --sequences'),
     (['--gt', 'a', '--pred', 'b', '--pred_frame', 'base_link'], '--calib'),
     (['--gt', 'a', '--pred', 'b', '--rpe_delta', '2.5'], 'positive integer'),
+    (['--data_path', 'd', '--sequences', '0,4', '--baseline', 'cv_oracle', '--calib', 'c.txt'],
+     '--calib is for one sequence'),
     (['--data_path', 'd', '--sequences', '7,x', '--baseline', 'cv_oracle'], 'not a number'),
 ])
 def test_bad_arguments(argv, message, capsys):

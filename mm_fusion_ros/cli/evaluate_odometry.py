@@ -146,6 +146,10 @@ def check_args(parser, args) -> None:
         parser.error('the imu and kiss_icp baselines need --data_path and --sequences')
     if single and args.pred_frame == 'base_link' and args.calib is None:
         parser.error('--pred_frame base_link with --gt/--pred needs --calib (for Tr)')
+    if multi and args.calib is not None:
+        parser.error('--calib is for one sequence (--gt/--pred): with --sequences each '
+                     "sequence's own calib.txt under --data_path gives its Tr (KITTI's differs "
+                     'between 00-02, 03 and 04-10)')
     if 'kiss_icp' in args.baseline and not baselines.kiss_icp_available():
         parser.error('--baseline kiss_icp: the kiss-icp package is not installed '
                      '(pip install kiss-icp)')
