@@ -36,6 +36,7 @@ from mm_fusion_ros.training.online import (
     sample_config_for,
     synthetic_sample,
 )
+from mm_fusion_ros.trajectory.chain import OnlineTrajectory, TrajectoryConfig
 
 FRAMES = 9
 MODEL = ModelConfig(image_height=16, image_width=48, visual_encoder='dummy', bev_cells=32,
@@ -120,6 +121,23 @@ def test_a_sample_the_buffer_refuses_is_still_predicted_and_counted(data, tmp_pa
     assert m['buffer_rejected_samples'] == FRAMES - 1
     assert m['trajectory_poses'] == FRAMES
     assert 'not stored for training' in caplog.text and 'max_bytes' in caplog.text
+    trainer.shutdown()
+
+
+@pytest.mark.parametrize('mode', ['imu', 'velocity'])
+def test_the_bridge_takes_the_imu_only_when_told_to(tmp_path, mode):
+    """trajectory.bridge 'velocity' is constant velocity only: the node's use_imu handed the
+    IMU to the bridge anyway, and it bridged with the gyro as 'imu' does."""
+    traj = OnlineTrajectory(TrajectoryConfig(bridge=mode))
+    trainer = OnlineTrainer(OnlineConfig(checkpoint_dir=str(tmp_path / 'ckpt')), TRAIN, MODEL,
+                            trajectory=traj)
+    stamps = np.arange(0, 2_000_000_001, 10_000_000)           # 100 Hz, turning
+    gyro = np.tile([0.0, 0.0, 0.5], (len(stamps), 1))
+    trainer.use_imu(lambda t0, t1: (stamps, gyro), None)
+    step, cov = np.array([1.0, 0, 0, 0, 0, 0]), np.eye(6) * 1e-4
+    traj.add_step(0, 100_000_000, step, cov)
+    records = traj.add_step(300_000_000, 400_000_000, step, cov)   # the scan at 0.2 s is lost
+    assert [r.bridged for r in records if r.bridged] == [mode]
     trainer.shutdown()
 
 

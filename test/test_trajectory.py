@@ -99,6 +99,21 @@ def test_steps_chain_by_stamps_and_holes_are_bridged_and_counted():
     assert not track.bridged[0] and track.bridged[5]
 
 
+def test_the_bridge_averages_as_many_steps_as_bridge_history_says():
+    """bridge_history above 16 was cut to 16 by the segment's memory of recent steps: 30
+    steps of 2 m then 20 of 1 m, a hole, and the bridged step is their 50-step mean."""
+    stamps = [10**12 + k * DT_NS for k in range(53)]
+    traj = OnlineTrajectory(TrajectoryConfig(bridge='velocity', bridge_history=50))
+    records = []
+    for k in range(1, 51):
+        length = 2.0 if k <= 30 else 1.0
+        records += traj.add_step(stamps[k - 1], stamps[k], [length, 0, 0, 0, 0, 0], STEP_COV)
+    records += traj.add_step(stamps[51], stamps[52], [1.0, 0, 0, 0, 0, 0], STEP_COV)
+    bridged, = [r for r in records if r.bridged]
+    step = np.linalg.inv(records[records.index(bridged) - 1].pose) @ bridged.pose
+    assert step[0, 3] == pytest.approx((30 * 2.0 + 20 * 1.0) / 50, rel=1e-6)
+
+
 def test_a_prediction_that_is_not_finite_is_left_out_and_bridged():
     """Chained, one NaN would make the rest of the segment NaN (published and written)."""
     stamps = [10**12 + k * DT_NS for k in range(10)]

@@ -467,7 +467,9 @@ class OnlineTrainer:
         if self.filter is not None:
             self.filter.connect(imu_after, base_imu)
             bridge = self.filter.fallback
-        if bridge is not None and hasattr(bridge, 'imu'):
+        # trajectory.bridge 'velocity': constant velocity only, so no IMU for the bridge.
+        if bridge is not None and hasattr(bridge, 'imu') and \
+                self.trajectory.cfg.bridge == 'imu':
             bridge.imu, bridge.rot_base_imu = imu, rot_base_imu
 
     # --- samples -------------------------------------------------------------------------

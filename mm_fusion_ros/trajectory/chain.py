@@ -37,7 +37,8 @@ class TrajectoryConfig(ConfigBase):
 
     bridge: str = field(default='imu', metadata={
         'help': "missing steps: 'imu' = gyro rotation + constant velocity, 'velocity' = "
-                "constant velocity only, 'off' = start a new segment instead"})
+                "constant velocity only, 'off' = start a new segment instead (with the "
+                'inertial filter running, it bridges holes from its own state, with the IMU)'})
     bridge_history: int = field(default=3, metadata={
         'help': 'predicted steps averaged for the constant-velocity twist of a bridge'})
     bridge_variance_scale: float = field(default=4.0, metadata={
@@ -118,7 +119,7 @@ class SegmentTrack:
 class _Segment:
     """Growable columns of one segment (compact: ~200 bytes a pose)."""
 
-    def __init__(self, number: int, reason: str, run, stamp_ns: int):
+    def __init__(self, number: int, reason: str, run, stamp_ns: int, history: int = 16):
         self.number, self.reason, self.run = number, reason, run
         self.n = 0
         self.stamps = np.zeros(256, dtype=np.int64)
@@ -126,7 +127,7 @@ class _Segment:
         self.bridged = np.zeros(256, dtype=bool)
         self.gt = np.zeros((256, 3, 4))
         self.gt_valid = np.zeros(256, dtype=bool)
-        self.recent = deque(maxlen=16)      # StepInfo of the latest predicted steps
+        self.recent = deque(maxlen=history)   # StepInfo of the latest predicted steps
         self.append(stamp_ns, np.eye(4), False)
 
     @property
@@ -273,7 +274,8 @@ class OnlineTrajectory:
 
     # --- internal (under the lock) ---------------------------------------------------------
     def _start(self, stamp_ns: int, reason: str, run) -> _Segment:
-        seg = _Segment(len(self._segments), reason, run, stamp_ns)
+        seg = _Segment(len(self._segments), reason, run, stamp_ns,
+                       history=max(16, self.cfg.bridge_history))
         self._segments.append(seg)
         self.source.start(stamp_ns)
         self._lookup_gt(seg, 0, stamp_ns)
