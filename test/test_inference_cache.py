@@ -22,7 +22,7 @@ from mm_fusion_ros.kitti.sample import resize_image
 from mm_fusion_ros.model import feature_cache
 from mm_fusion_ros.model.config import ModelConfig
 from mm_fusion_ros.model.encoders import ScanCache
-from mm_fusion_ros.model.net import build_model
+from mm_fusion_ros.model.net import build_model, FusionOdometryNet
 from mm_fusion_ros.sync.config import BufferConfig
 from mm_fusion_ros.sync.replay_buffer import ReplayBuffer
 
@@ -189,6 +189,33 @@ def test_feature_cache_leaves_trained_branches_and_inference_alone():
     with pytest.raises(ValueError, match='capacity'):
         from mm_fusion_ros.model.feature_cache import FeatureCache
         FeatureCache(0)
+
+
+def test_new_frozen_weights_drop_the_features_still_queued_for_the_cache():
+    """Features handed over by the predictor (remember_features) but not yet stored must not
+    outlive a weight load: they were served as the new weights' features."""
+    cfg = ModelConfig(visual_encoder='dummy', point_encoder='pointnet', image_height=8,
+                      image_width=8)
+    torch.manual_seed(0)
+    model = FusionOdometryNet(cfg)
+    model.set_frozen({'point'})
+    model.use_feature_cache(4)
+    model.eval()
+    batch = {'image': torch.zeros(1, 2, 3, 8, 8, dtype=torch.uint8),
+             'points': torch.randn(1, 2, 16, 4),
+             'points_mask': torch.ones(1, 2, 16, dtype=torch.bool),
+             'imu': torch.zeros(1, 11, 6), 'dt': torch.tensor([0.1]),
+             'modality_mask': torch.ones(1, 3, dtype=torch.bool)}
+    old = {}
+    model(batch, features_out=old)
+    model.remember_features(batch, {'point': old['point']})
+    model.load_state_dict({k: v + 1.0 if k.startswith('point.') else v
+                           for k, v in model.state_dict().items()})
+    got = {}
+    model(batch, features_out=got)
+    with torch.no_grad():
+        fresh = model.point(batch['points'], batch['points_mask'])
+    assert torch.allclose(got['point'], fresh) and not torch.equal(got['point'], old['point'])
 
 
 def test_batches_drawn_from_the_replay_buffer_reuse_their_rows_digests(monkeypatch):

@@ -175,6 +175,18 @@ def test_masked_off_modality_or_unknown_calibration_adds_no_term(batch, off):
     assert 'gt' not in stats.terms
 
 
+def test_photometric_levels_beyond_the_image_do_not_shrink_the_term(batch):
+    """96-pixel-high images have 5 pyramid levels of at least 4 pixels: asking for 8 gives the
+    term of those 5 (it was divided by 8)."""
+    pose = batch['target'].float() + torch.tensor(PERTURB) / 3.0
+    five = SelfSupervisedLoss(SelfSupParams(photo_levels=5))(pose, batch,
+                                                             terms=('photometric',))
+    eight = SelfSupervisedLoss(SelfSupParams(photo_levels=8))(pose, batch,
+                                                              terms=('photometric',))
+    torch.testing.assert_close(eight['photometric'][0], five['photometric'][0])
+    assert (five['photometric'][0] > 0).all()
+
+
 def test_all_terms_invalid_skips_the_step(batch):
     dead = dict(batch, modality_mask=torch.zeros_like(batch['modality_mask']))
     model = ModelConfig(image_height=96, image_width=320, bev_cells=32, bev_range_m=12.8,
@@ -302,6 +314,14 @@ def test_solved_geometric_term_reaches_the_truth_and_its_gradient_points_back(ba
     assert not grad[0].any()
     # each target scan's tree served its one solve: only the last few are kept
     assert loss.cache.misses == 3 and len(loss.cache.entries) == selfsup.SOLVED_CACHE_SCANS
+    # The same scans with their LiDAR masked (modality dropout changes only the mask): no
+    # term, though their solutions are cached; and back with the LiDAR, row 0 is solved now
+    # (the cache kept "no solution" for a masked first sighting, and served a solution to it).
+    masked = dict(batch, modality_mask=batch['modality_mask'].clone())
+    masked['modality_mask'][:, 1] = False
+    assert not loss(truth, masked, terms=('geometric',))['geometric'][1].any()
+    back = dict(dead, modality_mask=batch['modality_mask'])
+    assert loss(truth, back, terms=('geometric',))['geometric'][1].all()
 
 
 def test_the_solve_takes_its_own_number_of_source_points(batch, monkeypatch):

@@ -127,8 +127,11 @@ class FeatureCache:
         return FeatureCache, (self.capacity,)
 
     def clear(self) -> None:
+        """Forget every entry, and the hand-overs still queued (features of the old weights
+        would come back at the next rows() call)."""
         with self._lock:
             self.entries.clear()
+            self._pending.clear()
 
     def defer(self, store) -> None:
         """Queue store() (a callable that calls `store`) for the next `rows` call."""

@@ -299,6 +299,10 @@ class SolvedGeometric:
 
     def _solution(self, i, pose6, batch, lidar, params, cache):
         points, points_mask = batch['points'], batch['points_mask']
+        if not lidar[i]:
+            # Not cached: the key (the points) does not say whether the LiDAR is present, and
+            # a masked LiDAR (modality dropout) must neither store nor get a solution.
+            return None
         key = row_key('geometric', batch, ('points', 'points_mask'), i)
         if key in self.solutions:
             self.solutions.move_to_end(key)
@@ -442,10 +446,12 @@ def photometric_loss(pose6, image, points, points_mask, intrinsics, t_cam_lidar,
     frames = image.float() / 255.0
     prev, cur = frames[:, 0], frames[:, 1]
     total = torch.zeros(b, device=dev)
+    levels = 0
     for level in range(params.photo_levels):
         s = 2 ** level
         if min(h, w) // s < 4:
             break
+        levels += 1
         if level:
             prev, cur = F.avg_pool2d(prev, 2), F.avg_pool2d(cur, 2)
         # pixel centres of a level-s image: (u + 0.5) / s - 0.5
@@ -454,7 +460,7 @@ def photometric_loss(pose6, image, points, points_mask, intrinsics, t_cam_lidar,
         err = patch_error(sample_patches(prev, (warped_uv + 0.5) / s - 0.5), reference,
                           params.photo_ssim_weight)
         total = total + (err * ok).sum(-1) / count.clamp(min=1)
-    values = total / params.photo_levels
+    values = total / max(levels, 1)    # the levels computed (small images have fewer)
     return torch.where(valid, values, torch.zeros_like(values)), valid
 
 
