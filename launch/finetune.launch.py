@@ -70,7 +70,8 @@ def _online(context):
     share = get_package_share_directory('mm_fusion_ros')
     config = LaunchConfiguration('config').perform(context) or \
         os.path.join(share, 'config', 'finetune.yaml')
-    overrides = {'use_sim_time': LaunchConfiguration('use_sim_time').perform(context) == 'true'}
+    overrides = {'use_sim_time':
+                 LaunchConfiguration('use_sim_time').perform(context).lower() == 'true'}
     checkpoint = LaunchConfiguration('checkpoint').perform(context)
     if checkpoint:
         overrides['initial_checkpoint'] = checkpoint

@@ -12,6 +12,7 @@ import threading
 
 from geometry_msgs.msg import PoseStamped, TransformStamped
 from nav_msgs.msg import Odometry, Path
+from std_msgs.msg import Header
 
 from mm_fusion_ros.bag import topics
 from mm_fusion_ros.ros import conversions
@@ -45,9 +46,19 @@ class PoseOutput:
                 msg = self.odom
                 conversions.fill_odometry(msg, record, topics.ODOM_FRAME, topics.PRED_FRAME)
                 self._publish_odom(msg, record)
+            elif not odom and self._gt_tf(record):
+                # The filter's IMU-rate poses are odom (they carry no ground truth): the
+                # ground truth's transform still goes out with each scan's pose.
+                header = Header()
+                conversions.fill_header(header, record.stamp_ns, topics.ODOM_FRAME)
+                self.tf_pub.publish(TFMessage(transforms=[
+                    _transform(header, topics.BASE_FRAME, record.gt_pose)]))
             if not path:
                 return
             for trail, pose in zip(self.trails, (record.pose, record.gt_pose)):
+                # Both paths follow the newest segment: a new one without ground truth (yet)
+                # must not leave the old segment's on /mm_fusion/gt_path.
+                trail.start(record.segment)
                 if pose is not None:
                     stamped = PoseStamped()
                     conversions.fill_header(stamped.header, record.stamp_ns, topics.ODOM_FRAME)
@@ -62,11 +73,14 @@ class PoseOutput:
             if self.throttle.pending:
                 self._publish_paths()
 
+    def _gt_tf(self, record) -> bool:
+        return self.tf_pub is not None and self.cfg.publish_gt_tf and record.gt_pose is not None
+
     def _publish_odom(self, odom, record):
         self.odom_pub.publish(odom)
         if self.tf_pub is not None:
             frames = [(topics.PRED_FRAME, record.pose)]
-            if self.cfg.publish_gt_tf and record.gt_pose is not None:
+            if self._gt_tf(record):
                 frames.append((topics.BASE_FRAME, record.gt_pose))
             self.tf_pub.publish(TFMessage(transforms=[_transform(odom.header, child, pose)
                                                       for child, pose in frames]))

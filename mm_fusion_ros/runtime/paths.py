@@ -57,10 +57,14 @@ class PoseTrail:
         self.segment = None
 
     def add(self, segment: int, item) -> None:
+        self.start(segment)
+        self.items.append(item)
+
+    def start(self, segment: int) -> None:
+        """A pose of `segment` came (on this path or a sibling): the older segment's go."""
         if segment != self.segment:
             self.items.clear()
             self.segment = segment
-        self.items.append(item)
 
 
 class OdomOrder:
