@@ -114,6 +114,15 @@ def test_colcon_build(tmp_path):
     env = {'PATH': f'{Path(sys.executable).parent}:/usr/bin:/bin', 'PYTHONPATH': str(site)}
     for name in ('check_kitti', 'evaluate_odometry'):
         assert f'usage: {name}' in _run_exe(install / 'lib' / 'mm_fusion_ros' / name, env=env)
+    # mm_fusion_run finds its parameter file and DDS profile in the workspace's share folder
+    # (sys.prefix is the interpreter's; it looked only there).
+    found = subprocess.run([sys.executable, '-c', 'from mm_fusion_ros.ros import runner; '
+                            'print(runner.DEFAULT_CONFIG); print(runner.DDS_PROFILE)'],
+                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert found.returncode == 0, found.stderr
+    share = install / 'share' / 'mm_fusion_ros' / 'config'
+    assert found.stdout.split() == [str(share / 'finetune.yaml'),
+                                    str(share / 'fastdds_replay.xml')], found.stdout
 
 
 # --- pip install . into a fresh venv, offline ---------------------------------------------------

@@ -38,9 +38,23 @@ from mm_fusion_ros.sync.frames import transform_line
 
 
 def _config_dir() -> Path:
-    """config/ of a source checkout (editable install), else the installed share folder."""
-    source = Path(__file__).resolve().parents[2] / 'config'
-    return source if source.is_dir() else Path(sys.prefix) / 'share' / 'mm_fusion_ros' / 'config'
+    """config/ of a source checkout (editable install), else the share folder of the prefix
+    this module is installed in (a venv, `pip install --prefix`, a colcon install: sys.prefix
+    is the interpreter's, /usr for a colcon workspace), else the ament index's, else
+    sys.prefix's."""
+    here = Path(__file__).resolve()
+    source = here.parents[2] / 'config'
+    if source.is_dir():
+        return source
+    for prefix in here.parents[2:]:      # PREFIX/lib/pythonX.Y/site-packages/mm_fusion_ros/ros
+        share = prefix / 'share' / 'mm_fusion_ros' / 'config'
+        if share.is_dir():
+            return share
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        return Path(get_package_share_directory('mm_fusion_ros')) / 'config'
+    except (ImportError, KeyError, LookupError, OSError):
+        return Path(sys.prefix) / 'share' / 'mm_fusion_ros' / 'config'
 
 
 CONFIG_DIR = _config_dir()
