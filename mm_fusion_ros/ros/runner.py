@@ -14,7 +14,8 @@ same config file and starts the same processes as launch/*.launch.py:
       frames.static_transforms instead (a --set of it wins), so the samples carry the
       calibration the self-supervised losses need.
   mm_fusion_run replay --bag bags/kitti_00 [--rate R] [--loop]
-      bag_player only (= replay.launch.py).
+      bag_player only, playing at once (= replay.launch.py wait:=false; the launch file
+      waits for subscribers by default).
 
 Child processes inherit this environment (ROS_DOMAIN_ID and the localhost DDS settings), plus
 FASTDDS_DEFAULT_PROFILES_FILE=config/fastdds_replay.xml unless it is set (see that file: without
