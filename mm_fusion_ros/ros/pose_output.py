@@ -48,10 +48,10 @@ class PoseOutput:
             elif not odom and self._gt_tf(record):
                 # The filter's IMU-rate poses are odom (they carry no ground truth): the
                 # ground truth's transform still goes out with each scan's pose.
-                tf = TransformStamped(child_frame_id=topics.BASE_FRAME)
-                conversions.fill_header(tf.header, record.stamp_ns, topics.ODOM_FRAME)
-                conversions.fill_transform(tf.transform, record.gt_pose)
-                self.tf_pub.publish(TFMessage(transforms=[tf]))
+                header = TransformStamped().header
+                conversions.fill_header(header, record.stamp_ns, topics.ODOM_FRAME)
+                self.tf_pub.publish(TFMessage(transforms=[
+                    _transform(header, topics.BASE_FRAME, record.gt_pose)]))
             if not path:
                 return
             for trail, pose in zip(self.trails, (record.pose, record.gt_pose)):

@@ -82,6 +82,7 @@ class TrainerCore:
         # caller where its ground truth is known (NaN: unknown); None: the model's target_mean,
         # which is that mean only for a model fitted with supervision gt on this training set.
         self.baseline_step = None
+        self.resumed_metrics = {}   # the figures of the run a resume (load_optimizer) goes on
         if train_cfg.amp and not self.amp:
             log.warning('amp requested on %s: mixed precision is CUDA-only, ignored', self.device)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp)
@@ -406,6 +407,7 @@ class TrainerCore:
             group['weight_decay'] = self.train_cfg.weight_decay
         self.step_count = int(payload['step'])
         self.epoch = int(payload['epoch'])
+        self.resumed_metrics = dict(payload.get('metrics') or {})
         self.counters.update({k: int(v) for k, v in payload.get('counters', {}).items()
                               if k in self.counters})
 

@@ -406,9 +406,7 @@ def run(args, dist_info: DistInfo) -> int:
         log.warning('checkpoint is at epoch %d already (--num_epochs %d): nothing to train',
                     core.epoch, core.train_cfg.num_epochs)
         # The checkpoint's own figures (its last epoch's loss and validation) are kept.
-        kept = load_checkpoint(args.finetune_checkpoint).get('metrics') or {} \
-            if args.finetune_checkpoint else {}
-        save_epoch(core, args, sample_cfg, {**kept, 'epoch': core.epoch})
+        save_epoch(core, args, sample_cfg, {**core.resumed_metrics, 'epoch': core.epoch})
     if dist_info.is_main:
         print(f'wrote {args.output_checkpoint} (epoch {core.epoch}, step {core.step_count}); '
               f'skipped: {core.counters}')
