@@ -16,7 +16,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosbags.interfaces import QosDurability
 
 from mm_fusion_ros.bag import topics
-from mm_fusion_ros.bag.playback import BagSource, MatchWait, Pacer
+from mm_fusion_ros.bag.playback import BagSource, MatchWait, Pacer, ReadAhead
 from mm_fusion_ros.bag.writer import convert_sequence, ConvertOptions
 from mm_fusion_ros.ros import bag_player
 from mm_fusion_ros.ros.qos import replay_qos, REPLAY_SENSOR_QOS
@@ -71,6 +71,44 @@ def test_bag_source_plans_windows_and_latched_topics(bag):
             src.window(100.0)
     with pytest.raises(FileNotFoundError, match='no metadata.yaml'):
         BagSource(bag.parent)
+
+
+def test_read_ahead_keeps_order_and_its_bound_and_hands_on_errors(bag):
+    with BagSource(bag) as src:
+        window = (src.select(None), src.start_ns, src.end_ns)
+        expected = list(src.messages(*window))
+        with ReadAhead(src.messages(*window), max_bytes=50_000_000) as messages:
+            assert list(messages) == expected
+        assert len(expected) > 200
+
+    read = []
+
+    def source():
+        try:
+            for i in range(40):
+                read.append(i)
+                yield '/t', i, bytes(1000)
+            raise OSError('disk gone at message 40')
+        finally:
+            read.append('closed')
+
+    ahead = ReadAhead(source(), max_bytes=5000)
+    taken = [next(ahead)[1] for _ in range(3)]
+    time.sleep(0.3)        # the reader fills up to the bound and waits there
+    assert taken == [0, 1, 2] and ahead.buffered_bytes == 5000 and len(read) <= 3 + 5 + 1
+    rest = []
+    with pytest.raises(OSError, match='at message 40'):
+        for item in ahead:
+            rest.append(item[1])
+    assert taken + rest == list(range(40)) and read[-1] == 'closed'
+    ahead.close()
+
+    # Left early (the player stopped): the thread ends and the source is closed.
+    read.clear()
+    big = ReadAhead(source(), max_bytes=1)    # one message always passes, however large
+    assert next(big)[1] == 0
+    big.close()
+    assert not big._thread.is_alive() and read[-1] == 'closed' and len(read) <= 4
 
 
 def test_replay_qos_keeps_latching_and_is_reliable(bag):
@@ -176,6 +214,26 @@ def test_player_plays_the_requested_window_and_topics(bag, ros_env, monkeypatch,
     assert elapsed >= 0.9 * 0.49 / 2, 'paced: 0.49 s of bag time at rate 2'
 
 
+def _publish_times(source, duration_ns, **player_options) -> list:
+    """When each scan of the source's first duration_ns was published, played at rate 2."""
+    sent = []
+
+    class Recording(bag_player.BagPlayer):
+        def _publish(self, topic, publisher, raw):
+            sent.append(time.monotonic())
+            return super()._publish(topic, publisher, raw)
+
+    rclpy.init()
+    try:
+        with source as src:
+            player = Recording(src, [topics.CLOUD_TOPIC], **player_options)
+            player.play(src.start_ns, src.start_ns + duration_ns, rate=2.0, loop=False)
+            player.destroy_node()
+    finally:
+        rclpy.shutdown()
+    return sent
+
+
 def test_a_slow_first_read_does_not_send_the_first_messages_at_once(bag, ros_env, monkeypatch):
     """The schedule starts with the first message in hand: had it started before a slow
     first read, every message due meanwhile would go out in one burst."""
@@ -187,25 +245,36 @@ def test_a_slow_first_read_does_not_send_the_first_messages_at_once(bag, ros_env
             time.sleep(0.4)   # e.g. reading a large bag's chunk indexes
             yield from super().messages(names, start_ns, stop_ns)
 
-    sent = []
-
-    class Recording(bag_player.BagPlayer):
-        def _publish(self, topic, publisher, raw):
-            sent.append(time.monotonic())
-            return super()._publish(topic, publisher, raw)
-
-    rclpy.init()
-    try:
-        with SlowFirstRead(bag) as src:
-            player = Recording(src, [topics.CLOUD_TOPIC])
-            start = src.start_ns
-            player.play(start, start + 600_000_000, rate=2.0, loop=False)
-            player.destroy_node()
-    finally:
-        rclpy.shutdown()
+    sent = _publish_times(SlowFirstRead(bag), 600_000_000)
     # scans 0.1 s apart at rate 2: 50 ms apart on the wall clock, from the first one on
     gaps = np.diff(sent)
     assert len(sent) == 6 and gaps.min() > 0.035, gaps
+
+
+@pytest.mark.parametrize('read_ahead_mb', [64.0, 0.0])
+def test_a_slow_read_mid_replay_does_not_delay_publishing(bag, ros_env, monkeypatch,
+                                                           read_ahead_mb):
+    """A read that stalls (a bag not in the page cache) is absorbed by the read-ahead thread:
+    the scans still go out on their schedule. Read in the publishing loop (0), they go out
+    late and then in a burst."""
+    for key in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE', 'ROS_LOCALHOST_ONLY'):
+        monkeypatch.setenv(key, ros_env[key])
+
+    class StallingRead(BagSource):
+        def messages(self, names, start_ns, stop_ns):
+            for i, item in enumerate(super().messages(names, start_ns, stop_ns)):
+                if i == 7:     # due 0.35 s after the first; read ahead at once, before
+                    time.sleep(0.25)
+                yield item
+
+    sent = _publish_times(StallingRead(bag), 1_000_000_000, read_ahead_mb=read_ahead_mb)
+    # 10 scans 0.1 s apart at rate 2: due 50 ms apart from the first one on
+    late = np.asarray(sent) - sent[0] - 0.05 * np.arange(len(sent))
+    assert len(sent) == 10
+    if read_ahead_mb:
+        assert late.max() < 0.08, late
+    else:
+        assert late.max() > 0.15, late
 
 
 def test_sigint_while_playing_ends_the_player_cleanly(bag, ros_env):

@@ -5,9 +5,12 @@ and the report of a replay.
 ros/bag_player.py wires this to rclpy publishers.
 """
 import argparse
+import collections
+import contextlib
 from dataclasses import dataclass, field
 import math
 from pathlib import Path
+import threading
 
 from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.interfaces import QosDurability, QosReliability
@@ -15,6 +18,10 @@ from rosbags.rosbag2 import ReaderError
 
 from mm_fusion_ros.bag.topics import CLOUD_TOPIC, REPLAY_TOPICS
 from mm_fusion_ros.stamps import NS_PER_S
+
+# bag_player --read_ahead_mb: at 10x a full-size KITTI bag is read at ~340 MB/s, so 64 MB hold
+# ~0.2 s of it (~2 s at 1x). docs/online_runtime.md, "Session 37: a bag read ahead".
+READ_AHEAD_MB = 64.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,95 @@ class BagSource:
         for conn, stamp, raw in self.reader.messages(connections=conns, start=start_ns,
                                                      stop=stop_ns):
             yield conn.topic, stamp, bytes(raw)
+
+
+class ReadAhead:
+    """The messages of an iterator of (topic, time_ns, raw bytes), read by a thread of its own up
+    to `max_bytes` ahead of the consumer (one message always, however large), in order.
+
+    Why: a bag that is not in the page cache stalls some reads for milliseconds, and a player
+    that reads in its publishing loop then publishes late and in bursts. Measured at 10x on a
+    full-size bag evicted from the cache: the player fell up to 150 ms behind its schedule, its
+    bursts cost it twice the CPU, and the trainer fell behind (docs/online_runtime.md). rosbag2's
+    player reads ahead in the same way (--read-ahead-queue-size). An error of the reader is
+    raised to the consumer after the messages read before it. close() (or leaving a `with`)
+    stops the thread and closes the iterator, before the caller closes the bag under it.
+    """
+
+    def __init__(self, messages, max_bytes: int):
+        self._source, self._max = messages, max(int(max_bytes), 0)
+        self._items, self._bytes = collections.deque(), 0
+        self._done = self._closed = False
+        self._error = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._fill, name='bag read-ahead', daemon=True)
+        self._thread.start()
+
+    def _fill(self):
+        try:
+            for item in self._source:
+                size = len(item[2])
+                with self._cond:
+                    while self._items and self._bytes + size > self._max and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    self._items.append(item)
+                    self._bytes += size
+                    self._cond.notify_all()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            with self._cond:
+                self._error = e
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+            close = getattr(self._source, 'close', None)
+            if close is not None:      # a generator's cleanup runs in the thread that ran it
+                close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self._cond:
+            while not self._items and not self._done:
+                self._cond.wait()
+            if self._items:
+                item = self._items.popleft()
+                self._bytes -= len(item[2])
+                self._cond.notify_all()
+                return item
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            raise StopIteration
+
+    @property
+    def buffered_bytes(self) -> int:
+        with self._cond:
+            return self._bytes
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def read_ahead(messages, read_ahead_mb: float):
+    """`messages` read ahead by up to read_ahead_mb MB (ReadAhead), or as they are for 0."""
+    if read_ahead_mb > 0:
+        return ReadAhead(messages, int(read_ahead_mb * 1e6))
+    return contextlib.closing(iter(messages)) if hasattr(messages, 'close') else \
+        contextlib.nullcontext(iter(messages))
 
 
 def replay_topics(bag, available, wanted=REPLAY_TOPICS, required=(CLOUD_TOPIC,)) -> list:
@@ -241,6 +337,10 @@ def build_parser(description: str = '') -> argparse.ArgumentParser:
                    help='seconds of bag time to play (default: to the end)')
     p.add_argument('--topics', nargs='+', default=None,
                    help='topics to play (default: all in the bag)')
+    p.add_argument('--read_ahead_mb', type=_number(0, False), default=READ_AHEAD_MB,
+                   help='MB of messages read from the bag ahead of their time by a thread of '
+                        f'their own, so a slow read does not delay publishing (default '
+                        f'{READ_AHEAD_MB:g}; 0: read in the publishing loop)')
     p.add_argument('--no_wait', action='store_true',
                    help='play at once, without waiting for matched subscribers')
     p.add_argument('--wait_for_subscribers', action='store_true',

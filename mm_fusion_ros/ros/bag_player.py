@@ -1,13 +1,16 @@
 """bag_player: play a rosbag2 folder (mcap or sqlite3) with rclpy, for installs without `ros2 bag`.
 
     bag_player BAG [--rate R] [--loop | --loops N] [--clock] [--start_offset S] [--duration D]
-               [--topics T ...] [--no_wait] [--wait_timeout S] [--ros-args ...]   (see --help)
+               [--topics T ...] [--no_wait] [--wait_timeout S] [--read_ahead_mb MB]
+               [--ros-args ...]   (see --help)
 
 The recorded CDR bytes are published as they are, paced by record time (bag.playback.Pacer), with
 ros/qos.py `replay_qos` (latched topics stay TRANSIENT_LOCAL, the rest RELIABLE, deep queues); a
 topic whose message package does not import (tf2_msgs has no wheel) is skipped and reported. It
 waits (at most --wait_timeout) for matched subscribers first (playback.MatchWait; not with
---no_wait); --clock publishes /clock at bag time. Then it waits for acknowledgements, and reports.
+--no_wait); --clock publishes /clock at bag time. A thread reads the bag ahead of the schedule
+(playback.ReadAhead), so a slow read does not delay publishing. Then it waits for
+acknowledgements, and reports.
 """
 import signal
 import sys
@@ -30,6 +33,8 @@ from mm_fusion_ros.bag.playback import (
     open_window,
     Pacer,
     PlayReport,
+    read_ahead,
+    READ_AHEAD_MB,
 )
 from mm_fusion_ros.ros.conversions import import_message_class
 from mm_fusion_ros.ros.qos import CLOCK_QOS, replay_qos
@@ -44,9 +49,11 @@ MAX_SLEEP_S = 0.1             # sleep in slices so a shutdown is noticed promptl
 class BagPlayer(Node):
     """Publishers for a bag's topics and the paced play loop; the bag logic is bag.playback."""
 
-    def __init__(self, source: BagSource, topic_names, publish_clock=False, stop=None):
+    def __init__(self, source: BagSource, topic_names, publish_clock=False, stop=None,
+                 read_ahead_mb: float = READ_AHEAD_MB):
         super().__init__('bag_player')
         self.source, self.report, self.stop = source, PlayReport(), stop or threading.Event()
+        self.read_ahead_mb = read_ahead_mb
         self.publishers_by_topic = {}
         for topic in topic_names:
             plan = source.topics[topic]
@@ -110,24 +117,27 @@ class BagPlayer(Node):
     def _play_once(self, names, start_ns, stop_ns, pacer) -> int:
         """One pass over the window; -> messages taken from the bag."""
         first_ns, taken = None, 0
-        for topic, stamp_ns, raw in self.source.messages(names, start_ns, stop_ns):
-            if pacer.start_wall is None:
-                # The clock starts with the first message in hand: opening the bag's indexes
-                # must not put the schedule behind and make the first messages go out at once.
-                pacer.start(start_ns, time.monotonic())
-            if not self._sleep_until(pacer.due(stamp_ns)):
-                raise ExternalShutdownException()
-            first_ns = stamp_ns if first_ns is None else first_ns
-            taken += 1
-            publisher = self.publishers_by_topic.get(topic)
-            if publisher is None:
-                self.report.not_published[topic] += 1
-                continue
-            if self.clock_pub is not None:
-                self._publish_clock(stamp_ns)
-            if self._publish(topic, publisher, raw):
-                self.report.published[topic] += 1
-            self.report.bag_s = self._bag_s_done + (stamp_ns - first_ns) / NS_PER_S
+        with read_ahead(self.source.messages(names, start_ns, stop_ns),
+                        self.read_ahead_mb) as messages:
+            for topic, stamp_ns, raw in messages:
+                if pacer.start_wall is None:
+                    # The clock starts with the first message in hand: opening the bag's
+                    # indexes must not put the schedule behind and make the first messages go
+                    # out at once.
+                    pacer.start(start_ns, time.monotonic())
+                if not self._sleep_until(pacer.due(stamp_ns)):
+                    raise ExternalShutdownException()
+                first_ns = stamp_ns if first_ns is None else first_ns
+                taken += 1
+                publisher = self.publishers_by_topic.get(topic)
+                if publisher is None:
+                    self.report.not_published[topic] += 1
+                    continue
+                if self.clock_pub is not None:
+                    self._publish_clock(stamp_ns)
+                if self._publish(topic, publisher, raw):
+                    self.report.published[topic] += 1
+                self.report.bag_s = self._bag_s_done + (stamp_ns - first_ns) / NS_PER_S
         self._bag_s_done = self.report.bag_s
         return taken
 
@@ -187,7 +197,8 @@ def main(argv=None) -> int:
     rclpy.init(args=['bag_player', *argv], signal_handler_options=SignalHandlerOptions.NO)
     node = None
     try:
-        node = BagPlayer(source, names, publish_clock=args.clock, stop=stop)
+        node = BagPlayer(source, names, publish_clock=args.clock, stop=stop,
+                         read_ahead_mb=args.read_ahead_mb)
         if not args.no_wait:
             node.wait_for_subscribers(args.wait_timeout)
         node.play(start_ns, stop_ns, args.rate, args.loop or args.loops > 0, args.loops)
