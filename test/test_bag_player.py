@@ -214,8 +214,9 @@ def test_player_plays_the_requested_window_and_topics(bag, ros_env, monkeypatch,
     assert elapsed >= 0.9 * 0.49 / 2, 'paced: 0.49 s of bag time at rate 2'
 
 
-def _publish_times(source, duration_ns, **player_options) -> list:
-    """When each scan of the source's first duration_ns was published, played at rate 2."""
+def _publish_times(source, duration_ns, reports=None, **player_options) -> list:
+    """When each scan of the source's first duration_ns was published, played at rate 2
+    (the player's report appended to `reports`)."""
     sent = []
 
     class Recording(bag_player.BagPlayer):
@@ -227,8 +228,10 @@ def _publish_times(source, duration_ns, **player_options) -> list:
     try:
         with source as src:
             player = Recording(src, [topics.CLOUD_TOPIC], **player_options)
-            player.play(src.start_ns, src.start_ns + duration_ns, rate=2.0, loop=False)
+            report = player.play(src.start_ns, src.start_ns + duration_ns, rate=2.0, loop=False)
             player.destroy_node()
+            if reports is not None:
+                reports.append(report)
     finally:
         rclpy.shutdown()
     return sent
@@ -267,7 +270,8 @@ def test_a_slow_read_mid_replay_does_not_delay_publishing(bag, ros_env, monkeypa
                     time.sleep(0.25)
                 yield item
 
-    sent = _publish_times(StallingRead(bag), 1_000_000_000, read_ahead_mb=read_ahead_mb)
+    reports = []
+    sent = _publish_times(StallingRead(bag), 1_000_000_000, reports, read_ahead_mb=read_ahead_mb)
     # 10 scans 0.1 s apart at rate 2: due 50 ms apart from the first one on
     late = np.asarray(sent) - sent[0] - 0.05 * np.arange(len(sent))
     assert len(sent) == 10
@@ -275,6 +279,11 @@ def test_a_slow_read_mid_replay_does_not_delay_publishing(bag, ros_env, monkeypa
         assert late.max() < 0.08, late
     else:
         assert late.max() > 0.15, late
+    # The player's report says how far behind it fell (more than 10 ms: counted).
+    report = reports[0]
+    assert report.late_max_s == pytest.approx(late.max(), abs=0.02)
+    assert (report.late_count > 0) == (late.max() > 0.01), (report.late_count, late)
+    assert 'behind schedule' in report.format()
 
 
 def test_sigint_while_playing_ends_the_player_cleanly(bag, ros_env):

@@ -20,8 +20,9 @@ from mm_fusion_ros.bag.topics import CLOUD_TOPIC, REPLAY_TOPICS
 from mm_fusion_ros.stamps import NS_PER_S
 
 # bag_player --read_ahead_mb: at 10x a full-size KITTI bag is read at ~340 MB/s, so 64 MB hold
-# ~0.2 s of it (~2 s at 1x). docs/online_runtime.md, "Session 37: a bag read ahead".
+# ~0.2 s of it (~2 s at 1x).
 READ_AHEAD_MB = 64.0
+LATE_S = 0.01    # PlayReport counts the messages published later than this after they were due
 
 
 @dataclass(frozen=True)
@@ -119,13 +120,12 @@ class ReadAhead:
     """The messages of an iterator of (topic, time_ns, raw bytes), read by a thread of its own up
     to `max_bytes` ahead of the consumer (one message always, however large), in order.
 
-    Why: a bag that is not in the page cache stalls some reads for milliseconds, and a player
-    that reads in its publishing loop then publishes late and in bursts. Measured at 10x on a
-    full-size bag evicted from the cache: the player fell up to 150 ms behind its schedule, its
-    bursts cost it twice the CPU, and the trainer fell behind (docs/online_runtime.md). rosbag2's
-    player reads ahead in the same way (--read-ahead-queue-size). An error of the reader is
-    raised to the consumer after the messages read before it. close() (or leaving a `with`)
-    stops the thread and closes the iterator, before the caller closes the bag under it.
+    Why: reads of a bag that is not in the page cache stall now and then, and a player that
+    reads in its publishing loop publishes the messages behind a stall late, then in a burst
+    (docs/online_runtime.md, "Session 37"). rosbag2's player reads ahead in the same way
+    (--read-ahead-queue-size). An error of the reader is raised to the consumer after the
+    messages read before it. close() (or leaving a `with`) stops the thread and closes the
+    iterator, before the caller closes the bag under it.
     """
 
     def __init__(self, messages, max_bytes: int):
@@ -275,6 +275,12 @@ class PlayReport:
     unacked: list = field(default_factory=list)
     unmatched: list = field(default_factory=list)
     interrupted: bool = False
+    late_max_s: float = 0.0    # the latest a message went out after it was due
+    late_count: int = 0        # messages that went out more than LATE_S after they were due
+
+    def note_lateness(self, late_s: float) -> None:
+        self.late_max_s = max(self.late_max_s, late_s)
+        self.late_count += late_s > LATE_S
 
     @property
     def effective_rate(self) -> float:
@@ -284,7 +290,9 @@ class PlayReport:
         total = sum(self.published.values())
         lines = [f'bag_player: published {total} messages, {self.bag_s:.3f} s of bag time in '
                  f'{self.wall_s:.3f} s wall (effective rate {self.effective_rate:.2f}x), '
-                 f'{self.loops} loop(s){" (interrupted)" if self.interrupted else ""}']
+                 f'{self.loops} loop(s){" (interrupted)" if self.interrupted else ""}; '
+                 f'{self.late_count} message(s) more than {LATE_S * 1e3:g} ms behind schedule '
+                 f'(at most {self.late_max_s * 1e3:.1f} ms)']
         width = max((len(t) for t in {**self.published, **self.skipped_topics}), default=0)
         for topic, count in self.published.items():
             failed = f'  ({self.failed[topic]} failed)' if self.failed.get(topic) else ''

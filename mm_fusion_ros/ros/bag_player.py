@@ -125,8 +125,10 @@ class BagPlayer(Node):
                     # indexes must not put the schedule behind and make the first messages go
                     # out at once.
                     pacer.start(start_ns, time.monotonic())
-                if not self._sleep_until(pacer.due(stamp_ns)):
+                due = pacer.due(stamp_ns)
+                if not self._sleep_until(due):
                     raise ExternalShutdownException()
+                self.report.note_lateness(time.monotonic() - due)
                 first_ns = stamp_ns if first_ns is None else first_ns
                 taken += 1
                 publisher = self.publishers_by_topic.get(topic)
