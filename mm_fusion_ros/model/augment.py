@@ -3,9 +3,12 @@ consistent. Returns a new dict (the caller's batch, e.g. a replay buffer entry, 
 
 Yaw rotation rotates both scans by the same R about the vertical axis, i.e. it pretends the
 vehicle frame was yawed by R. The relative pose is then conjugated, T' = R T R^-1, which for
-the 6-vector means t' = R t and w' = R w. The IMU window is rotated by the same R: accelerometer
-and gyro vectors in a yawed body frame are R times the original, exact when imu_link is
-axis-aligned with base_link (KITTI: within about 1 deg) and gravity stays on z. Images cannot
+the 6-vector means t' = R t and w' = R w. The IMU window (imu_link axes) is rotated by R seen
+from imu_link, R_ib R R_ib^T with R_ib the rotation of the sample's t_imu_lidar (base_link =
+velodyne): for an IMU axis-aligned with base_link that is R itself, for one mounted upside down
+it turns the other way. A sample whose t_imu_lidar is unknown (calib_valid) is taken as
+axis-aligned (KITTI's is within about 1 deg). The lever arm is left out: the yawed vehicle's IMU
+would sit elsewhere and feel slightly other accelerations in turns. Images cannot
 be re-rendered from a yawed viewpoint, so rotated samples have their camera masked off,
 exactly like a dropped camera; `yaw_prob` < 1 keeps the rest of the batch with images.
 Modality dropout (`drop`) masks whole inputs exactly as a missing sensor is masked.
@@ -48,8 +51,14 @@ def rotate_yaw(batch: dict, angles) -> dict:
     pts[..., :3] = torch.einsum('bij,bsnj->bsni', rot, pts[..., :3].float())
     out['points'] = pts
     imu = batch['imu'].float()
-    out['imu'] = torch.cat([torch.einsum('bij,bkj->bki', rot, imu[..., :3]),
-                            torch.einsum('bij,bkj->bki', rot, imu[..., 3:])], dim=-1)
+    imu_rot = rot
+    if 't_imu_lidar' in batch and 'calib_valid' in batch:
+        r_ib = batch['t_imu_lidar'][:, :3, :3].float()
+        known = batch['calib_valid'][:, 2].bool().view(-1, 1, 1)
+        r_ib = torch.where(known, r_ib, torch.eye(3, device=r_ib.device).expand_as(r_ib))
+        imu_rot = r_ib @ rot @ r_ib.transpose(1, 2)
+    out['imu'] = torch.cat([torch.einsum('bij,bkj->bki', imu_rot, imu[..., :3]),
+                            torch.einsum('bij,bkj->bki', imu_rot, imu[..., 3:])], dim=-1)
     tgt = batch['target'].float()
     out['target'] = torch.cat([torch.einsum('bij,bj->bi', rot, tgt[:, :3]),
                                torch.einsum('bij,bj->bi', rot, tgt[:, 3:])], dim=-1)
