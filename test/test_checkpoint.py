@@ -85,6 +85,38 @@ def test_resume_restores_optimizer_step_and_epoch(trained):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
+def _amp_core():
+    """A core training with amp as on CUDA (TrainerCore enables amp on CUDA only): autocast
+    float16 and a GradScaler, here CPU's, doubling its scale after every finite step."""
+    core = TrainerCore(CFG, TrainConfig(learning_rate=1e-3, amp=True), 'cpu')
+    core.amp = True
+    core.scaler = torch.amp.GradScaler('cpu', init_scale=1024.0, growth_interval=1)
+    return core
+
+
+def test_resume_with_amp_keeps_the_loss_scale(tmp_path):
+    torch.set_num_threads(1)
+    core = _amp_core()
+    for i in range(3):
+        assert core.step(batch(i)).applied
+    assert core.scaler.get_scale() == 8192.0
+    path = save_checkpoint(tmp_path / 'amp.pth', core.state_dict())
+    payload = load_checkpoint(path)               # weights_only: the scaler state is plain
+    assert payload['grad_scaler']['scale'] == 8192.0
+    resumed = _amp_core()
+    resumed.load_state_dict(payload, source=path, load_optimizer=True)
+    assert resumed.scaler.get_scale() == 8192.0
+    # Without amp now, or from a file without amp: nothing to restore, and nothing fails.
+    plain = TrainerCore(CFG, TrainConfig(learning_rate=1e-3), 'cpu')
+    plain.load_state_dict(payload, source=path, load_optimizer=True)
+    assert plain.state_dict()['grad_scaler'] is None
+    older = dict(payload)
+    del older['grad_scaler']
+    fresh = _amp_core()
+    fresh.load_state_dict(older, source=path, load_optimizer=True)
+    assert fresh.scaler.get_scale() == 1024.0
+
+
 def test_interrupted_save_keeps_the_previous_file(trained, monkeypatch):
     core, path = trained
     before = path.read_bytes()

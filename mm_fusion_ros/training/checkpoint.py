@@ -2,7 +2,8 @@
 
 A checkpoint is `torch.save` of a dict of plain values and tensors:
   format_version, model (state dict), optimizer (state dict or None), config {model, train,
-  sample}, step, epoch, metrics, frozen, normalization, optimizer_params.
+  sample}, step, epoch, metrics, frozen, normalization, optimizer_params, grad_scaler (amp's
+  GradScaler state, or None without amp; absent in older files).
 Writes go to a temporary file in the same folder, are fsynced and renamed over the target, so a
 crash never leaves a half-written checkpoint. Reads use `torch.load(weights_only=True)`, which
 refuses pickles that would construct arbitrary objects or run code.

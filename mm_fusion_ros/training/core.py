@@ -365,6 +365,10 @@ class TrainerCore:
         return {'format_version': FORMAT_VERSION,
                 'model': {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 'optimizer': self.optimizer.state_dict() if include_optimizer else None,
+                # amp's loss scale, found over the run's steps; a resume without it starts
+                # again at 65536 and skips the steps whose gradients overflow until it is back.
+                'grad_scaler': self.scaler.state_dict() if include_optimizer and self.amp
+                else None,
                 'optimizer_params': list(self.param_names),
                 'config': config,
                 'step': int(self.step_count),
@@ -401,6 +405,9 @@ class TrainerCore:
             self.optimizer.load_state_dict(payload['optimizer'])
         except (ValueError, KeyError) as e:
             raise ValueError(f'{source}: optimizer state does not fit: {e}') from e
+        scaler_state = payload.get('grad_scaler')
+        if self.amp and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
         # The requested learning rate / weight decay win over the saved ones.
         for group in self.optimizer.param_groups:
             group['lr'] = self.train_cfg.learning_rate
