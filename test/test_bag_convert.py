@@ -1,7 +1,12 @@
 """kitti_to_bag (issue 4): KITTI -> rosbag2 round trips read back with rosbags and, independently,
 with the mcap + mcap-ros2-support libraries; LIO fields; bad input never leaves half a bag."""
 import hashlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 from conftest import make_tiny_kitti, T0_NS
 from mcap.reader import make_reader
@@ -330,6 +335,46 @@ def test_interrupted_conversion_leaves_no_bag(kitti, tmp_path):
                          progress=interrupt_at_frame_5)
     assert seen == [0, 1, 2, 3, 4, 5]
     assert not out.exists() and _leftovers(tmp_path, 'bag') == []
+
+
+KILLED_CONVERSION = """
+import sys, time
+from pathlib import Path
+from mm_fusion_ros.bag.writer import convert_sequence, ConvertOptions
+
+def stall_at_frame_5(frames, total):
+    for item in frames:
+        if item[0] == 5:
+            Path(sys.argv[3]).touch()
+            time.sleep(600)
+        yield item
+
+convert_sequence(ConvertOptions(data_path=sys.argv[1], sequence='00', output=sys.argv[2]),
+                 progress=stall_at_frame_5)
+"""
+
+
+def test_a_conversion_killed_mid_way_leaves_its_staging_to_the_next(kitti, tmp_path):
+    """kill -9 skips every cleanup: the next conversion to the same output removes the staging
+    folder the dead process left (it is as large as the bag), not one of a live process."""
+    out, ready = tmp_path / 'bag', tmp_path / 'at_frame_5'
+    proc = subprocess.Popen([sys.executable, '-c', KILLED_CONVERSION, str(kitti), str(out),
+                             str(ready)])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), 'the conversion did not reach frame 5'
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = _leftovers(tmp_path, 'bag')
+    assert len(left) == 1 and left[0].startswith(f'.bag.partial-{proc.pid}-'), left
+    live = tmp_path / f'.bag.partial-{os.getppid()}-x'     # a live process's: kept
+    live.mkdir()
+    convert_sequence(ConvertOptions(data_path=kitti, sequence='00', output=out))
+    assert _leftovers(tmp_path, 'bag') == [live.name]
+    assert bag_topics(out)[topics.CLOUD_TOPIC][1] == FRAMES
 
 
 def test_missing_oxts_converts_without_imu(kitti, tmp_path, caplog):

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import datetime as dt
 import io
 import logging
+import os
 from pathlib import Path
 import shutil
 import tempfile
@@ -166,6 +167,7 @@ def convert_sequence(opts: ConvertOptions, progress=None) -> ConvertSummary:
     # Before the check: a bag left aside by a killed replace is back, so it is not overwritten
     # without --overwrite.
     recover_replaced_dir(output)
+    remove_stale_staging(output)
     _check_output(output, opts.overwrite)
     source = SequenceSource(opts)
     store, version = DISTROS[opts.distro]
@@ -175,7 +177,8 @@ def convert_sequence(opts: ConvertOptions, progress=None) -> ConvertSummary:
                              frames_total=len(source.frames), t0_ns=source.t0_ns,
                              t0_source=source.t0_source)
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f'.{output.name}.partial-', dir=output.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f'{_staging_prefix(output)}{os.getpid()}-',
+                                    dir=output.parent))
     try:
         bag_dir = staging / output.name
         with Writer(bag_dir, version=version, storage_plugin=STORAGES[opts.storage]) as writer:
@@ -187,6 +190,40 @@ def convert_sequence(opts: ConvertOptions, progress=None) -> ConvertSummary:
     summary.size_bytes = sum(p.stat().st_size for p in output.rglob('*') if p.is_file())
     summary.wall_s = time.perf_counter() - began
     return summary
+
+
+def _staging_prefix(output: Path) -> str:
+    return f'.{output.name}.partial-'
+
+
+def remove_stale_staging(output) -> list:
+    """Delete the staging folders (`.NAME.partial-PID-*`, as large as the bag) that a killed
+    conversion to `output` left beside it: those whose process is gone; -> the removed paths.
+    A folder of a live process (or of an older version, without a pid) is left alone."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        return []
+    prefix, removed = _staging_prefix(output), []
+    for path in output.parent.iterdir():
+        pid = path.name[len(prefix):].split('-', 1)[0] if path.name.startswith(prefix) else ''
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.warning('removed %d folder(s) that a killed conversion to %s left: %s', len(removed),
+                    output, ', '.join(p.name for p in removed))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # another user's process
+        return True
+    return True
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
