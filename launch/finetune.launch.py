@@ -51,10 +51,14 @@ def _has_ros2_bag():
     return shutil.which('ros2') is not None and importlib.util.find_spec('ros2bag') is not None
 
 
+def _sim_time(context) -> bool:
+    return LaunchConfiguration('use_sim_time').perform(context).lower() == 'true'
+
+
 def _player(context, bag, names):
     """The player action for bag:= (bag_player plays `names`)."""
     rate = LaunchConfiguration('rate').perform(context)
-    clock = LaunchConfiguration('use_sim_time').perform(context).lower() == 'true'
+    clock = _sim_time(context)
     if _has_ros2_bag():
         cmd = ['ros2', 'bag', 'play', bag, '--rate', rate,
                '--delay', LaunchConfiguration('play_delay').perform(context)]
@@ -70,8 +74,7 @@ def _online(context):
     share = get_package_share_directory('mm_fusion_ros')
     config = LaunchConfiguration('config').perform(context) or \
         os.path.join(share, 'config', 'finetune.yaml')
-    overrides = {'use_sim_time':
-                 LaunchConfiguration('use_sim_time').perform(context).lower() == 'true'}
+    overrides = {'use_sim_time': _sim_time(context)}
     checkpoint = LaunchConfiguration('checkpoint').perform(context)
     if checkpoint:
         overrides['initial_checkpoint'] = checkpoint
@@ -118,7 +121,14 @@ def generate_launch_description():
                               description='ros2 bag play only: seconds between its start and '
                                           'its first message, for DDS discovery'),
         OpaqueFunction(function=_online),
-        Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
-             arguments=['-d', os.path.join(share, 'config', 'mm_fusion.rviz')],
-             condition=IfCondition(LaunchConfiguration('rviz'))),
+        OpaqueFunction(function=lambda context: [_rviz(context, share)]),
     ])
+
+
+def _rviz(context, share):
+    """RViz on the clock of the poses it shows: with use_sim_time their stamps are bag time,
+    and an RViz on wall time would find no transform for any of them."""
+    return Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
+                arguments=['-d', os.path.join(share, 'config', 'mm_fusion.rviz')],
+                parameters=[{'use_sim_time': _sim_time(context)}],
+                condition=IfCondition(LaunchConfiguration('rviz')))
