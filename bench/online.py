@@ -62,7 +62,7 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 
 from mm_fusion_ros.bag import topics  # noqa: E402
-from mm_fusion_ros.bag.playback import BagSource  # noqa: E402
+from mm_fusion_ros.bag.playback import BagSource, LATE_S  # noqa: E402
 from mm_fusion_ros.bag.writer import convert_sequence, ConvertOptions  # noqa: E402
 from mm_fusion_ros.ros.bag_player import BagPlayer  # noqa: E402
 from mm_fusion_ros.ros.runner import DDS_PROFILE, DEFAULT_CONFIG  # noqa: E402
@@ -353,6 +353,7 @@ class Case:
     exit_code: int = None
     player_wall_s: float = 0.0
     player_cpu_s: float = 0.0  # CPU of this process (the player) while it played
+    player_late: tuple = (0, 0.0)  # messages the player sent > LATE_S late, the latest [s]
     cpu_s: float = 0.0         # node CPU seconds from the first scan to the last pose
     cpu_wall_s: float = 0.0
     threads_s: dict = None     # node CPU seconds by thread over the same span
@@ -446,6 +447,7 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
                 player.destroy_node()
         case.published = dict(report.published)
         case.player_wall_s = report.wall_s
+        case.player_late = (report.late_count, report.late_max_s)
         case.expected = case.published[topics.CLOUD_TOPIC] - 1
 
         scans = set(published)
@@ -594,6 +596,8 @@ def print_verdict(cases):
                  'or more --frames)']
         if masked:
             notes.append(f'masked {masked}')
+        notes.append(f'player: {c.player_late[0]} message(s) more than {LATE_S * 1e3:g} ms '
+                     f'behind schedule (at most {c.player_late[1] * 1e3:.0f} ms)')
         if c.training and c.guard:
             notes.append('guard ' + ', '.join(f'{k} {v}' for k, v in c.guard.items()))
         if c.imu_rate:
