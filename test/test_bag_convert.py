@@ -371,9 +371,11 @@ def test_a_conversion_killed_mid_way_leaves_its_staging_to_the_next(kitti, tmp_p
     left = _leftovers(tmp_path, 'bag')
     assert len(left) == 1 and left[0].startswith(f'.bag.partial-{proc.pid}-'), left
     live = tmp_path / f'.bag.partial-{os.getppid()}-x'     # a live process's: kept
+    older = tmp_path / '.bag.partial-12345678'             # an older version's name: kept
     live.mkdir()
+    older.mkdir()
     convert_sequence(ConvertOptions(data_path=kitti, sequence='00', output=out))
-    assert _leftovers(tmp_path, 'bag') == [live.name]
+    assert _leftovers(tmp_path, 'bag') == sorted([live.name, older.name])
     assert bag_topics(out)[topics.CLOUD_TOPIC][1] == FRAMES
 
 

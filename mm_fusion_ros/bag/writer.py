@@ -205,8 +205,10 @@ def remove_stale_staging(output) -> list:
         return []
     prefix, removed = _staging_prefix(output), []
     for path in output.parent.iterdir():
-        pid = path.name[len(prefix):].split('-', 1)[0] if path.name.startswith(prefix) else ''
-        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+        # PID-XXXXXXXX: mkdtemp's suffix has no '-', so an older version's name never parses
+        pid, dash, _ = path.name[len(prefix):].partition('-')
+        if not (path.name.startswith(prefix) and dash and pid.isdigit()) or \
+                int(pid) == os.getpid() or _process_alive(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
