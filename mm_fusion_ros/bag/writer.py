@@ -28,7 +28,9 @@ Topics and frames follow DESIGN §4 (see bag/topics.py). What the bag holds:
 The bag is written into a hidden temporary folder beside the output and put in place only after
 it is complete (fileio.replace_dir: fsynced, swapped in atomically where the OS can; a bag it
 replaces is removed only once the new one is in place, and one left aside by a killed replace is
-put back first); an existing output is replaced only with overwrite=True.
+put back first); an existing output is replaced only with overwrite=True. The temporary folder's
+name holds the writer's process id, so a conversion killed mid-way (kill -9: no cleanup) leaves
+it only until the next conversion to the same output removes it.
 """
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
