@@ -157,7 +157,8 @@ def test_cli_errors_name_the_problem(bag, tmp_path, capsys):
 @pytest.mark.parametrize('args, option, message', [
     (['--rate', 'nan'], '--rate', 'finite'), (['--duration', 'inf'], '--duration', 'finite'),
     (['--start_offset', 'inf'], '--start_offset', 'finite'),
-    (['--loop', '--loops', '-3'], '--loops', '>= 0')])
+    (['--loop', '--loops', '-3'], '--loops', '>= 0'),
+    (['--read_ahead_mb', '-1'], '--read_ahead_mb', '>= 0')])
 def test_cli_refuses_options_out_of_range_naming_them(bag, capsys, args, option, message):
     with pytest.raises(SystemExit):
         bag_player.main([str(bag), *args])
