@@ -207,7 +207,7 @@ def remove_stale_staging(output) -> list:
         return []
     prefix, removed = _staging_prefix(output), []
     for path in output.parent.iterdir():
-        # PID-XXXXXXXX: mkdtemp's suffix has no '-', so an older version's name never parses
+        # '<pid>-<mkdtemp suffix>': that suffix has no '-', so an older version's never parses
         pid, dash, _ = path.name[len(prefix):].partition('-')
         if not (path.name.startswith(prefix) and dash and pid.isdigit()) or \
                 int(pid) == os.getpid() or _process_alive(int(pid)):
