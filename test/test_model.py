@@ -296,26 +296,31 @@ def test_yaw_augmentation_keeps_scans_and_target_consistent():
 
 
 def test_yaw_augmentation_turns_the_imu_as_mounted():
-    """The IMU's vectors turn with the vehicle seen from imu_link: for an IMU mounted upside
-    down (180 deg about x) a yaw of +a is a yaw of -a in its own axes. Unknown calibration:
-    taken as axis-aligned."""
+    """The IMU's vectors turn with the vehicle seen from imu_link (t_imu_lidar: imu_link <-
+    base_link). For an IMU mounted upside down (180 deg about x) a yaw of +a is a yaw of -a in
+    its own axes; a tilted one tells imu_link <- base_link from its inverse. Unknown
+    calibration (calib_valid off, whatever t_imu_lidar holds): taken as axis-aligned."""
     rng = np.random.default_rng(8)
-    r_ib = rpy_to_rot(np.pi, 0.0, 0.3)          # imu_link <- base_link: upside down, turned
     cfg = SampleConfig(image_height=H, image_width=W, max_points=200)
-    batch = collate_samples([make_sample(rng, cfg=cfg, n=200), make_sample(rng, cfg=cfg, n=200)])
-    batch['t_imu_lidar'][0] = torch.from_numpy(make_pose(r_ib, [0.8, 0.0, -0.3])).float()
-    batch['calib_valid'][0, 2], batch['calib_valid'][1, 2] = True, False
+    mounts = [rpy_to_rot(np.pi, 0.0, 0.3), rpy_to_rot(0.4, -0.3, 0.2)]
+    batch = collate_samples([make_sample(rng, cfg=cfg, n=200) for _ in range(3)])
+    for k, r_ib in enumerate(mounts):
+        batch['t_imu_lidar'][k] = torch.from_numpy(make_pose(r_ib, [0.8, 0.0, -0.3])).float()
+        batch['calib_valid'][k, 2] = True
+    batch['t_imu_lidar'][2] = torch.from_numpy(make_pose(mounts[1], np.zeros(3))).float()
+    batch['calib_valid'][2, 2] = False
     gyro_base = np.array([0.1, -0.2, 0.5])
-    batch['imu'][0, :, 3:] = torch.from_numpy(gyro_base @ r_ib.T).float()   # in imu_link
-    batch['imu'][1, :, 3:] = torch.from_numpy(gyro_base).float()
+    for k, r_ib in enumerate(mounts):
+        batch['imu'][k, :, 3:] = torch.from_numpy(gyro_base @ r_ib.T).float()   # in imu_link
+    batch['imu'][2, :, 3:] = torch.from_numpy(gyro_base).float()
     angle = 0.7
-    out = rotate_yaw(batch, torch.tensor([angle, angle]))
-    rot = rpy_to_rot(0.0, 0.0, angle)
-    # Back in base_link axes, both read the yawed vehicle's rate R w.
-    np.testing.assert_allclose(out['imu'][0, :, 3:].double().numpy() @ r_ib, np.tile(
-        rot @ gyro_base, (out['imu'].shape[1], 1)), atol=1e-5)
-    np.testing.assert_allclose(out['imu'][1, :, 3:].double().numpy(), np.tile(
-        rot @ gyro_base, (out['imu'].shape[1], 1)), atol=1e-5)
+    out = rotate_yaw(batch, torch.tensor([angle] * 3))
+    expected = np.tile(rpy_to_rot(0.0, 0.0, angle) @ gyro_base, (out['imu'].shape[1], 1))
+    # Back in base_link axes, each reads the yawed vehicle's rate R w.
+    for k, r_ib in enumerate(mounts):
+        np.testing.assert_allclose(out['imu'][k, :, 3:].double().numpy() @ r_ib, expected,
+                                   atol=1e-5, err_msg=f'mount {k}')
+    np.testing.assert_allclose(out['imu'][2, :, 3:].double().numpy(), expected, atol=1e-5)
 
 
 def test_random_augmentation_flags():
