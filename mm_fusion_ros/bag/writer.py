@@ -201,7 +201,9 @@ def _staging_prefix(output: Path) -> str:
 def remove_stale_staging(output) -> list:
     """Delete the staging folders (`.NAME.partial-PID-*`, as large as the bag) that a killed
     conversion to `output` left beside it: those whose process is gone; -> the removed paths.
-    A folder of a live process (or of an older version, without a pid) is left alone."""
+    A folder of a live process (or of an older version, without a pid) is left alone. The pid
+    is looked up on this machine only: two machines converting to one shared folder at once
+    are not supported (as replace_dir's two writers of one target are not)."""
     output = Path(output)
     if not output.parent.is_dir():
         return []
@@ -209,8 +211,8 @@ def remove_stale_staging(output) -> list:
     for path in output.parent.iterdir():
         # '<pid>-<mkdtemp suffix>': that suffix has no '-', so an older version's never parses
         pid, dash, _ = path.name[len(prefix):].partition('-')
-        if not (path.name.startswith(prefix) and dash and pid.isdigit()) or \
-                int(pid) == os.getpid() or _process_alive(int(pid)):
+        if not (path.name.startswith(prefix) and dash and pid.isascii() and pid.isdigit()
+                and path.is_dir()) or int(pid) == os.getpid() or _process_alive(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -221,11 +223,13 @@ def remove_stale_staging(output) -> list:
 
 
 def _process_alive(pid: int) -> bool:
+    """False only when no process `pid` exists on this machine: another user's process, or a
+    number no pid can be, counts as alive (kept)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:      # another user's process
+    except (PermissionError, OverflowError):
         return True
     return True
 

@@ -128,13 +128,13 @@ class BagPlayer(Node):
                 due = pacer.due(stamp_ns)
                 if not self._sleep_until(due):
                     raise ExternalShutdownException()
-                self.report.note_lateness(time.monotonic() - due)
                 first_ns = stamp_ns if first_ns is None else first_ns
                 taken += 1
                 publisher = self.publishers_by_topic.get(topic)
                 if publisher is None:
                     self.report.not_published[topic] += 1
                     continue
+                self.report.note_lateness(time.monotonic() - due)
                 if self.clock_pub is not None:
                     self._publish_clock(stamp_ns)
                 if self._publish(topic, publisher, raw):
