@@ -32,6 +32,12 @@ Trained samples/s: gradient steps between two ~/save_checkpoint calls (before th
 the last pose) times the batch size, over that time. Node CPU: utime + stime of the node process
 from the first scan published to the last pose, as cores and per pose. Player CPU: this
 process (bag reading, publishing, the probe) while the player ran, in cores.
+Before each replay the bag's files are read once (unless --no_page_in), so that the player reads
+it from the page cache in every case, as a second replay of a bag would: played from disk, it took
+~0.4 cores more, and the machine drops the cache between cases at will.
+Machine reference: bench/machine_reference.py's fixed model forward, timed before every case and
+after the last, in the verdict line: the shared machine's speed moves by up to ~50 % within a
+session, and this tells a slower machine from a slower pipeline.
 Targets on 2 CPU cores: zero drops at 5x, p95 latency < 100 ms, RSS flat once the buffer is
 full: the median RSS over the second half of the time after the fill within 2% of the median
 over the first half (use a long --frames at 1x to judge it; a short replay says little). The
@@ -78,6 +84,7 @@ TARGET_RSS_GROWTH = 0.02
 RSS_PERIOD_S = 0.25
 IDLE_END_S = 3.0        # the replay is over when no pose came for this long after the bag
 DEADLINE_S = 300.0
+PAGE_IN_CHUNK = 8 << 20
 
 
 def build_parser():
@@ -96,6 +103,9 @@ def build_parser():
                    help='extra node parameter, e.g. --set updates_per_sample:=1.0')
     p.add_argument('--no_dds_profile', action='store_true',
                    help="use Fast DDS's defaults instead of config/fastdds_replay.xml")
+    p.add_argument('--no_page_in', action='store_true',
+                   help='replay the bag as the page cache has it (default: read it into the '
+                        'cache before each case, so that no case plays it from disk)')
     p.add_argument('--domain_id', type=int, default=None,
                    help='ROS_DOMAIN_ID of the player, the probe and the node (default: random)')
     return p
@@ -362,6 +372,8 @@ class Case:
     guard: dict = None         # the deployment guard's scored / skipped samples in the replay
     buffer_end: int = 0        # the trainer's replay buffer size last reported
     capacity: int = 0          # its capacity (--buffer)
+    reference_ms: list = field(default_factory=list)   # machine_reference before and after
+    page_in_s: float = None    # reading the bag into the page cache before the replay
 
 
 def imu_odom_summary(odom_arrival: dict, scan_stamps, imu_published: dict, offset_ns=0):
@@ -432,6 +444,8 @@ def run_case(args, bag: Path, case: Case, out: Path, env: dict) -> Case:
         wait_for(lambda: probe.odom_sub.get_publisher_count() > 0 and
                  probe.save.service_is_ready(), 'ready online node', proc, log_path)
         ckpt0, t0 = probe.checkpoint()
+        if not args.no_page_in:
+            case.page_in_s = page_in(bag)
         with BagSource(bag) as source:
             player = TimedPlayer(source, list(SENSOR_TOPICS))
             try:
@@ -602,8 +616,40 @@ def print_verdict(cases):
             notes.append('guard ' + ', '.join(f'{k} {v}' for k, v in c.guard.items()))
         if c.imu_rate:
             notes.append(f'odometry at IMU rate, scan poses from {topics.PATH_TOPIC}')
+        if c.page_in_s is not None:
+            notes.append(f'bag read into the page cache first ({c.page_in_s:.1f} s)')
+        notes.append('machine reference ' + ' / '.join(
+            'n/a' if ms is None else f'{ms:.2f}' for ms in c.reference_ms) +
+            ' ms before / after (bench/machine_reference.py)')
         print(f'{c.rate:g}x training {"on" if c.training else "off"}: ' + '; '.join(notes) +
               f'; node exit {c.exit_code}')
+
+
+def page_in(bag: Path) -> float:
+    """Read every file of the bag once, so that the replay finds it in the page cache; ->
+    seconds taken. Between cases the machine dropped much of a 1.5 GB bag from its cache, and
+    a player reading from disk took ~0.4 cores more from the node's two (docs/
+    online_runtime.md, "Session 37"): the cases would measure the disk, not the node."""
+    t0 = time.monotonic()
+    for path in sorted(p for p in Path(bag).rglob('*') if p.is_file()):
+        with open(path, 'rb', buffering=0) as f:
+            while f.read(PAGE_IN_CHUNK):
+                pass
+    return time.monotonic() - t0
+
+
+def machine_reference():
+    """bench/machine_reference.py's model forward [ms CPU], in a process of its own, or None
+    (said why) when it failed: how fast the machine is just now, next to each case."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent /
+                                               'machine_reference.py'), '--json'],
+                          capture_output=True, text=True, timeout=300)
+    try:
+        return float(json.loads(proc.stdout.strip().splitlines()[-1])['forward_ms'])
+    except (IndexError, KeyError, ValueError) as e:
+        print(f'  machine reference failed ({type(e).__name__}: {e}): '
+              f'{proc.stderr.strip()[-500:]}', flush=True)
+        return None
 
 
 def main(argv=None) -> int:
@@ -629,8 +675,12 @@ def main(argv=None) -> int:
     print(f'bag {bag} ({args.frames} scans), buffer capacity {args.buffer}, DDS profile '
           f'{env.get("FASTDDS_DEFAULT_PROFILES_FILE", "Fast DDS defaults")}, '
           f'{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}', flush=True)
+    reference = machine_reference()
     for case in cases:
+        case.reference_ms.append(reference)
         run_case(args, bag, case, work / f'run_{case.rate:g}x_{int(case.training)}', env)
+        reference = machine_reference()
+        case.reference_ms.append(reference)
         print(f'  {case.rate:g}x training {"on" if case.training else "off"}: done, load '
               f'average {os.getloadavg()[0]:.2f}', flush=True)
     rclpy.try_shutdown()

@@ -85,3 +85,8 @@ def test_the_buffer_is_full_when_the_trainer_reports_it_full(bench):
     assert [s for _, s in p.buffer_sizes] == [3, 9, 16, 16]
     assert p.buffer_full_at(16) == p.buffer_sizes[2][0]
     assert p.buffer_full_at(40) is None and p.buffer_size() == 16
+
+
+def test_the_machine_reference_times_the_bench_model_in_a_process_of_its_own(bench):
+    ms = bench.machine_reference()
+    assert ms is not None and 0.1 < ms < 1000.0
