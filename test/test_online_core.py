@@ -681,6 +681,23 @@ def test_new_weights_keep_the_scan_cache_where_the_encoders_are_frozen(data, tmp
     np.testing.assert_allclose(pred.mean, mean[0].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_the_warm_up_takes_the_scan_caches_path_too(data, tmp_path, monkeypatch):
+    """From its second pass on, the warm-up's sample has the previous pass's second scan as
+    its first, as consecutive samples of a replay do: the cache's path (the new scan alone
+    through the convolutions) runs before the first real sample."""
+    import mm_fusion_ros.training.online as online
+    caches = []
+
+    class Recorded(online.ScanCache):
+        def __init__(self):
+            super().__init__()
+            caches.append(self)
+    trainer = make_trainer(tmp_path, training_enabled=False, warm_up=3)
+    monkeypatch.setattr(online, 'ScanCache', Recorded)
+    assert trainer.warm_up() > 0.0
+    assert len(caches) == 1 and (caches[0].hits, caches[0].misses) == (2, 1)
+
+
 def test_a_failed_warm_up_is_a_warning_not_a_node_that_does_not_start(tmp_path, monkeypatch,
                                                                        caplog):
     import mm_fusion_ros.training.online as online

@@ -254,6 +254,10 @@ def is_resume(cfg: OnlineConfig, source: str) -> bool:
         path.parent.resolve() == Path(cfg.checkpoint_dir).resolve()
 
 
+# Batch entries that hold both scans or frames of a sample (dim 1: k-1, k).
+PAIRED_KEYS = ('image', 'points', 'points_mask')
+
+
 def synthetic_sample(cfg: SampleConfig, seed: int = 0) -> dict:
     """A sample of cfg's shape with every modality present: random images, two scans of
     random points around the car (the second 1 m behind the first), a level IMU at rest and a
@@ -486,10 +490,15 @@ class OnlineTrainer:
             shape = self.sample_cfg or sample_config_for(self.core.model_cfg, SampleConfig())
             batch = collate_samples([synthetic_sample(shape)])
             cache = ScanCache() if self.scan_cache is not None else None
+            # The sample and its scans and frames swapped, in turn: from the second pass on the
+            # first scan and frame are the cache's, as in a replay, so the passes warm up the
+            # cache's path too (its convolutions see one scan at a time, shapes of their own;
+            # docs/online_runtime.md, "Session 38").
+            swapped = {k: v.flip(1) if k in PAIRED_KEYS else v for k, v in batch.items()}
             with self._model_lock, torch.inference_mode():
-                dev = self.core.to_device(batch)
-                for _ in range(self.cfg.warm_up):
-                    self.infer_model(dev, scan_cache=cache)
+                passes = [self.core.to_device(batch), self.core.to_device(swapped)]
+                for i in range(self.cfg.warm_up):
+                    self.infer_model(passes[i % 2], scan_cache=cache)
         except Exception as e:  # noqa: BLE001 - only a saving: the node starts without it
             log.warning('warm-up of the prediction model failed (%s: %s); the first samples '
                         'pay its first calls', type(e).__name__, e)
