@@ -132,6 +132,11 @@ class SynchronizerNode(Node):
                                      raw=True)
         subscribe_batched(self, Imu, i.imu_topic, small, self._on_imu,
                           callback_group=MutuallyExclusiveCallbackGroup())
+        try:   # before the first callback: its decoders are built now
+            conversions.warm_up_decoders((c, t) for _, _, c, t, _, _ in inputs)
+        except Exception as e:  # noqa: BLE001 - only a saving: the first messages build them
+            self.get_logger().warning(f'message decoders not warmed up ({type(e).__name__}: '
+                                      f'{e}); the first messages of each topic pay for it')
         if TFMessage is not None:
             self.create_subscription(TFMessage, topics.TF_STATIC_TOPIC, self._on_tf_static,
                                      TF_STATIC_QOS)
