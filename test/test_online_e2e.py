@@ -2,6 +2,7 @@
 trainer) and this test's rclpy client are separate processes on a private localhost DDS domain
 (the shared pieces are in online_harness.py; the world is built once per session).
 """
+from contextlib import contextmanager
 import json
 from pathlib import Path
 import subprocess
@@ -135,32 +136,42 @@ def test_sigint_exits_cleanly_and_writes_final_files(scenario):
     assert not [p for p in out.rglob('*') if p.name.endswith('.tmp')]
 
 
-def test_synchronizer_node_skips_and_counts_messages_that_do_not_decode():
-    """The node's raw callbacks, called directly: a bad message is counted, not fatal."""
-    from rclpy.serialization import serialize_message
-    from ros_messages import array_to_cloud
-
+@contextmanager
+def synchronizer_node(**kwargs):
+    """A SynchronizerNode in this process (8x8 samples, its own buffer) on a fresh domain; its
+    callbacks are called directly. Shut down and destroyed after."""
     from mm_fusion_ros.ros.synchronizer_node import SynchronizerNode
     env = fresh_env()
     with ros_domain(env):
         rclpy.init(domain_id=int(env['ROS_DOMAIN_ID']))
         try:
             node = SynchronizerNode(sample_cfg=SampleConfig(image_height=8, image_width=8),
-                                    buffer=ReplayBuffer())
-            points = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
-            callbacks = {sub.topic_name: sub.callback for sub in node.subscriptions}
-            on_cloud, on_imu = callbacks[topics.CLOUD_TOPIC], callbacks[topics.IMU_TOPIC]
-            on_cloud(serialize_message(array_to_cloud(points[:, :2], 10**9, 'velodyne',
-                                                      names=('x', 'y'))))   # no z
-            on_cloud(b'\x00\x01\x00\x00 not a cloud')
-            on_imu(serialize_message(array_to_cloud(points, 10**9, 'velodyne')))
-            on_cloud(serialize_message(array_to_cloud(points, 10**9, 'lidar_top')))
-            on_cloud(serialize_message(array_to_cloud(points, 10**9, 'velodyne')))
-            stats = node.sync.stats
-            node.shutdown()
-            node.destroy_node()
+                                    buffer=ReplayBuffer(), **kwargs)
+            try:
+                yield node
+            finally:
+                node.shutdown()
+                node.destroy_node()
         finally:
             rclpy.shutdown()
+
+
+def test_synchronizer_node_skips_and_counts_messages_that_do_not_decode():
+    """The node's raw callbacks, called directly: a bad message is counted, not fatal."""
+    from rclpy.serialization import serialize_message
+    from ros_messages import array_to_cloud
+
+    with synchronizer_node() as node:
+        points = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
+        callbacks = {sub.topic_name: sub.callback for sub in node.subscriptions}
+        on_cloud, on_imu = callbacks[topics.CLOUD_TOPIC], callbacks[topics.IMU_TOPIC]
+        on_cloud(serialize_message(array_to_cloud(points[:, :2], 10**9, 'velodyne',
+                                                  names=('x', 'y'))))   # no z
+        on_cloud(b'\x00\x01\x00\x00 not a cloud')
+        on_imu(serialize_message(array_to_cloud(points, 10**9, 'velodyne')))
+        on_cloud(serialize_message(array_to_cloud(points, 10**9, 'lidar_top')))
+        on_cloud(serialize_message(array_to_cloud(points, 10**9, 'velodyne')))
+        stats = node.sync.stats
     assert stats['received']['cloud'] == 4 and stats['received']['imu'] == 1
     assert stats['dropped'] == {'bad_message': 3, 'wrong_frame': 1}
     assert stats['pending']['scans'] == 1     # the good cloud went on to the synchronizer
@@ -172,20 +183,11 @@ def test_synchronizer_node_builds_its_message_decoders_before_the_first_message(
     from rosbags.typesys import get_typestore, Stores
 
     from mm_fusion_ros import messages
-    from mm_fusion_ros.ros.synchronizer_node import SynchronizerNode
     store = get_typestore(Stores.ROS2_HUMBLE)
     monkeypatch.setattr(messages, 'cdr_typestore', lambda: store)
     assert not store.cache
-    env = fresh_env()
-    with ros_domain(env):
-        rclpy.init(domain_id=int(env['ROS_DOMAIN_ID']))
-        try:
-            node = SynchronizerNode(sample_cfg=SampleConfig(image_height=8, image_width=8),
-                                    buffer=ReplayBuffer())
-            node.shutdown()
-            node.destroy_node()
-        finally:
-            rclpy.shutdown()
+    with synchronizer_node():
+        pass
     assert {topics.IMAGE_TYPE, topics.CLOUD_TYPE, topics.ODOMETRY_TYPE,
             topics.CAMERA_INFO_TYPE} <= set(store.cache)
 
@@ -199,29 +201,19 @@ def test_synchronizer_node_takes_calibration_and_supervision_from_its_inputs():
     from rclpy.serialization import serialize_message
     from sensor_msgs.msg import CameraInfo
 
-    from mm_fusion_ros.ros.synchronizer_node import SynchronizerNode
     K = [700.0, 0.0, 600.0, 0.0, 710.0, 180.0, 0.0, 0.0, 1.0]
     sink = SimpleNamespace(supervision='self', on_sample=lambda s: None,
                            on_backlog=lambda n: None, on_ground_truth=lambda t, p: None)
-    env = fresh_env()
-    with ros_domain(env):
-        rclpy.init(domain_id=int(env['ROS_DOMAIN_ID']))
-        try:
-            node = SynchronizerNode(sample_cfg=SampleConfig(image_height=8, image_width=8),
-                                    buffer=ReplayBuffer(), sink=sink)
-            assert node.sync.calibration.intrinsics is None
-            on_info = {sub.topic_name: sub.callback
-                       for sub in node.subscriptions}[topics.CAMERA_INFO_TOPIC]
-            info = CameraInfo(width=1242, height=375, k=K)
-            info.header.frame_id = 'camera2'
-            on_info(serialize_message(info))
-            calibration, mode = node.sync.calibration, node.sync.cfg.ground_truth
-            on_info(serialize_message(CameraInfo(width=1242, height=375)))   # K all zeros
-            stats = node.sync.stats
-            node.shutdown()
-            node.destroy_node()
-        finally:
-            rclpy.shutdown()
+    with synchronizer_node(sink=sink) as node:
+        assert node.sync.calibration.intrinsics is None
+        on_info = {sub.topic_name: sub.callback
+                   for sub in node.subscriptions}[topics.CAMERA_INFO_TOPIC]
+        info = CameraInfo(width=1242, height=375, k=K)
+        info.header.frame_id = 'camera2'
+        on_info(serialize_message(info))
+        calibration, mode = node.sync.calibration, node.sync.cfg.ground_truth
+        on_info(serialize_message(CameraInfo(width=1242, height=375)))   # K all zeros
+        stats = node.sync.stats
     np.testing.assert_array_equal(calibration.intrinsics, np.reshape(K, (3, 3)))
     assert calibration.image_size == (1242, 375)
     assert mode == 'ignore'
