@@ -641,14 +641,16 @@ def page_in(bag: Path) -> float:
 def machine_reference():
     """bench/machine_reference.py's model forward [ms CPU], in a process of its own, or None
     (said why) when it failed: how fast the machine is just now, next to each case."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent /
-                                               'machine_reference.py'), '--json'],
-                          capture_output=True, text=True, timeout=300)
+    stderr = ''
     try:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent /
+                                                   'machine_reference.py'), '--json'],
+                              capture_output=True, text=True, timeout=300)
+        stderr = proc.stderr
         return float(json.loads(proc.stdout.strip().splitlines()[-1])['forward_ms'])
-    except (IndexError, KeyError, ValueError) as e:
-        print(f'  machine reference failed ({type(e).__name__}: {e}): '
-              f'{proc.stderr.strip()[-500:]}', flush=True)
+    except (IndexError, KeyError, ValueError, subprocess.TimeoutExpired) as e:
+        print(f'  machine reference failed ({type(e).__name__}: {e}): {stderr.strip()[-500:]}',
+              flush=True)
         return None
 
 
