@@ -3,7 +3,8 @@
 polled at every IMU sample (publish_rate imu, as the node's timer) or not (scan), a step handed
 over 50 ms after each scan. With --noise_net the filter carries a noise network of the shipped
 shape (200-sample window, 32 channels, speed head; untrained weights cost the same), run once
-per 10 samples at batch 1 as online.
+per 10 samples at batch 1 as online, as one network and as deep ensembles (--members, the
+ensemble size that train_imu_filter's --seeds gives), each run interleaved.
 
   OMP_NUM_THREADS=1 .venv/bin/python bench/filter_online.py --runs 3 [--noise_net]
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from mm_fusion_ros.filter.config import FilterConfig
-from mm_fusion_ros.filter.noise_net import NoiseModel, NoiseNet, NoiseNetConfig
+from mm_fusion_ros.filter.noise_net import build_noise_net, NoiseModel, NoiseNetConfig
 from mm_fusion_ros.filter.online import FilterPoseSource, OnlineFilterConfig
 from mm_fusion_ros.geometry import invert_pose, make_pose, pose_to_vec6
 from mm_fusion_ros.sync.config import SyncConfig
@@ -71,18 +72,24 @@ def main():
     p.add_argument('--runs', type=int, default=3)
     p.add_argument('--duration', type=float, default=60.0, help='drive length [s]')
     p.add_argument('--noise_net', action='store_true', help='with a noise network')
+    p.add_argument('--members', default='1,3', help='with --noise_net: the ensemble sizes, '
+                   'comma-separated (1: one network, the baseline)')
     args = p.parse_args()
     torch.set_num_threads(1)
-    model = None
+    models = {'-': None}
     if args.noise_net:
         torch.manual_seed(0)
-        model = NoiseModel(NoiseNet(NoiseNetConfig()))
-    print('| run | publish_rate | us per IMU sample (all work / samples) | us per step |')
-    print('| --- | --- | --- | --- |')
+        models = {int(n): NoiseModel(build_noise_net(NoiseNetConfig(members=int(n))))
+                  for n in args.members.split(',')}
+    print('| run | publish_rate | networks | us per IMU sample (all work / samples) '
+          '| us per step |')
+    print('| --- | --- | --- | --- | --- |')
     for r in range(args.runs):
         for mode in ('scan', 'imu'):
-            per_sample, per_step, stats = run(args, mode, model)
-            print(f'| {r + 1} | {mode} | {per_sample:.1f} | {per_step:.1f} |', flush=True)
+            for members, model in models.items():
+                per_sample, per_step, stats = run(args, mode, model)
+                print(f'| {r + 1} | {mode} | {members} | {per_sample:.1f} | {per_step:.1f} |',
+                      flush=True)
     print(f'last run: {stats}')
 
 

@@ -1,14 +1,24 @@
 """Inertial filter (mm_fusion_ros.filter) on synthetic drives: exact reproduction with a perfect
 IMU, NEES consistency, pseudo-measurements against lateral drift, covariance growth and shrink,
 bad-sample rejection, relative-pose updates with missing and late scans, online = offline,
-consider updates that leave the attitude alone, sideslip in the lateral pseudo-measurement."""
+consider updates that leave the attitude alone, sideslip in the lateral pseudo-measurement;
+the noise network's deep ensemble."""
+import math
+
 import numpy as np
 import pytest
 from scipy.stats import chi2
+import torch
 
-from mm_fusion_ros.filter.checkpoint import build_filter
+from mm_fusion_ros.filter.checkpoint import (
+    build_filter,
+    filter_payload,
+    load_filter,
+    save_filter_checkpoint,
+)
 from mm_fusion_ros.filter.config import CONSIDER_ATTITUDE, FilterConfig
 from mm_fusion_ros.filter.ekf import GYRO_BIAS_DIMS, InvariantEKF
+from mm_fusion_ros.filter.noise_net import NoiseEnsemble, NoiseModel, NoiseNet, NoiseNetConfig
 from mm_fusion_ros.filter.odometry import InertialOdometry, run_filter
 from mm_fusion_ros.filter.online import OnlineFilterConfig
 from mm_fusion_ros.geometry import invert_pose, make_pose, pose_to_vec6, so3_exp, so3_log
@@ -680,3 +690,41 @@ def test_config_errors_name_the_field():
         with pytest.raises(ValueError, match='cov6 must be symmetric positive definite'):
             odo.add_relative_pose(0.0, 0.1, np.zeros(6), cov6=cov6)
     assert not odo._events                          # nothing queued for the filter
+
+
+def constant_net(cfg, outputs):
+    """A NoiseNet whose six outputs are these values for any window."""
+    net = NoiseNet(cfg)
+    with torch.no_grad():
+        net.head[-1].weight.zero_()
+        net.head[-1].bias.copy_(torch.tensor(outputs))
+    return net.eval()
+
+
+def test_a_deep_ensemble_is_the_moment_matched_mixture_of_its_members(tmp_path):
+    cfg = NoiseNetConfig(window=16, channels=4, hidden=8)
+    a = [-2.0, -4.0, 10.0, math.log(0.25), 8.0, 0.0]
+    b = [-3.0, -1.0, 12.0, math.log(0.75), 8.0, math.log(3.0)]
+    ensemble = NoiseEnsemble([constant_net(cfg, a), constant_net(cfg, b)])
+    assert ensemble.cfg.members == 2
+    windows = np.random.default_rng(0).normal(0, 1, (3, 16, 6))
+    out = NoiseModel(ensemble).predict(windows)
+    expected = {'lateral_logvar': math.log((math.exp(-2) + math.exp(-3)) / 2),
+                'vertical_logvar': math.log((math.exp(-4) + math.exp(-1)) / 2),
+                'speed': 11.0, 'speed_logvar': math.log(0.5 + 1.0),     # + the means' spread
+                'speed0': 8.0, 'speed0_logvar': math.log(2.0)}
+    for key, value in expected.items():
+        np.testing.assert_allclose(out[key], value, rtol=1e-5, err_msg=key)
+    # It travels in a filter checkpoint and comes back under weights_only as an ensemble.
+    path = save_filter_checkpoint(tmp_path / 'ensemble.pth',
+                                  filter_payload(FilterConfig(), ensemble))
+    _, model = load_filter(path)
+    assert isinstance(model.net, NoiseEnsemble) and model.net.cfg == ensemble.cfg
+    back = model.predict(windows)
+    assert all(np.array_equal(back[k], out[k]) for k in out)
+    # A checkpoint from before the field (no 'members') is one network.
+    payload = filter_payload(FilterConfig(), constant_net(cfg, a))
+    del payload['config']['model']['members']
+    assert isinstance(build_filter(payload)[1].net, NoiseNet)
+    with pytest.raises(ValueError, match='members differ in shape'):
+        NoiseEnsemble([constant_net(cfg, a), NoiseNet(cfg.replace(channels=8))])

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mm_fusion_ros.filter.config import FilterConfig
-from mm_fusion_ros.filter.noise_net import NoiseModel, NoiseNet, NoiseNetConfig
+from mm_fusion_ros.filter.noise_net import build_noise_net, NoiseModel, NoiseNetConfig
 from mm_fusion_ros.training.checkpoint import (
     check_plain,
     FORMAT_VERSION,
@@ -23,9 +23,10 @@ EMBED_KEY = 'filter'
 FILTER_KEYS = ('model', 'config', 'metrics')
 
 
-def filter_payload(filter_cfg: FilterConfig, net: NoiseNet = None, train_cfg=None,
+def filter_payload(filter_cfg: FilterConfig, net=None, train_cfg=None,
                    metrics=None, step=0, epoch=0) -> dict:
-    """A standalone filter checkpoint payload (plain values and tensors only)."""
+    """A standalone filter checkpoint payload (plain values and tensors only); net: a
+    NoiseNet or a NoiseEnsemble."""
     config = {'filter': filter_cfg.to_dict(),
               'model': net.cfg.to_dict() if net is not None else {},
               'train': train_cfg.to_dict() if train_cfg is not None else {}}
@@ -87,7 +88,7 @@ def build_filter(section: dict, source='checkpoint', **overrides):
             filter_cfg = filter_cfg.replace(**overrides)
         model = None
         if cfg.get('model'):
-            net = NoiseNet(NoiseNetConfig.from_dict(cfg['model'], allow_missing=True))
+            net = build_noise_net(NoiseNetConfig.from_dict(cfg['model'], allow_missing=True))
             net.load_state_dict(section['model'])
             model = NoiseModel(net)
     except (KeyError, TypeError, RuntimeError) as e:

@@ -5,6 +5,11 @@ with statistics of the training data (stored in the state dict). Output per wind
 lateral_logvar, vertical_logvar (noise of the zero lateral / vertical velocity pseudo-
 measurements), and with the speed head speed, speed_logvar (forward speed at the window's end)
 and speed0, speed0_logvar (at its start, for the initial state).
+
+`members` > 1 makes a deep ensemble (Lakshminarayanan et al., NeurIPS 2017): networks trained
+from different seeds, their outputs combined as one Gaussian mixture. One network varies much
+from seed to seed (docs/inertial_filter.md, "Session 36"); the mixture averages that out, and
+where the members disagree, as off their training data, its variance grows.
 """
 from dataclasses import dataclass, field
 
@@ -29,6 +34,8 @@ class NoiseNetConfig(ConfigBase):
         'help': 'also predict the forward speed at the window end and start'})
     logvar_min: float = field(default=-12.0, metadata={'help': 'lower clamp of log-variances'})
     logvar_max: float = field(default=6.0, metadata={'help': 'upper clamp of log-variances'})
+    members: int = field(default=1, metadata={
+        'help': 'networks of this shape combined as a deep ensemble (1: a single network)'})
 
     def __post_init__(self):
         if self.window < 16:
@@ -37,6 +44,8 @@ class NoiseNetConfig(ConfigBase):
             raise ValueError('NoiseNetConfig.channels and hidden must be >= 1')
         if not self.logvar_min < self.logvar_max:
             raise ValueError('NoiseNetConfig.logvar_min must be below logvar_max')
+        if self.members < 1:
+            raise ValueError(f'NoiseNetConfig.members must be >= 1, got {self.members}')
 
 
 class NoiseNet(nn.Module):
@@ -75,10 +84,53 @@ class NoiseNet(nn.Module):
         return torch.cat(cols, dim=1)
 
 
+class NoiseEnsemble(nn.Module):
+    """Networks of one shape as a deep ensemble: each output is the Gaussian mixture of the
+    members' (equal weights) moment-matched to one Gaussian. A zero-mean pseudo-measurement's
+    variance is the members' mean variance; a speed's mean is the members' mean and its
+    variance their mean variance plus the spread of their means."""
+
+    def __init__(self, members):
+        super().__init__()
+        members = list(members)
+        if not members:
+            raise ValueError('NoiseEnsemble needs at least one network')
+        shape = members[0].cfg.replace(members=1)
+        for m in members:
+            if m.cfg.replace(members=1) != shape:
+                raise ValueError(f'NoiseEnsemble members differ in shape: {m.cfg} vs {shape}')
+        self.cfg = shape.replace(members=len(members))
+        self.members = nn.ModuleList(members)
+
+    def forward(self, windows):
+        outs = torch.stack([m(windows) for m in self.members])   # (members, B, columns)
+        lo, hi = self.cfg.logvar_min, self.cfg.logvar_max
+
+        def mixed_logvar(var):
+            return var.mean(dim=0).clamp_min(1e-30).log().clamp(lo, hi)
+
+        cols = [mixed_logvar(outs[:, :, i:i + 1].exp()) for i in (0, 1)]
+        if self.cfg.speed_head:
+            for m, lv in ((2, 3), (4, 5)):
+                means = outs[:, :, m:m + 1]
+                var = outs[:, :, lv:lv + 1].exp() + (means - means.mean(dim=0)) ** 2
+                cols += [means.mean(dim=0), mixed_logvar(var)]
+        return torch.cat(cols, dim=1)
+
+
+def build_noise_net(cfg: NoiseNetConfig) -> nn.Module:
+    """An untrained network of this config (an ensemble if cfg.members > 1): the module that
+    a checkpoint's state dict loads into."""
+    if cfg.members == 1:
+        return NoiseNet(cfg)
+    return NoiseEnsemble(NoiseNet(cfg.replace(members=1)) for _ in range(cfg.members))
+
+
 class NoiseModel:
     """numpy face of a NoiseNet for the filter (filter.odometry's noise-model interface)."""
 
-    def __init__(self, net: NoiseNet, batch_size=2048):
+    def __init__(self, net, batch_size=2048):
+        """net: a NoiseNet or a NoiseEnsemble."""
         self.net = net.eval()
         self.window = net.cfg.window
         self.has_speed = net.cfg.speed_head

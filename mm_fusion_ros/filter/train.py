@@ -16,7 +16,8 @@ figures are not held out. No test sequence (01, 07) is used by default:
    each factor of `tune_scales` (then of `tune_speed_scales`) and keeps the best by issue 13's
    two targets (TuneScore): first the fewest tuning sequences whose r_rel exceeds the plain
    gyro integral's on the filter's clock, then the lowest mean t_rel. Of the `seeds` networks
-   the one whose tuned filter scores best the same way is kept.
+   the one whose tuned filter scores best the same way is kept; with `ensemble`, the deep
+   ensemble of all seeds' networks is one more candidate.
 The result is one DESIGN §7 checkpoint (filter.checkpoint).
 """
 import argparse
@@ -44,7 +45,7 @@ from mm_fusion_ros.filter.kitti_data import (
     run_on_sequence,
     window_labels,
 )
-from mm_fusion_ros.filter.noise_net import NoiseModel, NoiseNet, NoiseNetConfig
+from mm_fusion_ros.filter.noise_net import NoiseEnsemble, NoiseModel, NoiseNet, NoiseNetConfig
 from mm_fusion_ros.kitti.ids import parse_sequences
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,14 @@ class TrainFilterConfig(ConfigBase):
         'help': 'sequences whose mean t_rel chooses the variance factors (the training ones '
                 'see an in-sample network, so the validation sequence is included)'})
     seed: int = field(default=0, metadata={'help': 'torch and shuffling seed'})
-    seeds: int = field(default=3, metadata={
+    seeds: int = field(default=5, metadata={
         'help': 'networks trained, with seeds seed, seed+1, ...; the one whose tuned filter has '
                 'the best TuneScore over tune_sequences is kept (without tuning: the lowest '
                 'validation loss). One network varies much from seed to seed'})
+    ensemble: bool = field(default=True, metadata={
+        'help': "with seeds > 1, the seeds' networks as one deep ensemble (NoiseEnsemble) are "
+                'a further candidate, tuned and scored as each seed is (docs/'
+                'inertial_filter.md, "Session 40")'})
     select_rotation: bool = field(default=True, metadata={
         'help': 'choose the variance factors and the seed first by the fewest tune_sequences '
                 "whose r_rel exceeds the plain gyro integral's (on the filter's clock), then "
@@ -330,33 +335,49 @@ def run(cfg: TrainFilterConfig) -> dict:
                      ', '.join(f'{s.name} {g:.4f}' for s, g in zip(tune, gyro)))
     t0 = time.perf_counter()
     candidates = []
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        net, history, best_epoch = train_noise_net(cfg.replace(seed=seed), train_ws, val_ws)
+
+    def add_candidate(name, net, history, best_epoch, val_loss=None):
+        """val_loss: the score without tuning (default: the history's lowest)."""
         model = NoiseModel(net)
         filter_cfg, table = base_cfg, {}
         if tune:
             filter_cfg, table = tune_filter(base_cfg, model, tune, scales, speed_scales, gyro)
             score = min(table.values())
-            log.info('seed %d over %d tuning sequences: %s%s', seed, len(tune), score,
+            log.info('%s over %d tuning sequences: %s%s', name, len(tune), score,
                      '' if gyro else ' (select_rotation off)')
         else:
-            score = min(h.get('val_loss', h['train_loss']) for h in history)
-            log.info('seed %d: loss %.4f', seed, score)
-        candidates.append((score, seed, net, history, best_epoch, model, filter_cfg, table))
+            score = (val_loss if val_loss is not None else
+                     min(h.get('val_loss', h['train_loss']) for h in history))
+            log.info('%s: loss %.4f', name, score)
+        candidates.append((score, name, net, history, best_epoch, model, filter_cfg, table))
+
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        add_candidate(f'seed {seed}', *train_noise_net(cfg.replace(seed=seed), train_ws, val_ws))
+    ensemble_val = {}
+    if cfg.ensemble and cfg.seeds > 1:
+        members = list(candidates)
+        ensemble = NoiseEnsemble(c[2] for c in members).eval()
+        # Its history: the members' mean per epoch; its loss, the mixture's.
+        history = [{'epoch': row['epoch'], **{k: float(np.mean([c[3][i][k] for c in members]))
+                                              for k in row if k != 'epoch'}}
+                   for i, row in enumerate(members[0][3])]
+        ensemble_val = evaluate_windows(ensemble, val_ws) if val_ws is not None else {}
+        add_candidate(f'ensemble of seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}', ensemble,
+                      history, max(c[4] for c in members), ensemble_val.get('loss'))
     train_s = time.perf_counter() - t0
-    score, seed, net, history, best_epoch, model, filter_cfg, table = min(
+    score, chosen, net, history, best_epoch, model, filter_cfg, table = min(
         candidates, key=lambda c: c[0])
-    if cfg.seeds > 1:
-        log.info('kept seed %d (%s)', seed, '; '.join(f'seed {c[1]}: {c[0]}'
-                                                     for c in candidates))
+    if len(candidates) > 1:
+        log.info('kept %s (%s)', chosen, '; '.join(f'{c[1]}: {c[0]}' for c in candidates))
     t_rel_of = (lambda s: s.t_rel) if tune else float
     metrics = {'history': history, 'best_epoch': best_epoch, 'train_seconds': train_s,
-               'seed': seed, 'seed_scores': {str(c[1]): t_rel_of(c[0]) for c in candidates},
+               'seed': chosen, 'seed_scores': {c[1]: t_rel_of(c[0]) for c in candidates},
+               'ensemble_val': ensemble_val,
                'tune_t_rel': {k: v.t_rel for k, v in table.items()},
                'gyro_r_rel': ({s.name: g for s, g in zip(tune, gyro)} if gyro else {}),
                'tune_rotation_misses': ({k: v.rotation_misses for k, v in table.items()}
                                         if gyro else {}),
-               'seed_rotation_misses': ({str(c[1]): c[0].rotation_misses for c in candidates}
+               'seed_rotation_misses': ({c[1]: c[0].rotation_misses for c in candidates}
                                         if gyro else {}),
                'imu_time_offset_s': offset, 'imu_time_offset_rms_rad': offset_costs,
                'calibration': {'R_base_imu': calib.R_base_imu.tolist(),
