@@ -6,7 +6,7 @@ shape (200-sample window, 32 channels, speed head; untrained weights cost the sa
 per 10 samples at batch 1 as online, as one network and as deep ensembles (--members, the
 ensemble size that train_imu_filter's --seeds gives), each run interleaved.
 
-  OMP_NUM_THREADS=1 .venv/bin/python bench/filter_online.py --runs 3 [--noise_net]
+  OMP_NUM_THREADS=1 .venv/bin/python bench/filter_online.py --runs 3 [--noise_net [--members 1,5]]
 
 Prints per run: microseconds per IMU sample (feeding the filter, and at IMU rate the pose,
 covariance and twist of each sample) and per step (scan, relative-pose update, read-out).
@@ -72,7 +72,7 @@ def main():
     p.add_argument('--runs', type=int, default=3)
     p.add_argument('--duration', type=float, default=60.0, help='drive length [s]')
     p.add_argument('--noise_net', action='store_true', help='with a noise network')
-    p.add_argument('--members', default='1,3', help='with --noise_net: the ensemble sizes, '
+    p.add_argument('--members', default='1,5', help='with --noise_net: the ensemble sizes, '
                    'comma-separated (1: one network, the baseline)')
     args = p.parse_args()
     torch.set_num_threads(1)
