@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -254,6 +255,19 @@ class TuneScore:
         return f'r_rel above the gyro on {self.rotation_misses}, mean t_rel {self.t_rel:.4f}'
 
 
+class Candidate(NamedTuple):
+    """A trained network (or ensemble) with its tuned filter, ranked by score."""
+
+    score: object          # TuneScore, or the validation loss without tuning
+    name: str
+    net: torch.nn.Module
+    history: list
+    best_epoch: int
+    model: NoiseModel
+    filter_cfg: FilterConfig
+    table: dict
+
+
 def score_filter(cfg: FilterConfig, model, seqs, gyro_r_rels=None) -> TuneScore:
     """gyro_r_rels: each sequence's plain gyro integral r_rel, or None (t_rel alone)."""
     metrics = [run_on_sequence(s, cfg, model)[2] for s in seqs]
@@ -349,35 +363,37 @@ def run(cfg: TrainFilterConfig) -> dict:
             score = (val_loss if val_loss is not None else
                      min(h.get('val_loss', h['train_loss']) for h in history))
             log.info('%s: loss %.4f', name, score)
-        candidates.append((score, name, net, history, best_epoch, model, filter_cfg, table))
+        candidates.append(Candidate(score, name, net, history, best_epoch, model, filter_cfg,
+                                    table))
 
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         add_candidate(f'seed {seed}', *train_noise_net(cfg.replace(seed=seed), train_ws, val_ws))
     ensemble_val = {}
     if cfg.ensemble and cfg.seeds > 1:
         members = list(candidates)
-        ensemble = NoiseEnsemble(c[2] for c in members).eval()
+        ensemble = NoiseEnsemble(c.net for c in members).eval()
         # Its history: the members' mean per epoch; its loss, the mixture's.
-        history = [{'epoch': row['epoch'], **{k: float(np.mean([c[3][i][k] for c in members]))
-                                              for k in row if k != 'epoch'}}
-                   for i, row in enumerate(members[0][3])]
+        history = [{'epoch': row['epoch'],
+                    **{k: float(np.mean([c.history[i][k] for c in members]))
+                       for k in row if k != 'epoch'}}
+                   for i, row in enumerate(members[0].history)]
         ensemble_val = evaluate_windows(ensemble, val_ws) if val_ws is not None else {}
         add_candidate(f'ensemble of seeds {cfg.seed}-{cfg.seed + cfg.seeds - 1}', ensemble,
-                      history, max(c[4] for c in members), ensemble_val.get('loss'))
+                      history, max(c.best_epoch for c in members), ensemble_val.get('loss'))
     train_s = time.perf_counter() - t0
     score, chosen, net, history, best_epoch, model, filter_cfg, table = min(
-        candidates, key=lambda c: c[0])
+        candidates, key=lambda c: c.score)
     if len(candidates) > 1:
-        log.info('kept %s (%s)', chosen, '; '.join(f'{c[1]}: {c[0]}' for c in candidates))
+        log.info('kept %s (%s)', chosen, '; '.join(f'{c.name}: {c.score}' for c in candidates))
     t_rel_of = (lambda s: s.t_rel) if tune else float
     metrics = {'history': history, 'best_epoch': best_epoch, 'train_seconds': train_s,
-               'seed': chosen, 'seed_scores': {c[1]: t_rel_of(c[0]) for c in candidates},
+               'seed': chosen, 'seed_scores': {c.name: t_rel_of(c.score) for c in candidates},
                'ensemble_val': ensemble_val,
                'tune_t_rel': {k: v.t_rel for k, v in table.items()},
                'gyro_r_rel': ({s.name: g for s, g in zip(tune, gyro)} if gyro else {}),
                'tune_rotation_misses': ({k: v.rotation_misses for k, v in table.items()}
                                         if gyro else {}),
-               'seed_rotation_misses': ({c[1]: c[0].rotation_misses for c in candidates}
+               'seed_rotation_misses': ({c.name: c.score.rotation_misses for c in candidates}
                                         if gyro else {}),
                'imu_time_offset_s': offset, 'imu_time_offset_rms_rad': offset_costs,
                'calibration': {'R_base_imu': calib.R_base_imu.tolist(),
